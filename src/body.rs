@@ -1,0 +1,122 @@
+//! [`BackgroundBody`]: the response body, wrapped to see when it has been sent.
+
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Buf;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use crate::completion::Completion;
+
+pin_project! {
+    /// The response body of [`Background`](crate::Background): the inner body, unchanged,
+    /// plus the fire-once state of the response's tasks, if it has any.
+    ///
+    /// It forwards every frame, `is_end_stream` and `size_hint` as they are, and starts the
+    /// tasks once the body is complete: `poll_frame` returned `None`, a trailers frame, a
+    /// data frame after which `is_end_stream()` is true, or the bytes sent reached the
+    /// `Content-Length` header. A body that hyper drops without polling (already at its end,
+    /// or a response to HEAD, or with status 1xx, 204 or 304) counts as complete when
+    /// dropped. Any other drop is an early drop; so is a body error.
+    ///
+    /// A response without tasks gets a wrapper that does nothing but forward.
+    ///
+    /// ```
+    /// use http::{Request, Response};
+    /// use http_body_util::Full;
+    /// use tower::{ServiceBuilder, ServiceExt, service_fn};
+    /// use tower_background::{BackgroundBody, BackgroundLayer};
+    ///
+    /// # #[tokio::main] async fn main() {
+    /// let svc = ServiceBuilder::new()
+    ///     .layer(BackgroundLayer::new())
+    ///     .service_fn(|_req: Request<()>| async {
+    ///         Ok::<_, std::convert::Infallible>(Response::new(Full::from("hi")))
+    ///     });
+    /// let res: Response<BackgroundBody<Full<bytes::Bytes>>> =
+    ///     svc.oneshot(Request::new(())).await.unwrap();
+    /// # }
+    /// ```
+    pub struct BackgroundBody<B> {
+        #[pin]
+        inner: B,
+        completion: Option<Completion>,
+    }
+}
+
+impl<B> BackgroundBody<B> {
+    pub(crate) fn new(inner: B, completion: Option<Completion>) -> Self {
+        BackgroundBody { inner, completion }
+    }
+
+    /// A body that carries no tasks: it only forwards `inner`.
+    ///
+    /// ```
+    /// use tower_background::BackgroundBody;
+    ///
+    /// let body = BackgroundBody::passthrough(http_body_util::Empty::<bytes::Bytes>::new());
+    /// ```
+    pub fn passthrough(inner: B) -> Self {
+        BackgroundBody::new(inner, None)
+    }
+
+    /// The wrapped body.
+    ///
+    /// ```
+    /// # let body = tower_background::BackgroundBody::passthrough(());
+    /// let inner: &() = body.get_ref();
+    /// ```
+    pub fn get_ref(&self) -> &B {
+        &self.inner
+    }
+}
+
+impl<B: Body> Body for BackgroundBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let mut inner = this.inner;
+        let frame = ready!(inner.as_mut().poll_frame(cx));
+        if let Some(completion) = this.completion {
+            match &frame {
+                None => completion.on_end(),
+                Some(Err(_)) => completion.on_error(),
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        completion.on_data(data.remaining());
+                    } else if frame.is_trailers() {
+                        completion.on_end();
+                    }
+                    if inner.is_end_stream() {
+                        completion.on_end();
+                    }
+                }
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B: fmt::Debug> fmt::Debug for BackgroundBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackgroundBody")
+            .field("inner", &self.inner)
+            .field("has_tasks", &self.completion.is_some())
+            .finish()
+    }
+}

@@ -1,0 +1,178 @@
+//! [`TaskError`]: what is reported about a task that did not run to a successful end.
+
+use std::borrow::Cow;
+use std::error::Error;
+use std::fmt;
+
+use crate::BoxError;
+
+/// A report about one task that failed, panicked, was cancelled or never ran.
+///
+/// Every task attached to a response either runs to a successful end or is reported once
+/// through the layer's [`on_error`](crate::BackgroundLayer::on_error) callback with one of
+/// these: nothing is lost silently.
+///
+/// ```
+/// use tower_background::{BackgroundLayer, TaskErrorKind};
+///
+/// let layer = BackgroundLayer::new().on_error(|err| match err.kind() {
+///     TaskErrorKind::Failed(e) => eprintln!("task {} failed: {e}", err.name()),
+///     _ => eprintln!("{err}"),
+/// });
+/// ```
+#[derive(Debug)]
+pub struct TaskError {
+    position: usize,
+    name: Cow<'static, str>,
+    kind: TaskErrorKind,
+}
+
+/// What went wrong with a task. New variants may be added.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum TaskErrorKind {
+    /// The task ran and returned this error.
+    Failed(BoxError),
+    /// The task panicked; the panic was caught and its message is kept here.
+    Panicked(String),
+    /// The task never started, for this reason.
+    Skipped(SkipReason),
+    /// The task started but was stopped before its end, for this reason.
+    Cancelled(CancelReason),
+}
+
+/// Why a task never started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SkipReason {
+    /// The response was dropped before it was complete, and the early-drop setting was
+    /// [`OnEarlyDrop::Skip`](crate::OnEarlyDrop::Skip).
+    EarlyDrop,
+    /// An earlier task of the same sequential [`Tasks`](crate::Tasks) failed, and its
+    /// failure setting was [`OnFailure::Stop`](crate::OnFailure::Stop).
+    EarlierFailure,
+    /// There was no tokio runtime to run it on: the request was not served inside a
+    /// runtime, or the runtime had shut down by the time the response was complete.
+    NoRuntime,
+}
+
+/// Why a running task was stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CancelReason {
+    /// Another task of the same group failed, and the group's failure setting was
+    /// [`OnFailure::Stop`](crate::OnFailure::Stop).
+    GroupStopped,
+    /// The runtime shut down while the task was running or waiting its turn.
+    RuntimeShutdown,
+}
+
+impl TaskError {
+    pub(crate) fn new(position: usize, name: Cow<'static, str>, kind: TaskErrorKind) -> Self {
+        TaskError {
+            position,
+            name,
+            kind,
+        }
+    }
+
+    /// The task's position in its [`Tasks`](crate::Tasks), from 0, in insertion order.
+    ///
+    /// ```
+    /// # use tower_background::BackgroundLayer;
+    /// BackgroundLayer::new().on_error(|err| assert!(err.position() < 3));
+    /// ```
+    pub fn position(&self) -> usize {
+        self.position
+    }
+
+    /// The task's name: the function's path for
+    /// [`add_task`](crate::Tasks::add_task), or what [`Task::named`](crate::Task::named)
+    /// set.
+    ///
+    /// ```
+    /// # use tower_background::BackgroundLayer;
+    /// BackgroundLayer::new().on_error(|err| eprintln!("{} did not complete", err.name()));
+    /// ```
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// What went wrong.
+    ///
+    /// ```
+    /// # use tower_background::{BackgroundLayer, TaskErrorKind};
+    /// BackgroundLayer::new().on_error(|err| {
+    ///     if let TaskErrorKind::Panicked(message) = err.kind() {
+    ///         eprintln!("panic in {}: {message}", err.name());
+    ///     }
+    /// });
+    /// ```
+    pub fn kind(&self) -> &TaskErrorKind {
+        &self.kind
+    }
+
+    /// Takes the report apart, to keep what went wrong (the task's own error, say).
+    ///
+    /// ```
+    /// # use tower_background::{BackgroundLayer, TaskErrorKind};
+    /// BackgroundLayer::new().on_error(|err| {
+    ///     if let TaskErrorKind::Failed(source) = err.into_kind() {
+    ///         let _keep: tower_background::BoxError = source;
+    ///     }
+    /// });
+    /// ```
+    pub fn into_kind(self) -> TaskErrorKind {
+        self.kind
+    }
+
+    /// `true` if the task never started.
+    ///
+    /// ```
+    /// # use tower_background::BackgroundLayer;
+    /// BackgroundLayer::new().on_error(|err| if err.is_skipped() { /* count it */ });
+    /// ```
+    pub fn is_skipped(&self) -> bool {
+        matches!(self.kind, TaskErrorKind::Skipped(_))
+    }
+}
+
+impl fmt::Display for TaskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "background task #{} `{}` ", self.position, self.name)?;
+        match &self.kind {
+            TaskErrorKind::Failed(e) => write!(f, "failed: {e}"),
+            TaskErrorKind::Panicked(message) => write!(f, "panicked: {message}"),
+            TaskErrorKind::Skipped(reason) => write!(f, "did not run: {reason}"),
+            TaskErrorKind::Cancelled(reason) => write!(f, "was cancelled: {reason}"),
+        }
+    }
+}
+
+impl Error for TaskError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        match &self.kind {
+            TaskErrorKind::Failed(e) => Some(&**e),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            SkipReason::EarlyDrop => "the response was dropped before it was complete",
+            SkipReason::EarlierFailure => "an earlier task of the same Tasks failed",
+            SkipReason::NoRuntime => "no tokio runtime was running to run it on",
+        })
+    }
+}
+
+impl fmt::Display for CancelReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CancelReason::GroupStopped => "another task of its group failed",
+            CancelReason::RuntimeShutdown => "the tokio runtime shut down",
+        })
+    }
+}

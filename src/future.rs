@@ -1,0 +1,90 @@
+//! [`ResponseFuture`]: the response future of [`Background`](crate::Background).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use http::Response;
+use http_body::Body;
+use pin_project_lite::pin_project;
+use tokio::runtime::Handle;
+
+use crate::body::BackgroundBody;
+use crate::completion::{Attached, Completion, ResponseShape};
+use crate::layer::Config;
+use crate::task::Task;
+use crate::tasks::Tasks;
+
+pin_project! {
+    /// The response future of [`Background`](crate::Background): resolves to the inner
+    /// service's response with its body wrapped in a [`BackgroundBody`].
+    ///
+    /// ```
+    /// use http::{Request, Response};
+    /// use tower::{Service, service_fn};
+    /// use tower_background::{BackgroundLayer, ResponseFuture};
+    /// use tower_layer::Layer;
+    ///
+    /// # #[tokio::main] async fn main() {
+    /// let mut svc = BackgroundLayer::new().layer(service_fn(|_req: Request<()>| async {
+    ///     Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
+    /// }));
+    /// let future: ResponseFuture<_> = svc.call(Request::new(()));
+    /// let res = future.await.unwrap();
+    /// # }
+    /// ```
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        is_head: bool,
+        config: Arc<Config>,
+    }
+}
+
+impl<F> ResponseFuture<F> {
+    pub(crate) fn new(inner: F, is_head: bool, config: Arc<Config>) -> Self {
+        ResponseFuture {
+            inner,
+            is_head,
+            config,
+        }
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: Body,
+{
+    type Output = Result<Response<BackgroundBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut res = ready!(this.inner.poll(cx))?;
+        // The no-task path: one emptiness check, no allocation.
+        let (tasks, task) = if res.extensions().is_empty() {
+            (None, None)
+        } else {
+            let extensions = res.extensions_mut();
+            (extensions.remove::<Tasks>(), extensions.remove::<Task>())
+        };
+        if tasks.is_none() && task.is_none() {
+            return Poll::Ready(Ok(res.map(BackgroundBody::passthrough)));
+        }
+        let attached = Attached {
+            tasks,
+            task,
+            runtime: Handle::try_current().ok(),
+            config: this.config.clone(),
+        };
+        let shape = ResponseShape {
+            is_head: *this.is_head,
+            status: res.status(),
+            headers: res.headers(),
+            body_at_end: res.body().is_end_stream(),
+        };
+        let completion = Completion::new(attached, shape);
+        Poll::Ready(Ok(res.map(|body| BackgroundBody::new(body, Some(completion)))))
+    }
+}

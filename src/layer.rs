@@ -1,0 +1,111 @@
+//! [`BackgroundLayer`] and its settings.
+
+use std::sync::Arc;
+
+use tower_layer::Layer;
+
+use crate::error::TaskError;
+use crate::policy::OnEarlyDrop;
+use crate::report::Reporter;
+use crate::service::Background;
+
+/// A [`Layer`] that runs the [`Tasks`](crate::Tasks) (or the single
+/// [`Task`](crate::Task)) found in a response's extensions once the response has been sent.
+///
+/// # Example
+///
+/// ```
+/// use std::convert::Infallible;
+/// use http::{Request, Response, StatusCode};
+/// use http_body_util::Full;
+/// use tower::ServiceBuilder;
+/// use tower_background::{BackgroundLayer, Tasks};
+///
+/// async fn send_email(to: String) { /* ... */ }
+///
+/// async fn register(_req: Request<()>) -> Result<Response<Full<bytes::Bytes>>, Infallible> {
+///     let mut tasks = Tasks::new();
+///     tasks.add_task(send_email, ("a@example.com".to_owned(),));
+///     let mut res = Response::new(Full::from(r#"{"message":"Created"}"#));
+///     *res.status_mut() = StatusCode::CREATED;
+///     res.extensions_mut().insert(tasks);
+///     Ok(res)
+/// }
+///
+/// let svc = ServiceBuilder::new()
+///     .layer(BackgroundLayer::new().on_error(|err| eprintln!("{err}")))
+///     .service_fn(register);
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct BackgroundLayer {
+    config: Arc<Config>,
+}
+
+/// The layer's settings, shared by every response it serves.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Config {
+    pub(crate) on_early_drop: OnEarlyDrop,
+    pub(crate) reporter: Reporter,
+}
+
+impl BackgroundLayer {
+    /// A layer with the defaults: tasks of a response dropped early still run, and task
+    /// errors are logged (a `tracing` event, or a line on stderr without the `tracing`
+    /// feature).
+    ///
+    /// ```
+    /// let layer = tower_background::BackgroundLayer::new();
+    /// ```
+    pub fn new() -> Self {
+        BackgroundLayer::default()
+    }
+
+    /// What happens to the tasks of a response dropped before it is complete; a
+    /// [`Tasks`](crate::Tasks) can override it with its own
+    /// [`on_early_drop`](crate::Tasks::on_early_drop).
+    ///
+    /// ```
+    /// use tower_background::{BackgroundLayer, OnEarlyDrop};
+    ///
+    /// let layer = BackgroundLayer::new().on_early_drop(OnEarlyDrop::Skip);
+    /// ```
+    pub fn on_early_drop(mut self, policy: OnEarlyDrop) -> Self {
+        self.config_mut().on_early_drop = policy;
+        self
+    }
+
+    /// Calls `callback` with a [`TaskError`] for every task that fails, panics, is cancelled
+    /// or never runs, in place of the default log line.
+    ///
+    /// The callback runs on a runtime thread, or in the `Drop` of a response body (for
+    /// tasks that will not run): keep it short and non-blocking, send the report to a
+    /// channel if there is more to do. A panic in it is caught and logged.
+    ///
+    /// ```
+    /// use tower_background::BackgroundLayer;
+    ///
+    /// let (tx, rx) = std::sync::mpsc::channel();
+    /// let layer = BackgroundLayer::new().on_error(move |err| {
+    ///     let _ = tx.send(err);
+    /// });
+    /// ```
+    pub fn on_error<F>(mut self, callback: F) -> Self
+    where
+        F: Fn(TaskError) + Send + Sync + 'static,
+    {
+        self.config_mut().reporter = Reporter::new(callback);
+        self
+    }
+
+    fn config_mut(&mut self) -> &mut Config {
+        Arc::make_mut(&mut self.config)
+    }
+}
+
+impl<S> Layer<S> for BackgroundLayer {
+    type Service = Background<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Background::new(inner, self.config.clone())
+    }
+}

@@ -1,0 +1,92 @@
+//! Background tasks for tower, hyper and axum: work that a handler attaches to its
+//! response, and that starts only once the response has been sent.
+//!
+//! This is what Lilya, Starlette and FastAPI call *background tasks*: "register the user,
+//! answer 201 at once, send the confirmation e-mail after".
+//!
+//! - [`Task`]: one unit of work: a future, or a blocking closure that runs on tokio's
+//!   blocking pool.
+//! - [`Tasks`]: several of them, run one after another or all at once
+//!   ([`Tasks::group`]); [`Tasks::add_task`] takes an `async fn` or a plain `fn` with its
+//!   arguments and tells the two apart.
+//! - [`BackgroundLayer`]: the [`tower_layer::Layer`] that takes the tasks out of each
+//!   response's extensions and starts them once its body has been sent.
+//!
+//! # Example
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use bytes::Bytes;
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::Full;
+//! use tower::ServiceBuilder;
+//! use tower_background::{BackgroundLayer, Task, Tasks};
+//!
+//! async fn send_email(to: String, message: &'static str) { /* ... */ }
+//! fn write_in_file(to: String) { /* blocking I/O: runs on the blocking pool */ }
+//!
+//! async fn register(_req: Request<hyper::body::Incoming>)
+//!     -> Result<Response<Full<Bytes>>, Infallible>
+//! {
+//!     let mut tasks = Tasks::new(); // one after another
+//!     tasks.add_task(send_email, ("a@example.com".to_owned(), "Welcome"));
+//!     tasks.add_task(write_in_file, ("a@example.com".to_owned(),));
+//!     tasks.push(Task::new(async { /* any future */ }));
+//!     tasks.push(Task::blocking(|| { /* any blocking closure */ }));
+//!
+//!     let mut res = Response::new(Full::from(r#"{"message":"Created"}"#));
+//!     *res.status_mut() = StatusCode::CREATED;
+//!     res.extensions_mut().insert(tasks); // or a single `Task`
+//!     Ok(res)
+//! }
+//!
+//! let svc = ServiceBuilder::new().layer(BackgroundLayer::new()).service_fn(register);
+//! ```
+//!
+//! # When tasks start, and what is guaranteed
+//!
+//! - A task starts only once its response is complete: its body has been handed to the
+//!   server in full (see [`BackgroundBody`] for how that is detected).
+//! - A `Tasks` runs at most once, however it was cloned.
+//! - A response dropped before it is complete (client gone, stream reset) still runs its
+//!   tasks by default; [`OnEarlyDrop::Skip`] skips them instead.
+//! - A sequential `Tasks` stops at the first failure by default; a group lets the others
+//!   finish ([`OnFailure`]).
+//! - Errors and panics are caught and reported ([`BackgroundLayer::on_error`]); nothing
+//!   reaches the server. Every task that does not end well is reported once.
+//!
+//! The full contract, with the test behind each guarantee, is in `docs/semantics.md`.
+//!
+//! # Features
+//!
+//! - `tracing` (default): task errors are logged as `tracing` events; without it, as one
+//!   line on stderr.
+#![deny(missing_docs)]
+#![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+mod body;
+mod completion;
+mod error;
+mod future;
+mod layer;
+mod policy;
+mod report;
+mod runner;
+mod service;
+mod task;
+pub mod task_fn;
+mod tasks;
+
+pub use body::BackgroundBody;
+pub use error::{CancelReason, SkipReason, TaskError, TaskErrorKind};
+pub use future::ResponseFuture;
+pub use layer::BackgroundLayer;
+pub use policy::{OnEarlyDrop, OnFailure};
+pub use service::Background;
+pub use task::{Task, TaskOutput};
+pub use task_fn::TaskFn;
+pub use tasks::Tasks;
+
+/// The error type a failing task is reported with: any error, boxed.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

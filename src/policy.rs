@@ -1,0 +1,53 @@
+//! The two choices a user makes about background work: what an early drop does, and what a
+//! failure does to the tasks after it.
+
+/// What happens to a response's tasks when the response is dropped before it is complete:
+/// the client went away, an HTTP/2 stream was reset, the body yielded an error, or an outer
+/// layer discarded the response.
+///
+/// The default is [`Run`](OnEarlyDrop::Run), as Starlette under uvicorn does: the handler's
+/// work is already committed (the user is registered) whether or not the client read the
+/// answer, so the e-mail is still sent. Choose [`Skip`](OnEarlyDrop::Skip) for tasks that
+/// only make sense if the client got the response; skipped tasks are reported to the
+/// layer's [`on_error`](crate::BackgroundLayer::on_error) callback, one report each.
+///
+/// ```
+/// use tower_background::{BackgroundLayer, OnEarlyDrop, Tasks};
+///
+/// // For the whole layer...
+/// let layer = BackgroundLayer::new().on_early_drop(OnEarlyDrop::Skip);
+/// // ...or for one response's tasks, whatever the layer says.
+/// let tasks = Tasks::new().on_early_drop(OnEarlyDrop::Run);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnEarlyDrop {
+    /// Run the tasks anyway (the default).
+    #[default]
+    Run,
+    /// Do not run them; report each one as skipped.
+    Skip,
+}
+
+/// What a failing task (an `Err` or a panic) does to the other tasks of its
+/// [`Tasks`](crate::Tasks).
+///
+/// Defaults: a sequential `Tasks` [`Stop`](OnFailure::Stop)s, as Lilya and Starlette do
+/// (a later task often depends on an earlier one: don't send the e-mail if the user row was
+/// not written); a group [`Continue`](OnFailure::Continue)s, since its tasks were
+/// independent enough to run at once.
+///
+/// ```
+/// use tower_background::{OnFailure, Tasks};
+///
+/// let independent = Tasks::new().on_failure(OnFailure::Continue);
+/// let all_or_nothing = Tasks::group().on_failure(OnFailure::Stop);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFailure {
+    /// Sequential: skip the tasks after the failed one. Group: cancel the tasks still
+    /// running (a blocking task cannot be cancelled: it runs to its end, and its outcome is
+    /// not reported). Each task that does not run to its end is reported as skipped.
+    Stop,
+    /// Run every other task regardless.
+    Continue,
+}

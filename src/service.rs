@@ -1,0 +1,95 @@
+//! [`Background`]: the service that takes the tasks out of each response.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Method, Request, Response};
+use http_body::Body;
+use tower_service::Service;
+
+use crate::future::ResponseFuture;
+use crate::layer::Config;
+
+/// The service made by [`BackgroundLayer`](crate::BackgroundLayer): calls the inner
+/// service, then takes the [`Tasks`](crate::Tasks) and the [`Task`](crate::Task) out of the
+/// response's extensions and wraps its body in a
+/// [`BackgroundBody`](crate::BackgroundBody) that starts them once the response is sent.
+///
+/// ```
+/// use http::{Request, Response};
+/// use tower::service_fn;
+/// use tower_background::{Background, BackgroundLayer};
+/// use tower_layer::Layer;
+///
+/// let inner = service_fn(|_req: Request<()>| async {
+///     Ok::<_, std::convert::Infallible>(Response::new(String::from("hi")))
+/// });
+/// let svc: Background<_> = BackgroundLayer::new().layer(inner);
+/// ```
+#[derive(Clone, Debug)]
+pub struct Background<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+impl<S> Background<S> {
+    pub(crate) fn new(inner: S, config: Arc<Config>) -> Self {
+        Background { inner, config }
+    }
+
+    /// The wrapped service.
+    ///
+    /// ```
+    /// # use tower_background::BackgroundLayer;
+    /// # use tower_layer::Layer;
+    /// let svc = BackgroundLayer::new().layer(42u8);
+    /// assert_eq!(*svc.get_ref(), 42);
+    /// ```
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    ///
+    /// ```
+    /// # use tower_background::BackgroundLayer;
+    /// # use tower_layer::Layer;
+    /// let mut svc = BackgroundLayer::new().layer(42u8);
+    /// *svc.get_mut() += 1;
+    /// ```
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The wrapped service, unwrapped.
+    ///
+    /// ```
+    /// # use tower_background::BackgroundLayer;
+    /// # use tower_layer::Layer;
+    /// let svc = BackgroundLayer::new().layer(42u8);
+    /// assert_eq!(svc.into_inner(), 42);
+    /// ```
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Background<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Body,
+{
+    type Response = Response<crate::BackgroundBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        // Only a flag is kept of the request: cloning an extension `Method` would allocate.
+        let is_head = req.method() == Method::HEAD;
+        ResponseFuture::new(self.inner.call(req), is_head, self.config.clone())
+    }
+}

@@ -1,0 +1,259 @@
+//! [`Task`]: one unit of background work, and what it may return.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::BoxError;
+use crate::task_fn::TaskFn;
+
+/// What a task's work returns once it has run: `Ok(())`, or the error it failed with.
+pub(crate) type TaskResult = Result<(), BoxError>;
+
+/// The output a task may have: `()` or `Result<(), E>` with `E: Into<BoxError>`.
+///
+/// This trait is sealed: it names the two shapes that background work may return, so
+/// that a failure can be told from a success and reported. Anything else (a value that
+/// nobody would ever read) is refused at compile time.
+///
+/// ```
+/// use tower_background::Task;
+///
+/// let _ = Task::new(async {});
+/// let _ = Task::new(async { Ok::<(), std::io::Error>(()) });
+/// let _ = Task::blocking(|| Err::<(), _>("disk full"));
+/// ```
+pub trait TaskOutput: sealed::Sealed + Send + 'static {
+    /// Turns the output into `Ok(())` or the error that a failed task is reported with.
+    fn into_result(self) -> Result<(), BoxError>;
+}
+
+impl TaskOutput for () {
+    fn into_result(self) -> Result<(), BoxError> {
+        Ok(())
+    }
+}
+
+impl<E> TaskOutput for Result<(), E>
+where
+    E: Into<BoxError> + Send + 'static,
+{
+    fn into_result(self) -> Result<(), BoxError> {
+        self.map_err(Into::into)
+    }
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for () {}
+    impl<E> Sealed for Result<(), E> {}
+}
+
+/// The work itself, type-erased: a future polled on a worker thread, or a closure sent to
+/// tokio's blocking pool.
+pub(crate) enum Work {
+    Async(Pin<Box<dyn Future<Output = TaskResult> + Send>>),
+    Blocking(Box<dyn FnOnce() -> TaskResult + Send>),
+}
+
+/// A task taken out of its [`Task`] handle: its name and its work, ready to run.
+///
+/// `pub` only so that [`TaskFn`](crate::TaskFn) can name it; it is not reachable from
+/// outside the crate.
+pub struct Job {
+    pub(crate) name: Cow<'static, str>,
+    pub(crate) work: Work,
+}
+
+impl Job {
+    pub(crate) fn from_future<F>(future: F) -> Self
+    where
+        F: Future + Send + 'static,
+        F::Output: TaskOutput,
+    {
+        Job {
+            name: Cow::Borrowed("async task"),
+            work: Work::Async(Box::pin(async move { future.await.into_result() })),
+        }
+    }
+
+    pub(crate) fn from_blocking<F, O>(f: F) -> Self
+    where
+        F: FnOnce() -> O + Send + 'static,
+        O: TaskOutput,
+    {
+        Job {
+            name: Cow::Borrowed("blocking task"),
+            work: Work::Blocking(Box::new(move || f().into_result())),
+        }
+    }
+
+    pub(crate) fn named(mut self, name: impl Into<Cow<'static, str>>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    pub(crate) fn is_blocking(&self) -> bool {
+        matches!(self.work, Work::Blocking(_))
+    }
+}
+
+/// One unit of background work: a future, or a blocking closure run on tokio's blocking
+/// pool.
+///
+/// Put a `Task` in a response's extensions (or into [`Tasks`](crate::Tasks)), and
+/// [`BackgroundLayer`](crate::BackgroundLayer) starts it once the response has been sent.
+///
+/// A `Task` is a cheap handle: `http::Extensions` requires `Clone + Send + Sync`, which a
+/// boxed future is not, so the work sits behind an `Arc<Mutex<..>>`. Clones share that one
+/// slot and the work is taken out of it once, so however often a `Task` is cloned, it runs
+/// at most once. [`Tasks::add_task`](crate::Tasks::add_task) skips the handle altogether:
+/// prefer it when building several tasks.
+///
+/// # Example
+///
+/// ```
+/// use http::Response;
+/// use tower_background::Task;
+///
+/// async fn send_email(to: String) { /* ... */ }
+///
+/// let mut res = Response::new("Created");
+/// res.extensions_mut()
+///     .insert(Task::new(send_email("a@example.com".to_owned())).named("send_email"));
+/// ```
+#[derive(Clone)]
+pub struct Task {
+    slot: Arc<Mutex<Option<Job>>>,
+}
+
+impl Task {
+    /// A task that runs `future` to completion on the runtime that served the request.
+    ///
+    /// The future's output is `()` or `Result<(), E>`; an `Err` is reported to the layer's
+    /// [`on_error`](crate::BackgroundLayer::on_error) callback.
+    ///
+    /// ```
+    /// use tower_background::Task;
+    ///
+    /// let task = Task::new(async { println!("after the response") });
+    /// ```
+    pub fn new<F>(future: F) -> Self
+    where
+        F: Future + Send + 'static,
+        F::Output: TaskOutput,
+    {
+        Task::from_job(Job::from_future(future))
+    }
+
+    /// A task that runs the blocking closure `f` on tokio's blocking pool
+    /// ([`spawn_blocking`](tokio::task::spawn_blocking)), never on a worker thread.
+    ///
+    /// Use it for synchronous I/O or CPU-bound work that would otherwise stall every other
+    /// request served by the same worker.
+    ///
+    /// ```
+    /// use tower_background::Task;
+    ///
+    /// let task = Task::blocking(|| std::fs::write("/tmp/audit.log", b"registered\n"));
+    /// ```
+    pub fn blocking<F, O>(f: F) -> Self
+    where
+        F: FnOnce() -> O + Send + 'static,
+        O: TaskOutput,
+    {
+        Task::from_job(Job::from_blocking(f))
+    }
+
+    /// A task that calls `f` with `args`, a tuple of its arguments: an `async fn` is
+    /// awaited, a plain `fn` runs on the blocking pool, as Lilya tells `async def` from
+    /// `def`. The task is named after the function.
+    ///
+    /// ```
+    /// use tower_background::Task;
+    ///
+    /// async fn send_email(to: String, message: &'static str) { /* ... */ }
+    /// fn write_in_file(line: String) { /* blocking I/O */ }
+    ///
+    /// let email = Task::call(send_email, ("a@example.com".to_owned(), "Welcome"));
+    /// let log = Task::call(write_in_file, ("registered a@example.com".to_owned(),));
+    /// ```
+    pub fn call<F, Args, Kind>(f: F, args: Args) -> Self
+    where
+        F: TaskFn<Args, Kind>,
+    {
+        Task::from_job(f.into_job(args))
+    }
+
+    /// Names the task. The name appears in every report about it (errors, panics, skips).
+    ///
+    /// ```
+    /// use tower_background::Task;
+    ///
+    /// let task = Task::new(async {}).named("send_welcome_email");
+    /// assert_eq!(task.name().as_deref(), Some("send_welcome_email"));
+    /// ```
+    pub fn named(self, name: impl Into<Cow<'static, str>>) -> Self {
+        if let Some(job) = self.lock().as_mut() {
+            job.name = name.into();
+        }
+        self
+    }
+
+    /// The task's name, or `None` once its work has been taken to run.
+    ///
+    /// ```
+    /// use tower_background::Task;
+    ///
+    /// async fn send_email() {}
+    /// let task = Task::call(send_email, ());
+    /// assert!(task.name().unwrap().ends_with("send_email"));
+    /// ```
+    pub fn name(&self) -> Option<String> {
+        self.lock().as_ref().map(|job| job.name.clone().into_owned())
+    }
+
+    /// `true` once the work has been taken out to run (by this handle or a clone of it).
+    ///
+    /// ```
+    /// use tower_background::{Task, Tasks};
+    ///
+    /// let task = Task::new(async {});
+    /// let mut tasks = Tasks::new();
+    /// tasks.push(task.clone());
+    /// assert!(task.is_taken()); // the work now lives in `tasks`
+    /// ```
+    pub fn is_taken(&self) -> bool {
+        self.lock().is_none()
+    }
+
+    pub(crate) fn from_job(job: Job) -> Self {
+        Task {
+            slot: Arc::new(Mutex::new(Some(job))),
+        }
+    }
+
+    /// Takes the work out, once: every later call, on this handle or a clone, gets `None`.
+    pub(crate) fn take(&self) -> Option<Job> {
+        self.lock().take()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Job>> {
+        // The lock is only held to move a `Job` in or out, never across user code, so a
+        // poisoned lock still holds consistent data.
+        self.slot.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl fmt::Debug for Task {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let slot = self.lock();
+        f.debug_struct("Task")
+            .field("name", &slot.as_ref().map(|job| &job.name))
+            .field("blocking", &slot.as_ref().map(Job::is_blocking))
+            .field("taken", &slot.is_none())
+            .finish()
+    }
+}
