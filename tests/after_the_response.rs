@@ -1,0 +1,237 @@
+//! Contract 1, "after the response": a task starts only once its response is complete,
+//! however hyper learns that the body is done. Contract 2 is checked alongside: each task
+//! runs exactly once.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http::{Method, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::BodyExt;
+use tower_background::{BackgroundLayer, OnEarlyDrop, Task};
+
+/// The layer of these tests skips the tasks of responses dropped early, so that a task
+/// runs only if the layer saw its response complete: with the default (run them anyway),
+/// a missed completion would go unnoticed.
+fn strict_layer() -> BackgroundLayer {
+    BackgroundLayer::new().on_early_drop(OnEarlyDrop::Skip)
+}
+
+/// A response with `body` and one task that reports `name` when it runs.
+fn with_task(
+    probe: &Probe<&'static str>,
+    name: &'static str,
+    builder: http::response::Builder,
+    body: BoxedBody,
+) -> Response<BoxedBody> {
+    let probe = probe.clone();
+    let mut res = builder.body(body).unwrap();
+    res.extensions_mut()
+        .insert(Task::new(async move { probe.send(name) }));
+    res
+}
+
+/// Serves one response made by `make`, requests it with `method`, reads it whole, and
+/// checks that its task ran exactly once.
+async fn assert_runs_once(
+    proto: Proto,
+    method: Method,
+    make: fn(&Probe<&'static str>) -> Response<BoxedBody>,
+) {
+    let probe = Probe::new();
+    let addr = {
+        let probe = probe.clone();
+        serve(strict_layer(), move |_req| {
+            let res = make(&probe);
+            async move { res }
+        })
+        .await
+    };
+    let res = within(client(proto).request(request(method.clone(), addr, "/")))
+        .await
+        .unwrap();
+    let read = within(res.into_body().collect()).await;
+    if proto == Proto::Http2 && method == Method::HEAD {
+        // hyper's HTTP/2 server sends the DATA of a HEAD response, and hyper's client resets
+        // the stream (PROTOCOL_ERROR): the response still counts as sent.
+        assert!(read.is_err(), "HTTP/2 HEAD: hyper's behaviour changed, update the docs");
+    } else {
+        read.unwrap();
+    }
+    assert_eq!(probe.next().await, "ran", "{proto:?} {method}: the task ran");
+    probe
+        .assert_quiet(&format!("{proto:?} {method}: the task ran twice"))
+        .await;
+}
+
+#[tokio::test]
+async fn tasks_start_only_after_the_last_chunk_is_sent() {
+    for proto in BOTH {
+        let probe = Probe::new();
+        let chunks = Handoff::new();
+        let addr = {
+            let (probe, chunks) = (probe.clone(), chunks.clone());
+            serve(strict_layer(), move |_req| {
+                let res = with_task(&probe, "ran", Response::builder(), chunks.take());
+                async move { res }
+            })
+            .await
+        };
+        let (tx, body) = channel_body();
+        chunks.put(body);
+        let res = within(client(proto).request(request(Method::GET, addr, "/")))
+            .await
+            .unwrap();
+        let mut body = res.into_body();
+
+        tx.send(data("first")).unwrap();
+        let frame = within(body.frame()).await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "first");
+        probe
+            .assert_quiet(&format!("{proto:?}: a task started before the last chunk"))
+            .await;
+
+        tx.send(data("last")).unwrap();
+        drop(tx); // the body's end of stream
+        let rest = within(body.collect()).await.unwrap().to_bytes();
+        assert_eq!(rest, "last");
+        assert_eq!(probe.next().await, "ran", "{proto:?}: the task ran after the last chunk");
+        probe.assert_quiet(&format!("{proto:?}: the task ran twice")).await;
+    }
+}
+
+#[tokio::test]
+async fn full_body_runs_its_tasks_once() {
+    for proto in BOTH {
+        assert_runs_once(proto, Method::GET, |probe| {
+            with_task(probe, "ran", Response::builder(), full(r#"{"message":"Created"}"#))
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn empty_body_runs_its_tasks_once() {
+    for proto in BOTH {
+        assert_runs_once(proto, Method::GET, |probe| {
+            with_task(probe, "ran", Response::builder(), empty())
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn head_request_runs_its_tasks_once() {
+    for proto in BOTH {
+        assert_runs_once(proto, Method::HEAD, |probe| {
+            with_task(probe, "ran", Response::builder(), full("a body HEAD may not carry"))
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn no_content_204_runs_its_tasks_once() {
+    for proto in BOTH {
+        assert_runs_once(proto, Method::GET, |probe| {
+            let builder = Response::builder().status(StatusCode::NO_CONTENT);
+            with_task(probe, "ran", builder, full("a body 204 may not carry"))
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn not_modified_304_runs_its_tasks_once() {
+    for proto in BOTH {
+        assert_runs_once(proto, Method::GET, |probe| {
+            let builder = Response::builder().status(StatusCode::NOT_MODIFIED);
+            with_task(probe, "ran", builder, full("a body 304 may not carry"))
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn trailers_run_its_tasks_once() {
+    for proto in BOTH {
+        assert_runs_once(proto, Method::GET, |probe| {
+            let (tx, body) = channel_body();
+            tx.send(data("payload")).unwrap();
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("x-checksum", "abc".parse().unwrap());
+            tx.send(Ok(Frame::trailers(trailers))).unwrap();
+            // The sender stays open (leaked into the task) so the body never returns
+            // `None`: only the trailers frame tells that it is complete.
+            let probe = probe.clone();
+            let mut res = Response::new(body);
+            res.extensions_mut().insert(Task::new(async move {
+                let _keep_open = tx;
+                probe.send("ran")
+            }));
+            res
+        })
+        .await;
+    }
+}
+
+/// A streamed body with a hand-set `Content-Length`: hyper's HTTP/1 stops polling once
+/// that many bytes are written and drops the body without seeing its end.
+#[tokio::test]
+async fn content_length_reached_runs_its_tasks_once() {
+    for proto in BOTH {
+        let probe = Probe::new();
+        let chunks = Handoff::new();
+        let addr = {
+            let (probe, chunks) = (probe.clone(), chunks.clone());
+            serve(strict_layer(), move |_req| {
+                let builder = Response::builder().header("content-length", "10");
+                let res = with_task(&probe, "ran", builder, chunks.take());
+                async move { res }
+            })
+            .await
+        };
+        let (tx, body) = channel_body();
+        chunks.put(body);
+        let res = within(client(proto).request(request(Method::GET, addr, "/")))
+            .await
+            .unwrap();
+        let mut body = res.into_body();
+        tx.send(data("hello")).unwrap();
+        tx.send(data("world")).unwrap();
+        // The stream is left open: only the byte count says the body is complete.
+        let mut received = Vec::new();
+        while received.len() < 10 {
+            let frame = within(body.frame()).await.unwrap().unwrap();
+            if let Ok(data) = frame.into_data() {
+                received.extend_from_slice(&data);
+            }
+        }
+        assert_eq!(received, b"helloworld");
+        assert_eq!(probe.next().await, "ran", "{proto:?}: the task ran");
+        drop(tx);
+        probe.assert_quiet(&format!("{proto:?}: the task ran twice")).await;
+    }
+}
+
+#[tokio::test]
+async fn response_without_tasks_passes_through_unchanged() {
+    for proto in BOTH {
+        let addr = serve(BackgroundLayer::new(), |_req| async {
+            Response::builder()
+                .status(StatusCode::ACCEPTED)
+                .header("x-kept", "yes")
+                .body(full("untouched"))
+                .unwrap()
+        })
+        .await;
+        let res = within(client(proto).request(request(Method::GET, addr, "/")))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::ACCEPTED);
+        assert_eq!(res.headers()["x-kept"], "yes");
+        let body = within(res.into_body().collect()).await.unwrap().to_bytes();
+        assert_eq!(body, Bytes::from_static(b"untouched"));
+    }
+}

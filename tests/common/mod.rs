@@ -1,0 +1,262 @@
+//! A real hyper 1.x server on `127.0.0.1:0` (HTTP/1.1 and HTTP/2 on one port) around a
+//! layered service, real hyper-util clients, and probes that tasks report to.
+#![allow(dead_code)] // each test file uses its own share of these helpers
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tower::{Layer, ServiceBuilder, service_fn};
+use tower_background::{BackgroundBody, BackgroundLayer, TaskError};
+
+/// How long a test waits for something that must happen before it fails instead of
+/// hanging. Never a speed assertion: the events waited for happen in microseconds.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// How long a test watches for something that must not happen.
+pub const QUIET: Duration = Duration::from_millis(150);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    Http1,
+    Http2,
+}
+
+pub const BOTH: [Proto; 2] = [Proto::Http1, Proto::Http2];
+
+pub type TestBody = BoxedBody;
+pub type BoxedBody = http_body_util::combinators::UnsyncBoxBody<Bytes, io::Error>;
+
+/// Serves `handler` behind `layer` on a fresh port; the server lives until the runtime
+/// ends. Connections are served with hyper-util's auto builder: HTTP/1.1, or HTTP/2 with
+/// prior knowledge.
+pub async fn serve<H, Fut>(layer: BackgroundLayer, handler: H) -> SocketAddr
+where
+    H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<BoxedBody>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let svc = ServiceBuilder::new().layer(layer).service(service_fn(move |req| {
+        let handler = handler.clone();
+        async move { Ok::<_, Infallible>(handler(req).await) }
+    }));
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let svc = TowerToHyperService::new(svc.clone());
+            tokio::spawn(async move {
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// The layered service alone, for tests that drive bodies by hand.
+pub fn layered<H, Fut>(
+    layer: BackgroundLayer,
+    handler: H,
+) -> impl tower::Service<
+    Request<()>,
+    Response = Response<BackgroundBody<BoxedBody>>,
+    Error = Infallible,
+    Future = impl Send,
+> + Send
+where
+    H: Fn(Request<()>) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Response<BoxedBody>> + Send + 'static,
+{
+    layer.layer(service_fn(move |req| {
+        let handler = handler.clone();
+        async move { Ok::<_, Infallible>(handler(req).await) }
+    }))
+}
+
+pub type TestClient = Client<HttpConnector, Empty<Bytes>>;
+
+/// A real client for `proto`: hyper-util's legacy client, HTTP/2 with prior knowledge.
+pub fn client(proto: Proto) -> TestClient {
+    let mut builder = Client::builder(TokioExecutor::new());
+    if proto == Proto::Http2 {
+        builder.http2_only(true);
+    }
+    builder.build_http()
+}
+
+pub fn request(method: http::Method, addr: SocketAddr, path: &str) -> Request<Empty<Bytes>> {
+    Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"))
+        .body(Empty::new())
+        .unwrap()
+}
+
+/// Sends a GET and reads the whole response body.
+pub async fn get(proto: Proto, addr: SocketAddr, path: &str) -> (http::StatusCode, Bytes) {
+    let res = within(client(proto).request(request(http::Method::GET, addr, path)))
+        .await
+        .unwrap();
+    let status = res.status();
+    let body = within(res.into_body().collect()).await.unwrap().to_bytes();
+    (status, body)
+}
+
+/// Awaits `future`, failing the test if it has not finished within [`PATIENCE`].
+pub async fn within<F: Future>(future: F) -> F::Output {
+    tokio::time::timeout(PATIENCE, future)
+        .await
+        .expect("timed out waiting: the awaited event never happened")
+}
+
+/// A channel that tasks (and the on_error callback) report to.
+#[derive(Clone)]
+pub struct Probe<T> {
+    tx: mpsc::UnboundedSender<T>,
+    rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<T>>>,
+}
+
+impl<T: Send + std::fmt::Debug + 'static> Probe<T> {
+    pub fn new() -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Probe {
+            tx,
+            rx: Arc::new(tokio::sync::Mutex::new(rx)),
+        }
+    }
+
+    pub fn send(&self, value: T) {
+        let _ = self.tx.send(value);
+    }
+
+    pub fn sender(&self) -> mpsc::UnboundedSender<T> {
+        self.tx.clone()
+    }
+
+    /// The next event, waiting for it at most [`PATIENCE`].
+    pub async fn next(&self) -> T {
+        within(self.rx.lock().await.recv()).await.expect("probe closed")
+    }
+
+    /// The next `n` events.
+    pub async fn take(&self, n: usize) -> Vec<T> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(self.next().await);
+        }
+        out
+    }
+
+    /// Asserts that no event arrives within [`QUIET`].
+    pub async fn assert_quiet(&self, what: &str) {
+        let mut rx = self.rx.lock().await;
+        if let Ok(Some(event)) = tokio::time::timeout(QUIET, rx.recv()).await {
+            panic!("{what}: unexpected event {event:?}");
+        }
+    }
+
+    /// Events already there, without waiting.
+    pub async fn drain_now(&self) -> Vec<T> {
+        let mut rx = self.rx.lock().await;
+        let mut out = Vec::new();
+        while let Ok(event) = rx.try_recv() {
+            out.push(event);
+        }
+        out
+    }
+}
+
+/// A layer whose `on_error` reports go to the returned probe.
+pub fn reporting_layer() -> (BackgroundLayer, Probe<TaskError>) {
+    let errors = Probe::new();
+    let tx = errors.sender();
+    let layer = BackgroundLayer::new().on_error(move |err| {
+        let _ = tx.send(err);
+    });
+    (layer, errors)
+}
+
+/// A response body whose frames the test releases one at a time.
+pub struct ChannelBody {
+    rx: mpsc::UnboundedReceiver<Result<Frame<Bytes>, io::Error>>,
+}
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+/// The sending side of a [`ChannelBody`].
+pub type Chunks = mpsc::UnboundedSender<Result<Frame<Bytes>, io::Error>>;
+
+/// A streamed body and the handle that releases its frames; the body ends when the handle
+/// is dropped.
+pub fn channel_body() -> (Chunks, BoxedBody) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    (tx, ChannelBody { rx }.boxed_unsync())
+}
+
+pub fn data(bytes: &'static str) -> Result<Frame<Bytes>, io::Error> {
+    Ok(Frame::data(Bytes::from_static(bytes.as_bytes())))
+}
+
+/// A slot the test fills with a value for the handler to take, once.
+pub struct Handoff<T>(Arc<Mutex<Option<T>>>);
+
+impl<T> Clone for Handoff<T> {
+    fn clone(&self) -> Self {
+        Handoff(self.0.clone())
+    }
+}
+
+impl<T> Handoff<T> {
+    pub fn new() -> Self {
+        Handoff(Arc::new(Mutex::new(None)))
+    }
+    pub fn put(&self, value: T) {
+        *self.0.lock().unwrap() = Some(value);
+    }
+    pub fn take(&self) -> T {
+        self.0.lock().unwrap().take().expect("handoff empty")
+    }
+}
+
+pub fn full(text: &'static str) -> BoxedBody {
+    http_body_util::Full::new(Bytes::from_static(text.as_bytes()))
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+pub fn empty() -> BoxedBody {
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
