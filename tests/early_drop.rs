@@ -1,0 +1,142 @@
+//! Contract 3, "early drop": a response dropped before it is complete runs its tasks by
+//! default; the layer's setting, or a `Tasks`' own, skips them instead, and each skipped
+//! task is reported.
+
+mod common;
+
+use std::io;
+
+use common::*;
+use http::{Method, Response};
+use http_body_util::BodyExt;
+use tower_background::{
+    BackgroundLayer, OnEarlyDrop, SkipReason, Task, TaskErrorKind, Tasks,
+};
+
+/// Serves one streamed response carrying `tasks(probe)`; the client reads its first chunk
+/// and goes away. Returns once the server has dropped the body.
+async fn client_leaves_mid_stream(
+    proto: Proto,
+    layer: BackgroundLayer,
+    tasks: impl Fn(&Probe<&'static str>) -> Tasks + Clone + Send + Sync + 'static,
+) -> Probe<&'static str> {
+    let probe = Probe::new();
+    let chunks = Handoff::new();
+    let addr = {
+        let (probe, chunks) = (probe.clone(), chunks.clone());
+        serve(layer, move |_req| {
+            let mut res = Response::new(chunks.take());
+            res.extensions_mut().insert(tasks(&probe));
+            async move { res }
+        })
+        .await
+    };
+    let (tx, body) = channel_body();
+    chunks.put(body);
+    let client = client(proto);
+    let res = within(client.request(request(Method::GET, addr, "/")))
+        .await
+        .unwrap();
+    let mut body = res.into_body();
+    tx.send(data("first")).unwrap();
+    within(body.frame()).await.unwrap().unwrap();
+    probe.assert_quiet("a task started before the response was complete").await;
+
+    drop(body);
+    drop(client);
+    // Keep streaming until the server notices that nobody reads and drops the body.
+    within(async {
+        while tx.send(data("more")).is_ok() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    probe
+}
+
+fn two_tasks(probe: &Probe<&'static str>) -> Tasks {
+    let (a, b) = (probe.clone(), probe.clone());
+    let mut tasks = Tasks::new();
+    tasks.push(Task::new(async move { a.send("first ran") }).named("first"));
+    tasks.push(Task::new(async move { b.send("second ran") }).named("second"));
+    tasks
+}
+
+#[tokio::test]
+async fn client_gone_mid_stream_runs_tasks_by_default() {
+    for proto in BOTH {
+        let probe = client_leaves_mid_stream(proto, BackgroundLayer::new(), two_tasks).await;
+        assert_eq!(probe.take(2).await, ["first ran", "second ran"], "{proto:?}");
+    }
+}
+
+#[tokio::test]
+async fn client_gone_mid_stream_skips_tasks_with_the_skip_setting_and_reports_them() {
+    for proto in BOTH {
+        let (layer, errors) = reporting_layer();
+        let layer = layer.on_early_drop(OnEarlyDrop::Skip);
+        let probe = client_leaves_mid_stream(proto, layer, two_tasks).await;
+        let reports = errors.take(2).await;
+        for (position, (report, name)) in reports.iter().zip(["first", "second"]).enumerate() {
+            assert_eq!(report.position(), position, "{proto:?}");
+            assert_eq!(report.name(), name, "{proto:?}");
+            assert!(
+                matches!(report.kind(), TaskErrorKind::Skipped(SkipReason::EarlyDrop)),
+                "{proto:?}: {report}"
+            );
+        }
+        probe.assert_quiet(&format!("{proto:?}: a skipped task ran")).await;
+    }
+}
+
+#[tokio::test]
+async fn tasks_setting_overrides_the_layer_on_early_drop() {
+    let (layer, errors) = reporting_layer();
+    let skip_layer = layer.on_early_drop(OnEarlyDrop::Skip);
+    let probe = client_leaves_mid_stream(Proto::Http1, skip_layer, |probe| {
+        two_tasks(probe).on_early_drop(OnEarlyDrop::Run)
+    })
+    .await;
+    assert_eq!(probe.take(2).await, ["first ran", "second ran"]);
+    errors.assert_quiet("a task was reported").await;
+
+    let (layer, errors) = reporting_layer();
+    let probe = client_leaves_mid_stream(Proto::Http1, layer, |probe| {
+        two_tasks(probe).on_early_drop(OnEarlyDrop::Skip)
+    })
+    .await;
+    assert_eq!(errors.take(2).await.len(), 2);
+    probe.assert_quiet("a skipped task ran").await;
+}
+
+#[tokio::test]
+async fn body_error_counts_as_early_drop() {
+    for proto in BOTH {
+        let (layer, errors) = reporting_layer();
+        let layer = layer.on_early_drop(OnEarlyDrop::Skip);
+        let probe = Probe::new();
+        let addr = {
+            let probe = probe.clone();
+            serve(layer, move |_req| {
+                let (tx, body) = channel_body();
+                tx.send(data("partial")).unwrap();
+                tx.send(Err(io::Error::other("disk read failed"))).unwrap();
+                let mut res = Response::new(body);
+                res.extensions_mut().insert(two_tasks(&probe));
+                async move { res }
+            })
+            .await
+        };
+        // hyper may fail the response before its head is flushed, or cut its body short:
+        // either way the client never gets a complete response.
+        if let Ok(res) = within(client(proto).request(request(Method::GET, addr, "/"))).await {
+            assert!(within(res.into_body().collect()).await.is_err(), "{proto:?}");
+        }
+        let reports = errors.take(2).await;
+        assert!(reports.iter().all(|r| matches!(
+            r.kind(),
+            TaskErrorKind::Skipped(SkipReason::EarlyDrop)
+        )));
+        probe.assert_quiet(&format!("{proto:?}: a skipped task ran")).await;
+    }
+}
