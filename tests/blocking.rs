@@ -44,6 +44,7 @@ async fn add_task_runs_an_async_fn_and_a_plain_fn_with_their_arguments() {
 /// could not, and the test would time out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocking_tasks_do_not_block_the_runtime() {
+    let _watchdog = watchdog("blocking tasks stalled the runtime");
     const BLOCKED: usize = 4;
     // The tasks and the test meet here: BLOCKED tasks + the test itself.
     let release = Arc::new(Barrier::new(BLOCKED + 1));
@@ -77,6 +78,7 @@ async fn blocking_tasks_do_not_block_the_runtime() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_fn_added_with_add_task_does_not_block_the_runtime() {
+    let _watchdog = watchdog("a plain fn stalled the runtime");
     let release = Arc::new(Barrier::new(3));
     let started = Probe::new();
     fn park(started: Probe<()>, release: Arc<Barrier>) {

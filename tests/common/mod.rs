@@ -260,3 +260,24 @@ pub fn empty() -> BoxedBody {
         .map_err(|never| match never {})
         .boxed_unsync()
 }
+
+/// Ends the whole test process if it is still alive after `PATIENCE` × 3: for tests whose
+/// failure mode is a runtime too stalled to fire its own timers.
+pub struct Watchdog(Option<std::sync::mpsc::Sender<()>>);
+
+pub fn watchdog(what: &'static str) -> Watchdog {
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(PATIENCE * 3) {
+            eprintln!("watchdog: {what}");
+            std::process::exit(101);
+        }
+    });
+    Watchdog(Some(tx))
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.0.take();
+    }
+}
