@@ -85,6 +85,8 @@ where
             body_at_end: res.body().is_end_stream(),
         };
         let completion = Completion::new(attached, shape);
-        Poll::Ready(Ok(res.map(|body| BackgroundBody::new(body, Some(completion)))))
+        Poll::Ready(Ok(
+            res.map(|body| BackgroundBody::new(body, Some(completion)))
+        ))
     }
 }

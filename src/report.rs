@@ -26,7 +26,9 @@ impl Reporter {
         match &self.callback {
             Some(callback) => {
                 if catch_unwind(AssertUnwindSafe(|| callback(error))).is_err() {
-                    log_error(format_args!("the on_error callback of BackgroundLayer panicked"));
+                    log_error(format_args!(
+                        "the on_error callback of BackgroundLayer panicked"
+                    ));
                 }
             }
             None => log_task_error(&error),

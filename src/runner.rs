@@ -47,7 +47,9 @@ async fn run(mut ledger: Ledger) {
 
 async fn run_in_order(ledger: &mut Ledger) {
     for position in 0..ledger.entries.len() {
-        let Some(work) = ledger.start(position) else { continue };
+        let Some(work) = ledger.start(position) else {
+            continue;
+        };
         let ok = ledger.settle(position, execute(work).await);
         if !ok && ledger.on_failure == OnFailure::Stop {
             ledger.skip_pending(SkipReason::EarlierFailure);

@@ -212,7 +212,9 @@ impl Task {
     /// assert!(task.name().unwrap().ends_with("send_email"));
     /// ```
     pub fn name(&self) -> Option<String> {
-        self.lock().as_ref().map(|job| job.name.clone().into_owned())
+        self.lock()
+            .as_ref()
+            .map(|job| job.name.clone().into_owned())
     }
 
     /// `true` once the work has been taken out to run (by this handle or a clone of it).

@@ -278,7 +278,9 @@ impl FromIterator<Task> for Tasks {
 impl Extend<Task> for Tasks {
     fn extend<I: IntoIterator<Item = Task>>(&mut self, iter: I) {
         let mut batch = self.lock();
-        batch.jobs.extend(iter.into_iter().filter_map(|task| task.take()));
+        batch
+            .jobs
+            .extend(iter.into_iter().filter_map(|task| task.take()));
     }
 }
 

@@ -55,11 +55,18 @@ async fn assert_runs_once(
     if proto == Proto::Http2 && method == Method::HEAD {
         // hyper's HTTP/2 server sends the DATA of a HEAD response, and hyper's client resets
         // the stream (PROTOCOL_ERROR): the response still counts as sent.
-        assert!(read.is_err(), "HTTP/2 HEAD: hyper's behaviour changed, update the docs");
+        assert!(
+            read.is_err(),
+            "HTTP/2 HEAD: hyper's behaviour changed, update the docs"
+        );
     } else {
         read.unwrap();
     }
-    assert_eq!(probe.next().await, "ran", "{proto:?} {method}: the task ran");
+    assert_eq!(
+        probe.next().await,
+        "ran",
+        "{proto:?} {method}: the task ran"
+    );
     probe
         .assert_quiet(&format!("{proto:?} {method}: the task ran twice"))
         .await;
@@ -96,8 +103,14 @@ async fn tasks_start_only_after_the_last_chunk_is_sent() {
         drop(tx); // the body's end of stream
         let rest = within(body.collect()).await.unwrap().to_bytes();
         assert_eq!(rest, "last");
-        assert_eq!(probe.next().await, "ran", "{proto:?}: the task ran after the last chunk");
-        probe.assert_quiet(&format!("{proto:?}: the task ran twice")).await;
+        assert_eq!(
+            probe.next().await,
+            "ran",
+            "{proto:?}: the task ran after the last chunk"
+        );
+        probe
+            .assert_quiet(&format!("{proto:?}: the task ran twice"))
+            .await;
     }
 }
 
@@ -105,7 +118,12 @@ async fn tasks_start_only_after_the_last_chunk_is_sent() {
 async fn full_body_runs_its_tasks_once() {
     for proto in BOTH {
         assert_runs_once(proto, Method::GET, |probe| {
-            with_task(probe, "ran", Response::builder(), full(r#"{"message":"Created"}"#))
+            with_task(
+                probe,
+                "ran",
+                Response::builder(),
+                full(r#"{"message":"Created"}"#),
+            )
         })
         .await;
     }
@@ -125,7 +143,12 @@ async fn empty_body_runs_its_tasks_once() {
 async fn head_request_runs_its_tasks_once() {
     for proto in BOTH {
         assert_runs_once(proto, Method::HEAD, |probe| {
-            with_task(probe, "ran", Response::builder(), full("a body HEAD may not carry"))
+            with_task(
+                probe,
+                "ran",
+                Response::builder(),
+                full("a body HEAD may not carry"),
+            )
         })
         .await;
     }
@@ -211,7 +234,9 @@ async fn content_length_reached_runs_its_tasks_once() {
         assert_eq!(received, b"helloworld");
         assert_eq!(probe.next().await, "ran", "{proto:?}: the task ran");
         drop(tx);
-        probe.assert_quiet(&format!("{proto:?}: the task ran twice")).await;
+        probe
+            .assert_quiet(&format!("{proto:?}: the task ran twice"))
+            .await;
     }
 }
 

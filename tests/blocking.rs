@@ -24,7 +24,10 @@ async fn add_task_runs_an_async_fn_and_a_plain_fn_with_their_arguments() {
         let probe = probe.clone();
         serve(BackgroundLayer::new(), move |_req| {
             let mut tasks = Tasks::new();
-            tasks.add_task(send_email, (probe.clone(), "a@example.com".to_owned(), "Welcome"));
+            tasks.add_task(
+                send_email,
+                (probe.clone(), "a@example.com".to_owned(), "Welcome"),
+            );
             tasks.add_task(write_in_file, (probe.clone(), "registered".to_owned()));
             let mut res = Response::new(full("Created"));
             res.extensions_mut().insert(tasks);
@@ -73,7 +76,9 @@ async fn blocking_tasks_do_not_block_the_runtime() {
     for proto in BOTH {
         assert_eq!(get(proto, addr, "/other").await.0, StatusCode::OK);
     }
-    tokio::task::spawn_blocking(move || release.wait()).await.unwrap();
+    tokio::task::spawn_blocking(move || release.wait())
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -102,5 +107,7 @@ async fn plain_fn_added_with_add_task_does_not_block_the_runtime() {
     get(Proto::Http1, addr, "/block").await;
     started.take(2).await;
     assert_eq!(get(Proto::Http2, addr, "/other").await.0, StatusCode::OK);
-    tokio::task::spawn_blocking(move || release.wait()).await.unwrap();
+    tokio::task::spawn_blocking(move || release.wait())
+        .await
+        .unwrap();
 }

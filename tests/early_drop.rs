@@ -9,9 +9,7 @@ use std::io;
 use common::*;
 use http::{Method, Response};
 use http_body_util::BodyExt;
-use tower_background::{
-    BackgroundLayer, OnEarlyDrop, SkipReason, Task, TaskErrorKind, Tasks,
-};
+use tower_background::{BackgroundLayer, OnEarlyDrop, SkipReason, Task, TaskErrorKind, Tasks};
 
 /// Serves one streamed response carrying `tasks(probe)`; the client reads its first chunk
 /// and goes away. Returns once the server has dropped the body.
@@ -40,7 +38,9 @@ async fn client_leaves_mid_stream(
     let mut body = res.into_body();
     tx.send(data("first")).unwrap();
     within(body.frame()).await.unwrap().unwrap();
-    probe.assert_quiet("a task started before the response was complete").await;
+    probe
+        .assert_quiet("a task started before the response was complete")
+        .await;
 
     drop(body);
     drop(client);
@@ -66,7 +66,11 @@ fn two_tasks(probe: &Probe<&'static str>) -> Tasks {
 async fn client_gone_mid_stream_runs_tasks_by_default() {
     for proto in BOTH {
         let probe = client_leaves_mid_stream(proto, BackgroundLayer::new(), two_tasks).await;
-        assert_eq!(probe.take(2).await, ["first ran", "second ran"], "{proto:?}");
+        assert_eq!(
+            probe.take(2).await,
+            ["first ran", "second ran"],
+            "{proto:?}"
+        );
     }
 }
 
@@ -85,7 +89,9 @@ async fn client_gone_mid_stream_skips_tasks_with_the_skip_setting_and_reports_th
                 "{proto:?}: {report}"
             );
         }
-        probe.assert_quiet(&format!("{proto:?}: a skipped task ran")).await;
+        probe
+            .assert_quiet(&format!("{proto:?}: a skipped task ran"))
+            .await;
     }
 }
 
@@ -130,13 +136,19 @@ async fn body_error_counts_as_early_drop() {
         // hyper may fail the response before its head is flushed, or cut its body short:
         // either way the client never gets a complete response.
         if let Ok(res) = within(client(proto).request(request(Method::GET, addr, "/"))).await {
-            assert!(within(res.into_body().collect()).await.is_err(), "{proto:?}");
+            assert!(
+                within(res.into_body().collect()).await.is_err(),
+                "{proto:?}"
+            );
         }
         let reports = errors.take(2).await;
-        assert!(reports.iter().all(|r| matches!(
-            r.kind(),
-            TaskErrorKind::Skipped(SkipReason::EarlyDrop)
-        )));
-        probe.assert_quiet(&format!("{proto:?}: a skipped task ran")).await;
+        assert!(
+            reports
+                .iter()
+                .all(|r| matches!(r.kind(), TaskErrorKind::Skipped(SkipReason::EarlyDrop)))
+        );
+        probe
+            .assert_quiet(&format!("{proto:?}: a skipped task ran"))
+            .await;
     }
 }

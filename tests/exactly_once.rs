@@ -28,7 +28,9 @@ async fn tasks_cloned_into_two_responses_run_once() {
         get(proto, addr, "/").await;
         get(proto, addr, "/").await;
         assert_eq!(probe.next().await, "ran");
-        probe.assert_quiet(&format!("{proto:?}: the tasks ran twice")).await;
+        probe
+            .assert_quiet(&format!("{proto:?}: the tasks ran twice"))
+            .await;
     }
 }
 
@@ -61,7 +63,8 @@ async fn tasks_and_a_single_task_on_one_response_both_run_the_tasks_first() {
             let mut tasks = Tasks::new();
             tasks.push(Task::new(async move { a.send("from Tasks") }));
             let mut res = Response::new(full("ok"));
-            res.extensions_mut().insert(Task::new(async move { b.send("from Task") }));
+            res.extensions_mut()
+                .insert(Task::new(async move { b.send("from Task") }));
             res.extensions_mut().insert(tasks);
             async move { res }
         })
@@ -81,7 +84,8 @@ async fn polls_and_drop_after_completion_do_not_run_tasks_again() {
             let probe = probe.clone();
             async move {
                 let mut res = Response::new(full("ok"));
-                res.extensions_mut().insert(Task::new(async move { probe.send("ran") }));
+                res.extensions_mut()
+                    .insert(Task::new(async move { probe.send("ran") }));
                 res
             }
         })

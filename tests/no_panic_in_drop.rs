@@ -60,14 +60,19 @@ fn body_dropped_after_its_runtime_shut_down_reports_its_tasks_as_not_run() {
     drop(res);
 
     for name in ["first", "second"] {
-        let report = errors.recv_timeout(PATIENCE).expect("each task is reported");
+        let report = errors
+            .recv_timeout(PATIENCE)
+            .expect("each task is reported");
         assert_eq!(report.name(), name);
         assert!(
             matches!(report.kind(), TaskErrorKind::Skipped(SkipReason::NoRuntime)),
             "{report}"
         );
     }
-    assert!(ran.recv_timeout(QUIET).is_err(), "a task ran without a runtime");
+    assert!(
+        ran.recv_timeout(QUIET).is_err(),
+        "a task ran without a runtime"
+    );
 }
 
 #[test]
@@ -86,8 +91,13 @@ fn response_served_outside_any_runtime_reports_its_tasks_as_not_run() {
     let res = futures_executor_block_on(svc.oneshot(Request::new(()))).unwrap();
     drop(res);
     for _ in 0..2 {
-        let report = errors.recv_timeout(PATIENCE).expect("each task is reported");
-        assert!(matches!(report.kind(), TaskErrorKind::Skipped(SkipReason::NoRuntime)));
+        let report = errors
+            .recv_timeout(PATIENCE)
+            .expect("each task is reported");
+        assert!(matches!(
+            report.kind(),
+            TaskErrorKind::Skipped(SkipReason::NoRuntime)
+        ));
     }
     assert!(ran.recv_timeout(QUIET).is_err());
 }

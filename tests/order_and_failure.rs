@@ -34,7 +34,10 @@ async fn serve_tasks(
 /// The server still answers: other requests are unaffected by what tasks did.
 async fn assert_server_answers(addr: std::net::SocketAddr) {
     for proto in BOTH {
-        assert_eq!(get(proto, addr, "/other").await, (StatusCode::OK, "done".into()));
+        assert_eq!(
+            get(proto, addr, "/other").await,
+            (StatusCode::OK, "done".into())
+        );
     }
 }
 
@@ -110,10 +113,11 @@ fn an_error() -> Task {
 }
 
 fn a_panic() -> Task {
-    Task::new(async {
-        let unit: () = panic!("boom");
-        unit
-    })
+    // A unit-typed block: `async { panic!() }` would have the never type as its output.
+    fn boom() {
+        panic!("boom")
+    }
+    Task::new(async { boom() })
 }
 
 async fn assert_first_fails_and_rest_are_skipped(fail: fn() -> Task, expect: &str) {
@@ -127,7 +131,10 @@ async fn assert_first_fails_and_rest_are_skipped(fail: fn() -> Task, expect: &st
     for (report, position) in reports[1..].iter().zip(1..) {
         assert_eq!(report.position(), position);
         assert!(
-            matches!(report.kind(), TaskErrorKind::Skipped(SkipReason::EarlierFailure)),
+            matches!(
+                report.kind(),
+                TaskErrorKind::Skipped(SkipReason::EarlierFailure)
+            ),
             "{report}"
         );
     }
@@ -150,7 +157,8 @@ async fn continue_setting_runs_the_rest_after_an_error_or_a_panic() {
     for fail in [an_error as fn() -> Task, a_panic] {
         let (layer, errors) = reporting_layer();
         let ran = Probe::new();
-        let make = first_of_three_fails(&ran, fail, || Tasks::new().on_failure(OnFailure::Continue));
+        let make =
+            first_of_three_fails(&ran, fail, || Tasks::new().on_failure(OnFailure::Continue));
         let addr = serve_tasks(layer, make).await;
         assert_eq!(ran.take(2).await, [1, 2]);
         let report = errors.next().await;
@@ -159,7 +167,9 @@ async fn continue_setting_runs_the_rest_after_an_error_or_a_panic() {
             report.kind(),
             TaskErrorKind::Failed(_) | TaskErrorKind::Panicked(_)
         ));
-        errors.assert_quiet("only the failed task is reported").await;
+        errors
+            .assert_quiet("only the failed task is reported")
+            .await;
         assert_server_answers(addr).await;
     }
 }
@@ -174,7 +184,9 @@ async fn group_lets_the_others_finish_when_one_fails() {
         finished.sort();
         assert_eq!(finished, [1, 2]);
         assert_eq!(errors.next().await.position(), 0);
-        errors.assert_quiet("only the failed task is reported").await;
+        errors
+            .assert_quiet("only the failed task is reported")
+            .await;
         assert_server_answers(addr).await;
     }
 }

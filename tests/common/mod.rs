@@ -54,10 +54,12 @@ where
 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let svc = ServiceBuilder::new().layer(layer).service(service_fn(move |req| {
-        let handler = handler.clone();
-        async move { Ok::<_, Infallible>(handler(req).await) }
-    }));
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(move |req| {
+            let handler = handler.clone();
+            async move { Ok::<_, Infallible>(handler(req).await) }
+        }));
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -156,7 +158,9 @@ impl<T: Send + std::fmt::Debug + 'static> Probe<T> {
 
     /// The next event, waiting for it at most [`PATIENCE`].
     pub async fn next(&self) -> T {
-        within(self.rx.lock().await.recv()).await.expect("probe closed")
+        within(self.rx.lock().await.recv())
+            .await
+            .expect("probe closed")
     }
 
     /// The next `n` events.
