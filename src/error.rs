@@ -63,7 +63,8 @@ pub enum CancelReason {
     /// Another task of the same group failed, and the group's failure setting was
     /// [`OnFailure::Stop`](crate::OnFailure::Stop).
     GroupStopped,
-    /// The runtime shut down while the task was running or waiting its turn.
+    /// The runtime shut down while the task was running. An async task was dropped there; a
+    /// blocking one cannot be stopped and may have run to its end, unobserved.
     RuntimeShutdown,
 }
 
@@ -172,7 +173,7 @@ impl fmt::Display for CancelReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             CancelReason::GroupStopped => "another task of its group failed",
-            CancelReason::RuntimeShutdown => "the tokio runtime shut down",
+            CancelReason::RuntimeShutdown => "the tokio runtime shut down before it finished",
         })
     }
 }
