@@ -28,6 +28,17 @@ pub struct TaskError {
 }
 
 /// What went wrong with a task. New variants may be added.
+///
+/// ```
+/// use tower_background::{BackgroundLayer, SkipReason, TaskErrorKind};
+///
+/// let layer = BackgroundLayer::new().on_error(|err| match err.kind() {
+///     TaskErrorKind::Failed(source) => eprintln!("{} failed: {source}", err.name()),
+///     TaskErrorKind::Panicked(message) => eprintln!("{} panicked: {message}", err.name()),
+///     TaskErrorKind::Skipped(SkipReason::EarlyDrop) => { /* the client went away */ }
+///     _ => eprintln!("{err}"),
+/// });
+/// ```
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum TaskErrorKind {
@@ -42,6 +53,16 @@ pub enum TaskErrorKind {
 }
 
 /// Why a task never started.
+///
+/// ```
+/// use tower_background::{BackgroundLayer, SkipReason, TaskErrorKind};
+///
+/// BackgroundLayer::new().on_error(|err| {
+///     if let TaskErrorKind::Skipped(SkipReason::EarlierFailure) = err.kind() {
+///         eprintln!("{} did not run: an earlier task failed", err.name());
+///     }
+/// });
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SkipReason {
@@ -57,6 +78,16 @@ pub enum SkipReason {
 }
 
 /// Why a running task was stopped.
+///
+/// ```
+/// use tower_background::{BackgroundLayer, CancelReason, TaskErrorKind};
+///
+/// BackgroundLayer::new().on_error(|err| {
+///     if let TaskErrorKind::Cancelled(CancelReason::RuntimeShutdown) = err.kind() {
+///         eprintln!("{} was cut short by the shutdown", err.name());
+///     }
+/// });
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum CancelReason {

@@ -89,4 +89,13 @@ pub use task_fn::TaskFn;
 pub use tasks::Tasks;
 
 /// The error type a failing task is reported with: any error, boxed.
+///
+/// ```
+/// use tower_background::{BoxError, Task};
+///
+/// async fn charge_card() -> Result<(), BoxError> {
+///     Err("card declined".into())
+/// }
+/// let task = Task::new(charge_card());
+/// ```
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

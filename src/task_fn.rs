@@ -15,10 +15,26 @@ use crate::task::{Job, TaskOutput};
 
 /// Marks an `async fn` (or a closure returning a future): its future is awaited on the
 /// runtime's worker threads.
+///
+/// ```
+/// use tower_background::task_fn::{AsyncFn, TaskFn};
+///
+/// async fn send_email(to: String) {}
+/// fn is_async<F: TaskFn<Args, AsyncFn>, Args>(_: F) {}
+/// is_async(send_email);
+/// ```
 #[derive(Debug)]
 pub enum AsyncFn {}
 
 /// Marks a plain `fn` (or closure): it runs on tokio's blocking pool.
+///
+/// ```
+/// use tower_background::task_fn::{BlockingFn, TaskFn};
+///
+/// fn write_in_file(line: String) {}
+/// fn is_blocking<F: TaskFn<Args, BlockingFn>, Args>(_: F) {}
+/// is_blocking(write_in_file);
+/// ```
 #[derive(Debug)]
 pub enum BlockingFn {}
 
