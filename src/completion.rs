@@ -8,24 +8,63 @@
 use std::sync::Arc;
 
 use http::header::CONTENT_LENGTH;
-use http::{HeaderMap, StatusCode};
+use http::{Extensions, HeaderMap, StatusCode};
 use tokio::runtime::Handle;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
-use crate::error::SkipReason;
+use crate::error::{CancelReason, SkipReason, TaskErrorKind};
 use crate::layer::Config;
 use crate::policy::OnEarlyDrop;
-use crate::runner;
-use crate::task::Task;
-use crate::tasks::Tasks;
+use crate::runner::{self, ParentSpan};
+use crate::task::{Job, Task};
+use crate::tasks::{TakenTasks, Tasks};
 
 /// The tasks found on one response, with what is needed to run them.
 pub(crate) struct Attached {
-    pub(crate) tasks: Option<Tasks>,
-    pub(crate) task: Option<Task>,
+    /// A `Tasks` this response claimed: its tasks are taken out when the response is done,
+    /// so that tasks added meanwhile run too.
+    tasks: Option<Tasks>,
+    /// A single `Task`'s work, taken out at once.
+    single: Option<Job>,
+    /// How many tasks were counted as attached (and waiting) for this response.
+    expected: usize,
     /// The runtime that served the request, captured then so that a body dropped on any
     /// thread can still spawn onto it.
-    pub(crate) runtime: Option<Handle>,
-    pub(crate) config: Arc<Config>,
+    runtime: Option<Handle>,
+    config: Arc<Config>,
+    parent: ParentSpan,
+    /// Keeps a drain waiting for this response.
+    _token: TaskTrackerToken,
+}
+
+impl Attached {
+    /// Takes the `Tasks` and the `Task` out of a response's extensions. `None` if there is
+    /// neither (or only a `Tasks` another response claimed): the no-task path, which
+    /// allocates nothing.
+    pub(crate) fn take_from(extensions: &mut Extensions, config: &Arc<Config>) -> Option<Self> {
+        if extensions.is_empty() {
+            return None;
+        }
+        let single = extensions.remove::<Task>().and_then(|task| task.take());
+        let claimed = extensions
+            .remove::<Tasks>()
+            .and_then(|tasks| Some((tasks.claim()?, tasks)));
+        if claimed.is_none() && single.is_none() {
+            return None;
+        }
+        let (count, tasks) = claimed.map_or((0, None), |(count, tasks)| (count, Some(tasks)));
+        let expected = count + usize::from(single.is_some());
+        config.shared.counters.attach(expected);
+        Some(Attached {
+            tasks,
+            single,
+            expected,
+            runtime: Handle::try_current().ok(),
+            config: config.clone(),
+            parent: runner::current_span(),
+            _token: config.shared.tracker.token(),
+        })
+    }
 }
 
 /// What the response tells about how its body may end.
@@ -91,24 +130,33 @@ impl Completion {
         let Some(attached) = self.attached.take() else {
             return;
         };
-        // A `Task` beside a `Tasks` on the same response joins the end of its list.
-        let single = attached.task.and_then(|task| task.take());
-        let taken = match (attached.tasks.and_then(|tasks| tasks.take()), single) {
-            (Some(mut taken), Some(job)) => {
-                taken.jobs.push(job);
-                taken
-            }
-            (Some(taken), None) => taken,
-            (None, Some(job)) => Tasks::single(job),
-            (None, None) => return,
+        let mut taken = match &attached.tasks {
+            Some(tasks) => tasks.take(),
+            None => TakenTasks::sequence(),
         };
-        let reporter = attached.config.reporter.clone();
-        let policy = taken.on_early_drop.unwrap_or(attached.config.on_early_drop);
-        if early && policy == OnEarlyDrop::Skip {
-            runner::skip_all(taken, reporter, SkipReason::EarlyDrop);
-        } else {
-            runner::start(attached.runtime.as_ref(), taken, reporter);
+        // A `Task` beside a `Tasks` on the same response joins the end of its list.
+        taken.jobs.extend(attached.single);
+        let config = attached.config;
+        config
+            .shared
+            .counters
+            .response_done(attached.expected, taken.jobs.len());
+        if taken.jobs.is_empty() {
+            return;
         }
+        let policy = taken.on_early_drop.unwrap_or(config.on_early_drop);
+        if config.shared.cancel.is_cancelled() {
+            runner::skip_all(taken, config, || {
+                TaskErrorKind::Cancelled(CancelReason::Shutdown)
+            });
+        } else if early && policy == OnEarlyDrop::Skip {
+            runner::skip_all(taken, config, || {
+                TaskErrorKind::Skipped(SkipReason::EarlyDrop)
+            });
+        } else {
+            runner::start(attached.runtime.as_ref(), taken, config, attached.parent);
+        }
+        // `attached._token` is released here, once the run holds a token of its own.
     }
 }
 

@@ -46,6 +46,9 @@ pub enum TaskErrorKind {
     Failed(BoxError),
     /// The task panicked; the panic was caught and its message is kept here.
     Panicked(String),
+    /// The task ran past its timeout and was stopped. A blocking task cannot be stopped: it
+    /// is reported when its timeout passes, and its thread runs on to its end.
+    TimedOut(std::time::Duration),
     /// The task never started, for this reason.
     Skipped(SkipReason),
     /// The task started but was stopped before its end, for this reason.
@@ -97,6 +100,9 @@ pub enum CancelReason {
     /// The runtime shut down while the task was running. An async task was dropped there; a
     /// blocking one cannot be stopped and may have run to its end, unobserved.
     RuntimeShutdown,
+    /// [`BackgroundHandle::shutdown`](crate::BackgroundHandle::shutdown) reached its
+    /// deadline before the task ran to its end (or before it started).
+    Shutdown,
 }
 
 impl TaskError {
@@ -175,6 +181,7 @@ impl fmt::Display for TaskError {
         match &self.kind {
             TaskErrorKind::Failed(e) => write!(f, "failed: {e}"),
             TaskErrorKind::Panicked(message) => write!(f, "panicked: {message}"),
+            TaskErrorKind::TimedOut(after) => write!(f, "timed out after {after:?}"),
             TaskErrorKind::Skipped(reason) => write!(f, "did not run: {reason}"),
             TaskErrorKind::Cancelled(reason) => write!(f, "was cancelled: {reason}"),
         }
@@ -205,6 +212,7 @@ impl fmt::Display for CancelReason {
         f.write_str(match self {
             CancelReason::GroupStopped => "another task of its group failed",
             CancelReason::RuntimeShutdown => "the tokio runtime shut down before it finished",
+            CancelReason::Shutdown => "the shutdown's deadline passed before it finished",
         })
     }
 }

@@ -8,13 +8,10 @@ use std::task::{Context, Poll, ready};
 use http::Response;
 use http_body::Body;
 use pin_project_lite::pin_project;
-use tokio::runtime::Handle;
 
 use crate::body::BackgroundBody;
 use crate::completion::{Attached, Completion, ResponseShape};
 use crate::layer::Config;
-use crate::task::Task;
-use crate::tasks::Tasks;
 
 pin_project! {
     /// The response future of [`Background`](crate::Background): resolves to the inner
@@ -62,21 +59,8 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let mut res = ready!(this.inner.poll(cx))?;
-        // The no-task path: one emptiness check, no allocation.
-        let (tasks, task) = if res.extensions().is_empty() {
-            (None, None)
-        } else {
-            let extensions = res.extensions_mut();
-            (extensions.remove::<Tasks>(), extensions.remove::<Task>())
-        };
-        if tasks.is_none() && task.is_none() {
+        let Some(attached) = Attached::take_from(res.extensions_mut(), this.config) else {
             return Poll::Ready(Ok(res.map(BackgroundBody::passthrough)));
-        }
-        let attached = Attached {
-            tasks,
-            task,
-            runtime: Handle::try_current().ok(),
-            config: this.config.clone(),
         };
         let shape = ResponseShape {
             is_head: *this.is_head,

@@ -2,9 +2,13 @@
 
 use std::sync::Arc;
 
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
 use tower_layer::Layer;
 
 use crate::error::TaskError;
+use crate::handle::{BackgroundHandle, Shared};
 use crate::policy::OnEarlyDrop;
 use crate::report::Reporter;
 use crate::service::Background;
@@ -46,6 +50,10 @@ pub struct BackgroundLayer {
 pub(crate) struct Config {
     pub(crate) on_early_drop: OnEarlyDrop,
     pub(crate) reporter: Reporter,
+    pub(crate) task_timeout: Option<Duration>,
+    pub(crate) limit: Option<Arc<Semaphore>>,
+    /// The counters and trackers behind [`BackgroundHandle`]: kept when settings change.
+    pub(crate) shared: Arc<Shared>,
 }
 
 impl BackgroundLayer {
@@ -95,6 +103,67 @@ impl BackgroundLayer {
     {
         self.config_mut().reporter = Reporter::new(callback);
         self
+    }
+
+    /// Stops each task that has not finished `timeout` after it started, and reports it as
+    /// [timed out](crate::TaskErrorKind::TimedOut). [`Task::timeout`](crate::Task::timeout)
+    /// overrides it for one task. No timeout by default.
+    ///
+    /// An async task is dropped at its timeout. A blocking task cannot be stopped: it is
+    /// reported as timed out, and its thread runs on to its end.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_background::BackgroundLayer;
+    ///
+    /// let layer = BackgroundLayer::new().task_timeout(Duration::from_secs(30));
+    /// ```
+    pub fn task_timeout(mut self, timeout: Duration) -> Self {
+        self.config_mut().task_timeout = Some(timeout);
+        self
+    }
+
+    /// Runs at most `limit` tasks at once, across all the responses of this layer; the
+    /// others wait for a slot in the order they asked for one, and count as queued. No limit
+    /// by default.
+    ///
+    /// A blocking task holds its slot until its thread is done, even past its timeout.
+    ///
+    /// # Panics
+    ///
+    /// If `limit` is 0 (no task could ever run) or larger than tokio's semaphore allows.
+    ///
+    /// ```
+    /// use tower_background::BackgroundLayer;
+    ///
+    /// let layer = BackgroundLayer::new().max_concurrent(64);
+    /// ```
+    pub fn max_concurrent(mut self, limit: usize) -> Self {
+        assert!(
+            limit > 0,
+            "BackgroundLayer::max_concurrent: the limit must be at least 1"
+        );
+        assert!(
+            limit <= Semaphore::MAX_PERMITS,
+            "BackgroundLayer::max_concurrent: the limit must be at most {}",
+            Semaphore::MAX_PERMITS
+        );
+        self.config_mut().limit = Some(Arc::new(Semaphore::new(limit)));
+        self
+    }
+
+    /// A handle to this layer's tasks: counters, and a drain for shutdown. Every service
+    /// this layer makes, and every clone of the layer, shares it.
+    ///
+    /// ```
+    /// use tower_background::BackgroundLayer;
+    ///
+    /// let layer = BackgroundLayer::new();
+    /// let handle = layer.handle();
+    /// assert_eq!(handle.stats().attached, 0);
+    /// ```
+    pub fn handle(&self) -> BackgroundHandle {
+        BackgroundHandle::new(self.config.shared.clone())
     }
 
     fn config_mut(&mut self) -> &mut Config {

@@ -1,96 +1,221 @@
-//! Runs the tasks of one response: in order or as a group, catching errors and panics,
-//! and reporting every task that does not end well.
+//! Runs the tasks of one response: in order or as a group, under the layer's limit and
+//! timeouts, catching errors and panics, and accounting for every task exactly once.
 
 use std::any::Any;
 use std::borrow::Cow;
 use std::panic::AssertUnwindSafe;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::FutureExt;
+use futures_util::future::{Either, select};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::runtime::Handle;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::error::{CancelReason, SkipReason, TaskError, TaskErrorKind};
+use crate::layer::Config;
 use crate::policy::OnFailure;
-use crate::report::Reporter;
+use crate::stats::Stage;
 use crate::task::Work;
 use crate::tasks::TakenTasks;
+
+/// The span that was current when the response was produced: each task's span is its
+/// child, so that a task's events join its request's trace.
+#[cfg(feature = "tracing")]
+pub(crate) type ParentSpan = tracing::Span;
+#[cfg(not(feature = "tracing"))]
+pub(crate) type ParentSpan = ();
+
+#[cfg(feature = "tracing")]
+pub(crate) fn current_span() -> ParentSpan {
+    tracing::Span::current()
+}
+
+#[cfg(not(feature = "tracing"))]
+pub(crate) fn current_span() -> ParentSpan {}
 
 /// Starts the tasks on `runtime`, or reports them all as not run if there is none.
 ///
 /// Never panics and never blocks: this is called from `Drop`. If the runtime has shut down,
-/// tokio drops the spawned future unpolled, and its [`Ledger`] reports every task as
-/// skipped.
-pub(crate) fn start(runtime: Option<&Handle>, tasks: TakenTasks, reporter: Reporter) {
-    if tasks.jobs.is_empty() {
-        return;
-    }
+/// tokio drops the spawned run unpolled, and its [`Ledger`] reports every task then.
+pub(crate) fn start(
+    runtime: Option<&Handle>,
+    tasks: TakenTasks,
+    config: Arc<Config>,
+    parent: ParentSpan,
+) {
+    // The ledger is built before the spawn, so that it reports even if the run never runs.
+    let ledger = Ledger::new(tasks, config, parent);
     match runtime {
-        // The ledger is built before the spawn, so that it is dropped (and reports) even if
-        // tokio never polls the run.
-        Some(handle) => drop(handle.spawn(run(Ledger::new(tasks, reporter)))),
-        None => skip_all(tasks, reporter, SkipReason::NoRuntime),
+        Some(handle) => {
+            let shared = &ledger.config.shared;
+            let tokens = (shared.tracker.token(), shared.runs.token());
+            drop(handle.spawn(async move {
+                let _tokens = tokens;
+                run(ledger).await;
+            }));
+        }
+        None => ledger.skip_all(|| TaskErrorKind::Skipped(SkipReason::NoRuntime)),
     }
 }
 
-/// Reports every task as skipped, for `reason`, without running any.
-pub(crate) fn skip_all(tasks: TakenTasks, reporter: Reporter, reason: SkipReason) {
-    Ledger::new(tasks, reporter).skip_pending(reason);
+/// Reports every task as not run, with `kind`, without running any.
+pub(crate) fn skip_all(tasks: TakenTasks, config: Arc<Config>, kind: fn() -> TaskErrorKind) {
+    // No task runs, so none needs a span.
+    #[cfg(feature = "tracing")]
+    let parent = tracing::Span::none();
+    #[cfg(not(feature = "tracing"))]
+    let parent = ();
+    Ledger::new(tasks, config, parent).skip_all(kind);
 }
 
 async fn run(mut ledger: Ledger) {
-    if ledger.group {
-        run_group(&mut ledger).await;
-    } else {
-        run_in_order(&mut ledger).await;
+    let cancel = ledger.config.shared.cancel.clone();
+    let cancelled = {
+        let work = pin!(ledger.run());
+        let deadline = pin!(cancel.cancelled());
+        matches!(select(work, deadline).await, Either::Right(_))
+    };
+    if cancelled {
+        let shutdown = || TaskErrorKind::Cancelled(CancelReason::Shutdown);
+        ledger.settle_all(State::Running, shutdown);
+        ledger.settle_all(State::Queued, shutdown);
     }
 }
 
-async fn run_in_order(ledger: &mut Ledger) {
-    for position in 0..ledger.entries.len() {
-        let Some(work) = ledger.start(position) else {
-            continue;
-        };
-        let ok = ledger.settle(position, execute(work).await);
-        if !ok && ledger.on_failure == OnFailure::Stop {
-            ledger.skip_pending(SkipReason::EarlierFailure);
-            return;
+/// One step of a group: a task got its slot under the limit, or finished.
+enum Step {
+    Admitted(Option<OwnedSemaphorePermit>),
+    Finished(Result<(), TaskErrorKind>),
+}
+
+impl Ledger {
+    async fn run(&mut self) {
+        if self.group {
+            self.run_group().await;
+        } else {
+            self.run_in_order().await;
         }
     }
-}
 
-async fn run_group(ledger: &mut Ledger) {
-    let mut running: FuturesUnordered<_> = (0..ledger.entries.len())
-        .filter_map(|position| {
-            let work = ledger.start(position)?;
-            Some(execute(work).map(move |outcome| (position, outcome)))
-        })
-        .collect();
-    while let Some((position, outcome)) = running.next().await {
-        let ok = ledger.settle(position, outcome);
-        if !ok && ledger.on_failure == OnFailure::Stop {
-            drop(running);
-            ledger.cancel_started(CancelReason::GroupStopped);
-            return;
-        }
-    }
-}
-
-/// Runs one task's work to its end: `Ok`, or what went wrong.
-async fn execute(work: Work) -> Result<(), TaskErrorKind> {
-    match work {
-        Work::Async(future) => match AssertUnwindSafe(future).catch_unwind().await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(error)) => Err(TaskErrorKind::Failed(error)),
-            Err(panic) => Err(TaskErrorKind::Panicked(panic_message(&*panic))),
-        },
-        Work::Blocking(f) => match tokio::task::spawn_blocking(f).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(error)) => Err(TaskErrorKind::Failed(error)),
-            Err(join) if join.is_panic() => {
-                Err(TaskErrorKind::Panicked(panic_message(&*join.into_panic())))
+    async fn run_in_order(&mut self) {
+        for position in 0..self.entries.len() {
+            let permit = admit(self.config.limit.clone()).await;
+            let Some(started) = self.start(position) else {
+                continue;
+            };
+            let ok = self.settle(position, execute(started, permit).await);
+            if !ok && self.on_failure == OnFailure::Stop {
+                self.settle_all(State::Queued, || {
+                    TaskErrorKind::Skipped(SkipReason::EarlierFailure)
+                });
+                return;
             }
-            Err(_) => Err(TaskErrorKind::Cancelled(CancelReason::RuntimeShutdown)),
-        },
+        }
+    }
+
+    async fn run_group(&mut self) {
+        let mut steps = FuturesUnordered::new();
+        for position in 0..self.entries.len() {
+            let limit = self.config.limit.clone();
+            steps.push(Either::Left(async move {
+                (position, Step::Admitted(admit(limit).await))
+            }));
+        }
+        while let Some((position, step)) = steps.next().await {
+            match step {
+                Step::Admitted(permit) => {
+                    if let Some(started) = self.start(position) {
+                        steps.push(Either::Right(async move {
+                            (position, Step::Finished(execute(started, permit).await))
+                        }));
+                    }
+                }
+                Step::Finished(outcome) => {
+                    if !self.settle(position, outcome) && self.on_failure == OnFailure::Stop {
+                        drop(steps);
+                        let stopped = || TaskErrorKind::Cancelled(CancelReason::GroupStopped);
+                        self.settle_all(State::Running, stopped);
+                        self.settle_all(State::Queued, || {
+                            TaskErrorKind::Skipped(SkipReason::EarlierFailure)
+                        });
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Waits for a slot under the layer's limit, if it has one. Tokio's semaphore is fair, so
+/// tasks get their slots in the order they asked.
+async fn admit(limit: Option<Arc<Semaphore>>) -> Option<OwnedSemaphorePermit> {
+    limit?.acquire_owned().await.ok()
+}
+
+/// A task that has just started: what `execute` needs to run it.
+struct Started {
+    work: Work,
+    timeout: Option<Duration>,
+    /// Keeps a drain waiting for a blocking task's thread, which outlives a timeout.
+    token: TaskTrackerToken,
+    #[cfg(feature = "tracing")]
+    span: tracing::Span,
+}
+
+/// Runs one task to its end, or to its timeout: `Ok`, or what went wrong. `permit` is
+/// released when the work is done (for a blocking task, when its thread is done).
+async fn execute(
+    started: Started,
+    permit: Option<OwnedSemaphorePermit>,
+) -> Result<(), TaskErrorKind> {
+    let Started {
+        work,
+        timeout,
+        token,
+        #[cfg(feature = "tracing")]
+        span,
+    } = started;
+    #[cfg(feature = "tracing")]
+    let thread_span = span.clone();
+    let run = async move {
+        match work {
+            Work::Async(future) => {
+                let _permit = permit;
+                match AssertUnwindSafe(future).catch_unwind().await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(error)) => Err(TaskErrorKind::Failed(error)),
+                    Err(panic) => Err(TaskErrorKind::Panicked(panic_message(&*panic))),
+                }
+            }
+            Work::Blocking(f) => {
+                let thread = move || {
+                    let (_permit, _token) = (permit, token);
+                    #[cfg(feature = "tracing")]
+                    let _entered = thread_span.enter();
+                    f()
+                };
+                match tokio::task::spawn_blocking(thread).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(error)) => Err(TaskErrorKind::Failed(error)),
+                    Err(join) if join.is_panic() => {
+                        Err(TaskErrorKind::Panicked(panic_message(&*join.into_panic())))
+                    }
+                    Err(_) => Err(TaskErrorKind::Cancelled(CancelReason::RuntimeShutdown)),
+                }
+            }
+        }
+    };
+    #[cfg(feature = "tracing")]
+    let run = tracing::Instrument::instrument(run, span);
+    match timeout {
+        Some(limit) => tokio::time::timeout(limit, run)
+            .await
+            .unwrap_or(Err(TaskErrorKind::TimedOut(limit))),
+        None => run.await,
     }
 }
 
@@ -104,38 +229,43 @@ fn panic_message(panic: &(dyn Any + Send)) -> String {
     }
 }
 
-/// Keeps track of which tasks have been accounted for, so that each is reported at most
-/// once, and every task not yet settled when the run is dropped (the runtime shut down)
-/// is reported then.
+/// Keeps track of where each task of one run stands, so that each is counted and reported
+/// exactly once, and every task not settled when the run is dropped (the runtime shut
+/// down) is reported then.
 struct Ledger {
     entries: Vec<Entry>,
     group: bool,
     on_failure: OnFailure,
-    reporter: Reporter,
+    config: Arc<Config>,
+    #[cfg_attr(not(feature = "tracing"), allow(dead_code))]
+    parent: ParentSpan,
 }
 
 struct Entry {
     name: Cow<'static, str>,
     state: State,
+    timeout: Option<Duration>,
     /// The work, until the task starts.
     work: Option<Work>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum State {
-    Pending,
-    Started,
+    Queued,
+    Running,
     Settled,
 }
 
 impl Ledger {
-    fn new(tasks: TakenTasks, reporter: Reporter) -> Self {
+    fn new(tasks: TakenTasks, config: Arc<Config>, parent: ParentSpan) -> Self {
+        let default_timeout = config.task_timeout;
         let entries = tasks
             .jobs
             .into_iter()
             .map(|job| Entry {
                 name: job.name,
-                state: State::Pending,
+                state: State::Queued,
+                timeout: job.timeout.or(default_timeout),
                 work: Some(job.work),
             })
             .collect();
@@ -143,55 +273,70 @@ impl Ledger {
             entries,
             group: tasks.group,
             on_failure: tasks.on_failure,
-            reporter,
+            config,
+            parent,
         }
     }
 
-    /// Marks a task as started and hands out its work.
-    fn start(&mut self, position: usize) -> Option<Work> {
+    /// Marks a task as running and hands out what it needs to run.
+    fn start(&mut self, position: usize) -> Option<Started> {
         let entry = &mut self.entries[position];
-        entry.state = State::Started;
-        entry.work.take()
+        let work = entry.work.take()?;
+        entry.state = State::Running;
+        self.config.shared.counters.started();
+        Some(Started {
+            work,
+            timeout: entry.timeout,
+            token: self.config.shared.tracker.token(),
+            #[cfg(feature = "tracing")]
+            span: tracing::info_span!(
+                parent: &self.parent,
+                "background_task",
+                task = &*entry.name,
+                position
+            ),
+        })
     }
 
-    /// Records how a task ended, reporting it if it did not end well. Returns `true` if it
-    /// succeeded.
+    /// Records how a running task ended, reporting it if it did not end well. Returns
+    /// `true` if it succeeded.
     fn settle(&mut self, position: usize, outcome: Result<(), TaskErrorKind>) -> bool {
-        match outcome {
-            Ok(()) => {
-                self.entries[position].state = State::Settled;
-                true
-            }
-            Err(kind) => {
-                self.report(position, kind);
-                false
-            }
-        }
+        let ok = outcome.is_ok();
+        self.record(position, outcome);
+        ok
     }
 
-    fn skip_pending(&mut self, reason: SkipReason) {
-        self.report_each(State::Pending, || TaskErrorKind::Skipped(reason));
-    }
-
-    fn cancel_started(&mut self, reason: CancelReason) {
-        self.report_each(State::Started, || TaskErrorKind::Cancelled(reason));
-    }
-
-    fn report_each(&mut self, state: State, kind: impl Fn() -> TaskErrorKind) {
+    /// Settles every task still in `state` with the outcome `kind` makes.
+    fn settle_all(&mut self, state: State, kind: impl Fn() -> TaskErrorKind) {
         for position in 0..self.entries.len() {
             if self.entries[position].state == state {
-                self.report(position, kind());
+                self.record(position, Err(kind()));
             }
         }
     }
 
-    fn report(&mut self, position: usize, kind: TaskErrorKind) {
+    fn skip_all(mut self, kind: fn() -> TaskErrorKind) {
+        self.settle_all(State::Queued, kind);
+    }
+
+    fn record(&mut self, position: usize, outcome: Result<(), TaskErrorKind>) {
         let entry = &mut self.entries[position];
+        let stage = match entry.state {
+            State::Queued => Stage::Queued,
+            State::Running => Stage::Running,
+            State::Settled => return,
+        };
         entry.state = State::Settled;
         // A task that never started still holds its work: drop it now, before reporting.
         entry.work = None;
-        let error = TaskError::new(position, entry.name.clone(), kind);
-        self.reporter.report(error);
+        self.config
+            .shared
+            .counters
+            .settled(stage, outcome.as_ref().map(|_| ()));
+        if let Err(kind) = outcome {
+            let error = TaskError::new(position, entry.name.clone(), kind);
+            self.config.reporter.report(error);
+        }
     }
 }
 
@@ -200,7 +345,11 @@ impl Drop for Ledger {
         // Only reached with tasks unsettled if the run was dropped before its end: tokio
         // drops the futures of a runtime that shuts down (or has shut down before the run
         // could start).
-        self.cancel_started(CancelReason::RuntimeShutdown);
-        self.skip_pending(SkipReason::NoRuntime);
+        self.settle_all(State::Running, || {
+            TaskErrorKind::Cancelled(CancelReason::RuntimeShutdown)
+        });
+        self.settle_all(State::Queued, || {
+            TaskErrorKind::Skipped(SkipReason::NoRuntime)
+        });
     }
 }

@@ -5,6 +5,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use crate::BoxError;
 use crate::task_fn::TaskFn;
@@ -64,6 +65,7 @@ pub(crate) enum Work {
 /// outside the crate.
 pub struct Job {
     pub(crate) name: Cow<'static, str>,
+    pub(crate) timeout: Option<Duration>,
     pub(crate) work: Work,
 }
 
@@ -75,6 +77,7 @@ impl Job {
     {
         Job {
             name: Cow::Borrowed("async task"),
+            timeout: None,
             work: Work::Async(Box::pin(async move { future.await.into_result() })),
         }
     }
@@ -86,6 +89,7 @@ impl Job {
     {
         Job {
             name: Cow::Borrowed("blocking task"),
+            timeout: None,
             work: Work::Blocking(Box::new(move || f().into_result())),
         }
     }
@@ -198,6 +202,27 @@ impl Task {
     pub fn named(self, name: impl Into<Cow<'static, str>>) -> Self {
         if let Some(job) = self.lock().as_mut() {
             job.name = name.into();
+        }
+        self
+    }
+
+    /// Stops the task if it has not finished `timeout` after it started, and reports it as
+    /// [timed out](crate::TaskErrorKind::TimedOut). This overrides the layer's
+    /// [`task_timeout`](crate::BackgroundLayer::task_timeout).
+    ///
+    /// An async task is dropped at its timeout. A blocking task cannot be stopped: it is
+    /// reported as timed out when its timeout passes, and its thread runs on to its end
+    /// (a drain still waits for that thread, up to its deadline).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_background::Task;
+    ///
+    /// let task = Task::new(async { /* call a slow API */ }).timeout(Duration::from_secs(10));
+    /// ```
+    pub fn timeout(self, timeout: Duration) -> Self {
+        if let Some(job) = self.lock().as_mut() {
+            job.timeout = Some(timeout);
         }
         self
     }

@@ -49,6 +49,8 @@ struct Batch {
     group: bool,
     on_failure: Option<OnFailure>,
     on_early_drop: Option<OnEarlyDrop>,
+    /// A response has carried this `Tasks` to the layer: no other response runs it.
+    claimed: bool,
     taken: bool,
 }
 
@@ -211,20 +213,30 @@ impl Tasks {
                 group,
                 on_failure: None,
                 on_early_drop: None,
+                claimed: false,
                 taken: false,
             })),
         }
     }
 
-    /// Takes the tasks out to run them, once: every later call, on this handle or a clone,
-    /// gets `None`.
-    pub(crate) fn take(&self) -> Option<TakenTasks> {
+    /// Claims these tasks for one response, once: every later call, on this handle or a
+    /// clone, gets `None`. Returns how many tasks there are now (more may be added until
+    /// [`take`](Tasks::take)).
+    pub(crate) fn claim(&self) -> Option<usize> {
         let mut batch = self.lock();
-        if batch.taken {
+        if batch.claimed {
             return None;
         }
+        batch.claimed = true;
+        Some(batch.jobs.len())
+    }
+
+    /// Takes the tasks out to run them. Only the response that claimed them calls this,
+    /// once.
+    pub(crate) fn take(&self) -> TakenTasks {
+        let mut batch = self.lock();
         batch.taken = true;
-        Some(TakenTasks {
+        TakenTasks {
             jobs: std::mem::take(&mut batch.jobs),
             group: batch.group,
             on_failure: batch.on_failure.unwrap_or(if batch.group {
@@ -233,16 +245,6 @@ impl Tasks {
                 OnFailure::Stop
             }),
             on_early_drop: batch.on_early_drop,
-        })
-    }
-
-    /// The tasks of a single [`Task`] found alone on a response.
-    pub(crate) fn single(job: Job) -> TakenTasks {
-        TakenTasks {
-            jobs: vec![job],
-            group: false,
-            on_failure: OnFailure::Stop,
-            on_early_drop: None,
         }
     }
 
@@ -250,6 +252,19 @@ impl Tasks {
         // The lock is only held to move jobs in or out, never across user code, so a
         // poisoned lock still holds consistent data.
         self.shared.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl TakenTasks {
+    /// An empty sequence with the default settings: what a single [`Task`] found alone on a
+    /// response runs in.
+    pub(crate) fn sequence() -> Self {
+        TakenTasks {
+            jobs: Vec::new(),
+            group: false,
+            on_failure: OnFailure::Stop,
+            on_early_drop: None,
+        }
     }
 }
 

@@ -1,0 +1,184 @@
+//! [`BackgroundHandle`]: drain at shutdown, and the counters.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::stats::{Counters, Stats};
+
+/// What every response of one layer shares with its handle.
+#[derive(Debug, Default)]
+pub(crate) struct Shared {
+    /// Everything a drain waits for: each response body that carries tasks, each run of
+    /// tasks, each blocking task's thread.
+    pub(crate) tracker: TaskTracker,
+    /// The runs alone: after the deadline, the drain waits for them to report their
+    /// cancelled tasks (which they do at once), not for bodies or threads.
+    pub(crate) runs: TaskTracker,
+    /// Cancelled when a drain reaches its deadline.
+    pub(crate) cancel: CancellationToken,
+    pub(crate) counters: Counters,
+}
+
+/// A handle to the tasks of one [`BackgroundLayer`](crate::BackgroundLayer): their
+/// counters, and a drain for shutdown. Cheap to clone.
+///
+/// # Draining at shutdown
+///
+/// Stop accepting connections, let the server finish its connections (hyper-util's
+/// `GracefulShutdown`, axum's `with_graceful_shutdown`), then drain the background tasks:
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use tower_background::BackgroundLayer;
+///
+/// # async fn serve(_: BackgroundLayer) {}
+/// # #[tokio::main] async fn main() {
+/// let layer = BackgroundLayer::new();
+/// let background = layer.handle();
+/// serve(layer).await; // returns once the server has stopped taking requests
+///
+/// let report = background.shutdown(Duration::from_secs(30)).await;
+/// println!("background tasks: {report}");
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct BackgroundHandle {
+    shared: Arc<Shared>,
+}
+
+impl BackgroundHandle {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        BackgroundHandle { shared }
+    }
+
+    /// The counters now.
+    ///
+    /// ```
+    /// use tower_background::BackgroundLayer;
+    ///
+    /// let handle = BackgroundLayer::new().handle();
+    /// assert_eq!(handle.stats().running, 0);
+    /// ```
+    pub fn stats(&self) -> Stats {
+        self.shared.counters.snapshot()
+    }
+
+    /// Waits until every task of this layer has run, including the tasks of responses still
+    /// being sent and tasks attached while the drain goes on, or until `timeout` has passed.
+    /// At the deadline, what is left is cancelled: running async tasks are dropped, queued
+    /// ones never start, and tasks of responses that complete later are not run; each is
+    /// reported (as [`CancelReason::Shutdown`](crate::CancelReason::Shutdown)) and counted.
+    ///
+    /// A blocking task cannot be cancelled: the drain waits for it up to the deadline, then
+    /// reports it as cancelled and leaves its thread to finish.
+    ///
+    /// The drain waits on notifications, never by polling in a loop.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_background::BackgroundLayer;
+    ///
+    /// # #[tokio::main] async fn main() {
+    /// let handle = BackgroundLayer::new().handle();
+    /// let report = handle.shutdown(Duration::from_secs(5)).await;
+    /// assert!(report.is_drained());
+    /// # }
+    /// ```
+    pub async fn shutdown(&self, timeout: Duration) -> ShutdownReport {
+        let started = Instant::now();
+        self.shared.tracker.close();
+        self.shared.runs.close();
+        let drained = tokio::time::timeout(timeout, self.shared.tracker.wait())
+            .await
+            .is_ok();
+        if !drained {
+            self.shared.cancel.cancel();
+            self.shared.runs.wait().await;
+        }
+        ShutdownReport {
+            drained,
+            elapsed: started.elapsed(),
+            stats: self.stats(),
+        }
+    }
+}
+
+/// What [`BackgroundHandle::shutdown`] did.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_background::BackgroundLayer;
+///
+/// # #[tokio::main] async fn main() {
+/// let report = BackgroundLayer::new().handle().shutdown(Duration::from_secs(1)).await;
+/// assert_eq!(report.stats().cancelled, 0);
+/// println!("{report}"); // "drained in 3µs: 0 attached: 0 succeeded, ..."
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct ShutdownReport {
+    drained: bool,
+    elapsed: Duration,
+    stats: Stats,
+}
+
+impl ShutdownReport {
+    /// `true` if everything finished before the deadline; `false` if the drain cancelled
+    /// what was left.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # #[tokio::main] async fn main() {
+    /// # let report = tower_background::BackgroundLayer::new().handle().shutdown(Duration::ZERO).await;
+    /// if !report.is_drained() {
+    ///     eprintln!("{} background tasks cancelled", report.stats().cancelled);
+    /// }
+    /// # }
+    /// ```
+    pub fn is_drained(&self) -> bool {
+        self.drained
+    }
+
+    /// How long the drain took.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # #[tokio::main] async fn main() {
+    /// # let report = tower_background::BackgroundLayer::new().handle().shutdown(Duration::ZERO).await;
+    /// println!("drain took {:?}", report.elapsed());
+    /// # }
+    /// ```
+    pub fn elapsed(&self) -> Duration {
+        self.elapsed
+    }
+
+    /// The layer's counters when the drain returned: how many tasks succeeded, failed,
+    /// panicked, timed out, were skipped or cancelled, since the layer was made.
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # #[tokio::main] async fn main() {
+    /// # let report = tower_background::BackgroundLayer::new().handle().shutdown(Duration::ZERO).await;
+    /// let stats = report.stats();
+    /// assert_eq!(stats.attached, stats.settled() + stats.pending());
+    /// # }
+    /// ```
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+}
+
+impl fmt::Display for ShutdownReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let how = if self.drained {
+            "drained"
+        } else {
+            "deadline reached"
+        };
+        write!(f, "{how} in {:?}: {}", self.elapsed, self.stats)
+    }
+}
