@@ -1,0 +1,282 @@
+//! Contract 7, "drain": `BackgroundHandle::shutdown` waits for every task that is running
+//! or still waiting for its response to complete, up to a deadline; what is left at the
+//! deadline is cancelled and reported.
+
+mod common;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use http::{Method, Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tower::{ServiceBuilder, service_fn};
+use tower_background::{BackgroundLayer, CancelReason, Task, TaskErrorKind, Tasks};
+
+/// A task that takes a while, then reports.
+fn slow_task(done: &Probe<&'static str>, name: &'static str) -> Task {
+    let done = done.clone();
+    Task::new(async move {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        done.send(name);
+    })
+    .named(name)
+}
+
+/// Serves with hyper-util's `GracefulShutdown`; sending on the returned channel stops the
+/// accept loop, and the join handle ends once every connection has finished.
+async fn serve_graceful<H, Fut>(
+    layer: BackgroundLayer,
+    handler: H,
+) -> (SocketAddr, oneshot::Sender<()>, tokio::task::JoinHandle<()>)
+where
+    H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<BoxedBody>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(move |req| {
+            let handler = handler.clone();
+            async move { Ok::<_, Infallible>(handler(req).await) }
+        }));
+    let (stop_tx, mut stop) = oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        let graceful = GracefulShutdown::new();
+        let builder = auto::Builder::new(TokioExecutor::new());
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let Ok((stream, _)) = accepted else { continue };
+                    let svc = TowerToHyperService::new(svc.clone());
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+                    let conn = graceful.watch(conn);
+                    tokio::spawn(async move { let _ = conn.await; });
+                }
+                _ = &mut stop => break,
+            }
+        }
+        drop(listener);
+        graceful.shutdown().await;
+    });
+    (addr, stop_tx, server)
+}
+
+#[tokio::test]
+async fn drain_after_graceful_shutdown_waits_for_every_task() {
+    let done = Probe::new();
+    let layer = BackgroundLayer::new();
+    let background = layer.handle();
+    let (addr, stop, server) = {
+        let done = done.clone();
+        serve_graceful(layer, move |_req| {
+            let mut tasks = Tasks::new();
+            tasks.push(slow_task(&done, "first"));
+            tasks.push(slow_task(&done, "second"));
+            let mut res = Response::new(full("ok"));
+            res.extensions_mut().insert(tasks);
+            async move { res }
+        })
+        .await
+    };
+    for proto in BOTH {
+        get(proto, addr, "/").await;
+    }
+    stop.send(()).unwrap();
+    within(server).await.unwrap();
+    let report = within(background.shutdown(PATIENCE)).await;
+
+    assert!(report.is_drained(), "{report}");
+    assert_eq!(report.stats().succeeded, 4, "{report}");
+    assert_eq!(report.stats().pending(), 0, "{report}");
+    // Every task had finished by the time the drain returned.
+    assert_eq!(done.drain_now().await.len(), 4);
+}
+
+/// Plain hyper connections, no graceful shutdown of the server: the drain alone waits for
+/// a response that is still streaming, then for its task.
+#[tokio::test]
+async fn drain_waits_for_responses_still_streaming() {
+    let done = Probe::new();
+    let layer = BackgroundLayer::new();
+    let background = layer.handle();
+    let chunks = Handoff::new();
+    let addr = {
+        let (done, chunks) = (done.clone(), chunks.clone());
+        serve_plain_http1(layer, move |_req| {
+            let mut res = Response::new(chunks.take());
+            res.extensions_mut()
+                .insert(slow_task(&done, "after the stream"));
+            async move { res }
+        })
+        .await
+    };
+    let (tx, body) = channel_body();
+    chunks.put(body);
+    let res = within(client(Proto::Http1).request(request(Method::GET, addr, "/")))
+        .await
+        .unwrap();
+    tx.send(data("first")).unwrap();
+    let mut body = res.into_body();
+    within(body.frame()).await.unwrap().unwrap();
+
+    let drain = tokio::spawn(async move { background.shutdown(PATIENCE).await });
+    tokio::time::sleep(QUIET).await;
+    assert!(
+        !drain.is_finished(),
+        "the drain returned while a response was streaming"
+    );
+    assert_eq!(done.drain_now().await.len(), 0);
+
+    tx.send(data("last")).unwrap();
+    drop(tx);
+    within(body.collect()).await.unwrap();
+    let report = within(drain).await.unwrap();
+    assert!(report.is_drained(), "{report}");
+    assert_eq!(report.stats().succeeded, 1, "{report}");
+    assert_eq!(done.drain_now().await, ["after the stream"]);
+}
+
+#[tokio::test]
+async fn tasks_attached_after_the_drain_began_still_run_and_are_waited_for() {
+    let done = Probe::new();
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let layer = BackgroundLayer::new();
+    let background = layer.handle();
+    let addr = {
+        let (done, release) = (done.clone(), release.clone());
+        serve(layer, move |req| {
+            let (done, release) = (done.clone(), release.clone());
+            let first = req.uri().path() == "/first";
+            let mut res = Response::new(full("ok"));
+            res.extensions_mut().insert(Task::new(async move {
+                if first {
+                    release.notified().await; // holds the drain open
+                }
+                done.send(if first { "first" } else { "late" });
+            }));
+            async move { res }
+        })
+        .await
+    };
+    get(Proto::Http1, addr, "/first").await;
+    let drain = tokio::spawn(async move { background.shutdown(PATIENCE).await });
+    tokio::time::sleep(QUIET).await;
+    get(Proto::Http1, addr, "/late").await; // attached after the drain began
+    assert_eq!(done.next().await, "late");
+    release.notify_one();
+
+    let report = within(drain).await.unwrap();
+    assert!(report.is_drained(), "{report}");
+    assert_eq!(report.stats().succeeded, 2, "{report}");
+    assert_eq!(report.stats().attached, 2, "{report}");
+}
+
+#[tokio::test]
+async fn drain_deadline_cancels_and_reports_what_is_left() {
+    let (layer, errors) = reporting_layer();
+    let background = layer.handle();
+    let chunks = Handoff::new();
+    let never = Probe::<&str>::new();
+    let addr = {
+        let (never, chunks) = (never.clone(), chunks.clone());
+        serve(layer, move |req| {
+            let never = never.clone();
+            let mut tasks = Tasks::new();
+            let mut res = if req.uri().path() == "/stream" {
+                tasks.push(Task::new(async move { never.send("stream task") }).named("streamed"));
+                Response::new(chunks.take())
+            } else {
+                tasks.push(
+                    Task::new(async move {
+                        std::future::pending::<()>().await;
+                        never.send("the endless task ended");
+                    })
+                    .named("endless"),
+                );
+                tasks.push(Task::new(async {}).named("behind it"));
+                Response::new(full("ok"))
+            };
+            res.extensions_mut().insert(tasks);
+            async move { res }
+        })
+        .await
+    };
+    get(Proto::Http1, addr, "/slow").await;
+    let (tx, body) = channel_body();
+    chunks.put(body);
+    let client = client(Proto::Http2);
+    let res = within(client.request(request(Method::GET, addr, "/stream")))
+        .await
+        .unwrap();
+    tx.send(data("never finished")).unwrap();
+    let mut body = res.into_body();
+    within(body.frame()).await.unwrap().unwrap();
+
+    let report = within(background.shutdown(Duration::from_millis(100))).await;
+    assert!(!report.is_drained(), "{report}");
+    let stats = report.stats();
+    assert_eq!((stats.cancelled, stats.waiting), (2, 1), "{report}");
+
+    // The response still streaming at the deadline: its task never runs, and is reported
+    // when the response ends.
+    drop(body);
+    drop(client);
+    drop(tx);
+    let mut reports = errors.take(3).await;
+    reports.sort_by_key(|r| r.name().to_owned());
+    let names: Vec<&str> = reports.iter().map(|r| r.name()).collect();
+    assert_eq!(names, ["behind it", "endless", "streamed"]);
+    for report in &reports {
+        assert!(
+            matches!(
+                report.kind(),
+                TaskErrorKind::Cancelled(CancelReason::Shutdown)
+            ),
+            "{report}"
+        );
+    }
+    never.assert_quiet("a cancelled task ran").await;
+    let stats = background.stats();
+    assert_eq!((stats.cancelled, stats.pending()), (3, 0), "{stats}");
+    assert_eq!(stats.attached, stats.settled(), "{stats}");
+}
+
+/// hyper's own HTTP/1 connections, with no graceful shutdown at all.
+async fn serve_plain_http1<H, Fut>(layer: BackgroundLayer, handler: H) -> SocketAddr
+where
+    H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<BoxedBody>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let svc = ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(move |req| {
+            let handler = handler.clone();
+            async move { Ok::<_, Infallible>(handler(req).await) }
+        }));
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let svc = TowerToHyperService::new(svc.clone());
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
