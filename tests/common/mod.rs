@@ -52,14 +52,31 @@ where
     H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<BoxedBody>> + Send + 'static,
 {
+    serve_service(
+        ServiceBuilder::new()
+            .layer(layer)
+            .service(service_fn(move |req| {
+                let handler = handler.clone();
+                async move { Ok::<_, Infallible>(handler(req).await) }
+            })),
+    )
+    .await
+}
+
+/// Serves any tower service, as [`serve`] does.
+pub async fn serve_service<S, B>(svc: S) -> SocketAddr
+where
+    S: tower::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let svc = ServiceBuilder::new()
-        .layer(layer)
-        .service(service_fn(move |req| {
-            let handler = handler.clone();
-            async move { Ok::<_, Infallible>(handler(req).await) }
-        }));
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {

@@ -1,0 +1,208 @@
+//! Contract 9, "context": a task runs in a span named after it, whose parent is the span
+//! that was current when the response was produced, so a task's events join its request's
+//! trace. Needs the `tracing` feature (on by default).
+#![cfg(feature = "tracing")]
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use common::*;
+use http::Response;
+use std::convert::Infallible;
+
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tower::{Layer, ServiceExt, service_fn};
+use tower_background::{BackgroundLayer, Task};
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing::{Event, Instrument, Metadata, Subscriber};
+
+/// A subscriber that records spans (name, fields, parent) and events (message, the span
+/// they happened in).
+#[derive(Default)]
+struct Capture {
+    next_id: AtomicU64,
+    spans: Mutex<HashMap<u64, SpanInfo>>,
+    events: Mutex<Vec<(String, Option<u64>)>>,
+}
+
+#[derive(Debug, Clone)]
+struct SpanInfo {
+    name: &'static str,
+    metadata: &'static Metadata<'static>,
+    fields: String,
+    parent: Option<u64>,
+}
+
+thread_local! {
+    static STACK: std::cell::RefCell<Vec<u64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+struct Fields(String);
+
+impl Visit for Fields {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.0.push_str(&format!("{}={:?} ", field.name(), value));
+    }
+}
+
+fn current() -> Option<u64> {
+    STACK.with(|stack| stack.borrow().last().copied())
+}
+
+/// The subscriber itself: the test keeps another handle to read what it captured.
+struct Capturing(Arc<Capture>);
+
+impl std::ops::Deref for Capturing {
+    type Target = Capture;
+    fn deref(&self) -> &Capture {
+        &self.0
+    }
+}
+
+impl Subscriber for Capturing {
+    fn enabled(&self, _: &Metadata<'_>) -> bool {
+        true
+    }
+
+    fn new_span(&self, attrs: &Attributes<'_>) -> Id {
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut fields = Fields(String::new());
+        attrs.record(&mut fields);
+        let parent = if attrs.is_contextual() {
+            current()
+        } else {
+            attrs.parent().map(Id::into_u64)
+        };
+        let info = SpanInfo {
+            name: attrs.metadata().name(),
+            metadata: attrs.metadata(),
+            fields: fields.0,
+            parent,
+        };
+        self.spans.lock().unwrap().insert(id, info);
+        Id::from_u64(id)
+    }
+
+    fn record(&self, _: &Id, _: &Record<'_>) {}
+
+    fn record_follows_from(&self, _: &Id, _: &Id) {}
+
+    fn event(&self, event: &Event<'_>) {
+        let mut fields = Fields(String::new());
+        event.record(&mut fields);
+        let span = if event.is_contextual() {
+            current()
+        } else {
+            event.parent().map(Id::into_u64)
+        };
+        self.events.lock().unwrap().push((fields.0, span));
+    }
+
+    fn current_span(&self) -> tracing_core::span::Current {
+        match current() {
+            Some(id) => {
+                let metadata = self.spans.lock().unwrap()[&id].metadata;
+                tracing_core::span::Current::new(Id::from_u64(id), metadata)
+            }
+            None => tracing_core::span::Current::none(),
+        }
+    }
+
+    fn enter(&self, span: &Id) {
+        STACK.with(|stack| stack.borrow_mut().push(span.into_u64()));
+    }
+
+    fn exit(&self, _: &Id) {
+        STACK.with(|stack| stack.borrow_mut().pop());
+    }
+}
+
+impl Capture {
+    /// The chain of spans from `span` up to its root.
+    fn ancestry(&self, mut span: Option<u64>) -> Vec<SpanInfo> {
+        let spans = self.spans.lock().unwrap();
+        let mut chain = Vec::new();
+        while let Some(id) = span {
+            let info = spans[&id].clone();
+            span = info.parent;
+            chain.push(info);
+        }
+        chain
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tasks_events_happen_inside_its_requests_span() {
+    let capture = Arc::new(Capture::default());
+    tracing::subscriber::set_global_default(Capturing(capture.clone())).unwrap();
+    let done = Probe::new();
+    let app = {
+        let done = done.clone();
+        BackgroundLayer::new().layer(service_fn(move |_req: http::Request<Incoming>| {
+            let (a, b) = (done.clone(), done.clone());
+            async move {
+                let mut tasks = tower_background::Tasks::new();
+                tasks.push(
+                    Task::new(async move {
+                        tracing::info!("sending the welcome e-mail");
+                        a.send(());
+                    })
+                    .named("send_email"),
+                );
+                tasks.push(
+                    Task::blocking(move || {
+                        tracing::info!("writing the log line");
+                        b.send(());
+                    })
+                    .named("write_in_file"),
+                );
+                let mut res = Response::new(full("ok"));
+                res.extensions_mut().insert(tasks);
+                Ok::<_, Infallible>(res)
+            }
+        }))
+    };
+    // As tower-http's TraceLayer does: the request's span is current while the response is
+    // produced.
+    let traced = service_fn(move |req: http::Request<Incoming>| {
+        let id = req.headers()["x-request-id"].to_str().unwrap().to_owned();
+        app.clone()
+            .oneshot(req)
+            .instrument(tracing::info_span!("request", id = %id))
+    });
+    let addr = serve_service(traced).await;
+    let mut req = request(http::Method::GET, addr, "/");
+    req.headers_mut()
+        .insert("x-request-id", "42".parse().unwrap());
+    let res = within(client(Proto::Http1).request(req)).await.unwrap();
+    within(res.into_body().collect()).await.unwrap();
+    done.take(2).await;
+
+    let events = capture.events.lock().unwrap().clone();
+    for (message, task) in [
+        ("sending the welcome e-mail", "send_email"),
+        ("writing the log line", "write_in_file"),
+    ] {
+        let (_, span) = events
+            .iter()
+            .find(|(fields, _)| fields.contains(message))
+            .unwrap_or_else(|| panic!("no event {message:?} in {events:?}"));
+        let chain = capture.ancestry(*span);
+        let names: Vec<&str> = chain.iter().map(|s| s.name).collect();
+        assert_eq!(
+            names,
+            ["background_task", "request"],
+            "{message}: {chain:?}"
+        );
+        assert!(
+            chain[0].fields.contains(&format!("task={task:?}")),
+            "{chain:?}"
+        );
+        assert!(chain[1].fields.contains("id=42"), "{chain:?}");
+    }
+}
