@@ -15,7 +15,8 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 use crate::error::{CancelReason, SkipReason, TaskErrorKind};
 use crate::layer::Config;
 use crate::policy::OnEarlyDrop;
-use crate::runner::{self, ParentSpan};
+use crate::runner;
+use crate::span::ParentSpan;
 use crate::task::{Job, Task};
 use crate::tasks::{TakenTasks, Tasks};
 
@@ -61,7 +62,7 @@ impl Attached {
             expected,
             runtime: Handle::try_current().ok(),
             config: config.clone(),
-            parent: runner::current_span(),
+            parent: ParentSpan::current(),
             _token: config.shared.tracker.token(),
         })
     }

@@ -75,6 +75,7 @@ mod policy;
 mod report;
 mod runner;
 mod service;
+mod span;
 mod stats;
 mod task;
 pub mod task_fn;

@@ -18,24 +18,10 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 use crate::error::{CancelReason, SkipReason, TaskError, TaskErrorKind};
 use crate::layer::Config;
 use crate::policy::OnFailure;
+use crate::span::ParentSpan;
 use crate::stats::Stage;
 use crate::task::Work;
 use crate::tasks::TakenTasks;
-
-/// The span that was current when the response was produced: each task's span is its
-/// child, so that a task's events join its request's trace.
-#[cfg(feature = "tracing")]
-pub(crate) type ParentSpan = tracing::Span;
-#[cfg(not(feature = "tracing"))]
-pub(crate) type ParentSpan = ();
-
-#[cfg(feature = "tracing")]
-pub(crate) fn current_span() -> ParentSpan {
-    tracing::Span::current()
-}
-
-#[cfg(not(feature = "tracing"))]
-pub(crate) fn current_span() -> ParentSpan {}
 
 /// Starts the tasks on `runtime`, or reports them all as not run if there is none.
 ///
@@ -64,12 +50,7 @@ pub(crate) fn start(
 
 /// Reports every task as not run, with `kind`, without running any.
 pub(crate) fn skip_all(tasks: TakenTasks, config: Arc<Config>, kind: fn() -> TaskErrorKind) {
-    // No task runs, so none needs a span.
-    #[cfg(feature = "tracing")]
-    let parent = tracing::Span::none();
-    #[cfg(not(feature = "tracing"))]
-    let parent = ();
-    Ledger::new(tasks, config, parent).skip_all(kind);
+    Ledger::new(tasks, config, ParentSpan::none()).skip_all(kind);
 }
 
 async fn run(mut ledger: Ledger) {
@@ -289,12 +270,7 @@ impl Ledger {
             timeout: entry.timeout,
             token: self.config.shared.tracker.token(),
             #[cfg(feature = "tracing")]
-            span: tracing::info_span!(
-                parent: &self.parent,
-                "background_task",
-                task = &*entry.name,
-                position
-            ),
+            span: self.parent.task_span(&entry.name, position),
         })
     }
 

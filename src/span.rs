@@ -1,0 +1,34 @@
+//! [`ParentSpan`]: the `tracing` context a task inherits from its request (feature
+//! `tracing`); an empty type without the feature.
+
+/// The span that was current when the response was produced. Each task runs in a child of
+/// it, so that a task's events join its request's trace.
+#[derive(Debug, Clone)]
+pub(crate) struct ParentSpan {
+    #[cfg(feature = "tracing")]
+    span: tracing::Span,
+}
+
+impl ParentSpan {
+    /// The span current now.
+    pub(crate) fn current() -> Self {
+        ParentSpan {
+            #[cfg(feature = "tracing")]
+            span: tracing::Span::current(),
+        }
+    }
+
+    /// No span: for tasks that will not run.
+    pub(crate) fn none() -> Self {
+        ParentSpan {
+            #[cfg(feature = "tracing")]
+            span: tracing::Span::none(),
+        }
+    }
+
+    /// The span a task runs in: `background_task`, with the task's name and position.
+    #[cfg(feature = "tracing")]
+    pub(crate) fn task_span(&self, name: &str, position: usize) -> tracing::Span {
+        tracing::info_span!(parent: &self.span, "background_task", task = name, position)
+    }
+}
