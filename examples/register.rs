@@ -102,9 +102,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     })
     .await?;
     let addr = listener.local_addr()?;
-    let svc = ServiceBuilder::new()
-        .layer(BackgroundLayer::new().on_error(|err| eprintln!("background task: {err}")))
-        .service_fn(register);
+    let layer = BackgroundLayer::new().on_error(|err| eprintln!("background task: {err}"));
+    let background = layer.handle();
+    let svc = ServiceBuilder::new().layer(layer).service_fn(register);
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -133,24 +133,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         String::from_utf8_lossy(&body)
     ));
 
-    // Print the timeline until the last task has reported.
-    while let Some(line) = timeline.recv().await {
-        println!("{line}");
-        if line.contains("log line written") {
-            break;
-        }
-    }
-    println!(
-        "\nThe tasks started once the response was handed to the server in full; the client \
-         had its 201 long before the e-mail went out."
-    );
-
     if keep_serving {
-        println!("still serving on http://{addr}; try:");
+        println!("serving on http://{addr}; try:");
         println!("  curl -i -X POST -d 'email=b@example.com' http://{addr}/register");
         while let Some(line) = timeline.recv().await {
             println!("{line}");
         }
+        return Ok(());
     }
+
+    // Wait for the background tasks, as a server does at shutdown.
+    let report = background.shutdown(Duration::from_secs(5)).await;
+    while let Ok(line) = timeline.try_recv() {
+        println!("{line}");
+    }
+    println!("\nbackground tasks {report}");
+    println!(
+        "The tasks started once the response had been handed to the server in full; the \
+         client had its 201 long before the e-mail went out."
+    );
     Ok(())
 }
