@@ -22,9 +22,10 @@ use crate::tasks::{TakenTasks, Tasks};
 
 /// The tasks found on one response, with what is needed to run them.
 pub(crate) struct Attached {
-    /// A `Tasks` this response claimed: its tasks are taken out when the response is done,
-    /// so that tasks added meanwhile run too.
-    tasks: Option<Tasks>,
+    /// The `Tasks` this response claimed, in the order they run (request-scoped first,
+    /// then the response's, each followed by those merged into it): their tasks are taken
+    /// out when the response is done, so that tasks added meanwhile run too.
+    tasks: Vec<Tasks>,
     /// A single `Task`'s work, taken out at once.
     single: Option<Job>,
     /// How many tasks were counted as attached (and waiting) for this response.
@@ -39,21 +40,29 @@ pub(crate) struct Attached {
 }
 
 impl Attached {
-    /// Takes the `Tasks` and the `Task` out of a response's extensions. `None` if there is
-    /// neither (or only a `Tasks` another response claimed): the no-task path, which
-    /// allocates nothing.
-    pub(crate) fn take_from(extensions: &mut Extensions, config: &Arc<Config>) -> Option<Self> {
-        if extensions.is_empty() {
+    /// Takes the `Tasks` and the `Task` out of a response's extensions, after the
+    /// request-scoped `Tasks` the layer gave the request, if any. `None` if there is
+    /// nothing to run (no tasks, or only a `Tasks` another response claimed): the no-task
+    /// path, which allocates nothing.
+    pub(crate) fn take_from(
+        extensions: &mut Extensions,
+        request_tasks: Option<Tasks>,
+        config: &Arc<Config>,
+    ) -> Option<Self> {
+        let (response_tasks, single) = if extensions.is_empty() {
+            (None, None)
+        } else {
+            let single = extensions.remove::<Task>().and_then(|task| task.take());
+            (extensions.remove::<Tasks>(), single)
+        };
+        let mut tasks = Vec::new();
+        let mut count = 0;
+        for claimable in [request_tasks, response_tasks].into_iter().flatten() {
+            count += claimable.claim(&mut tasks);
+        }
+        if tasks.is_empty() && single.is_none() {
             return None;
         }
-        let single = extensions.remove::<Task>().and_then(|task| task.take());
-        let claimed = extensions
-            .remove::<Tasks>()
-            .and_then(|tasks| Some((tasks.claim()?, tasks)));
-        if claimed.is_none() && single.is_none() {
-            return None;
-        }
-        let (count, tasks) = claimed.map_or((0, None), |(count, tasks)| (count, Some(tasks)));
         let expected = count + usize::from(single.is_some());
         config.shared.counters.attach(expected);
         Some(Attached {
@@ -131,32 +140,36 @@ impl Completion {
         let Some(attached) = self.attached.take() else {
             return;
         };
-        let mut taken = match &attached.tasks {
-            Some(tasks) => tasks.take(),
-            None => TakenTasks::sequence(),
-        };
-        // A `Task` beside a `Tasks` on the same response joins the end of its list.
-        taken.jobs.extend(attached.single);
+        let mut sets: Vec<TakenTasks> = attached.tasks.iter().map(Tasks::take).collect();
+        // A `Task` beside a `Tasks` on the same response joins the end of the last set.
+        if let Some(job) = attached.single {
+            match sets.last_mut() {
+                Some(last) => last.jobs.push(job),
+                None => sets.push(TakenTasks::sequence(vec![job])),
+            }
+        }
         let config = attached.config;
-        config
-            .shared
-            .counters
-            .response_done(attached.expected, taken.jobs.len());
-        if taken.jobs.is_empty() {
+        let found = sets.iter().map(|set| set.jobs.len()).sum();
+        config.shared.counters.response_done(attached.expected, found);
+        sets.retain(|set| !set.jobs.is_empty());
+        if config.shared.cancel.is_cancelled() {
+            for set in sets {
+                runner::skip_all(set, &config, || {
+                    TaskErrorKind::Cancelled(CancelReason::Shutdown)
+                });
+            }
             return;
         }
-        let policy = taken.on_early_drop.unwrap_or(config.on_early_drop);
-        if config.shared.cancel.is_cancelled() {
-            runner::skip_all(taken, config, || {
-                TaskErrorKind::Cancelled(CancelReason::Shutdown)
+        if early {
+            let (skipped, run): (Vec<_>, Vec<_>) = sets.into_iter().partition(|set| {
+                set.on_early_drop.unwrap_or(config.on_early_drop) == OnEarlyDrop::Skip
             });
-        } else if early && policy == OnEarlyDrop::Skip {
-            runner::skip_all(taken, config, || {
-                TaskErrorKind::Skipped(SkipReason::EarlyDrop)
-            });
-        } else {
-            runner::start(attached.runtime.as_ref(), taken, config, attached.parent);
+            for set in skipped {
+                runner::skip_all(set, &config, || TaskErrorKind::Skipped(SkipReason::EarlyDrop));
+            }
+            sets = run;
         }
+        runner::start(attached.runtime.as_ref(), sets, config, attached.parent);
         // `attached._token` is released here, once the run holds a token of its own.
     }
 }

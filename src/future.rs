@@ -12,6 +12,7 @@ use pin_project_lite::pin_project;
 use crate::body::BackgroundBody;
 use crate::completion::{Attached, Completion, ResponseShape};
 use crate::layer::Config;
+use crate::tasks::Tasks;
 
 pin_project! {
     /// The response future of [`Background`](crate::Background): resolves to the inner
@@ -35,15 +36,22 @@ pin_project! {
         #[pin]
         inner: F,
         is_head: bool,
+        request_tasks: Option<Tasks>,
         config: Arc<Config>,
     }
 }
 
 impl<F> ResponseFuture<F> {
-    pub(crate) fn new(inner: F, is_head: bool, config: Arc<Config>) -> Self {
+    pub(crate) fn new(
+        inner: F,
+        is_head: bool,
+        request_tasks: Option<Tasks>,
+        config: Arc<Config>,
+    ) -> Self {
         ResponseFuture {
             inner,
             is_head,
+            request_tasks,
             config,
         }
     }
@@ -59,7 +67,9 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let mut res = ready!(this.inner.poll(cx))?;
-        let Some(attached) = Attached::take_from(res.extensions_mut(), this.config) else {
+        let request_tasks = this.request_tasks.take();
+        let Some(attached) = Attached::take_from(res.extensions_mut(), request_tasks, this.config)
+        else {
             return Poll::Ready(Ok(res.map(BackgroundBody::passthrough)));
         };
         let shape = ResponseShape {

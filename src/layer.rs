@@ -52,6 +52,7 @@ pub(crate) struct Config {
     pub(crate) reporter: Reporter,
     pub(crate) task_timeout: Option<Duration>,
     pub(crate) limit: Option<Arc<Semaphore>>,
+    pub(crate) request_tasks: bool,
     /// The counters and trackers behind [`BackgroundHandle`]: kept when settings change.
     pub(crate) shared: Arc<Shared>,
 }
@@ -149,6 +150,38 @@ impl BackgroundLayer {
             Semaphore::MAX_PERMITS
         );
         self.config_mut().limit = Some(Arc::new(Semaphore::new(limit)));
+        self
+    }
+
+    /// Gives each request an empty [`Tasks`](crate::Tasks) in its extensions, as FastAPI
+    /// injects `BackgroundTasks`: handlers, extractors and middleware deeper in the stack
+    /// add to it (with the `axum` feature, a handler takes it as an argument). Off by
+    /// default, because it costs an allocation per request.
+    ///
+    /// Those tasks run when the response is complete, before any the response itself
+    /// carries, under the same contract: neither set is ever dropped in favour of the other.
+    /// If the inner service fails instead of answering, there is no response to wait for:
+    /// the tasks are not run, and are logged as dropped.
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use http::{Request, Response};
+    /// use tower::{ServiceBuilder, ServiceExt};
+    /// use tower_background::{BackgroundLayer, Task, Tasks};
+    ///
+    /// # #[tokio::main] async fn main() {
+    /// let svc = ServiceBuilder::new()
+    ///     .layer(BackgroundLayer::new().with_request_tasks())
+    ///     .service_fn(|req: Request<()>| async move {
+    ///         let mut tasks = req.extensions().get::<Tasks>().unwrap().clone();
+    ///         tasks.push(Task::new(async { /* after the response */ }));
+    ///         Ok::<_, Infallible>(Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
+    ///     });
+    /// let res = svc.oneshot(Request::new(())).await.unwrap();
+    /// # }
+    /// ```
+    pub fn with_request_tasks(mut self) -> Self {
+        self.config_mut().request_tasks = true;
         self
     }
 

@@ -23,47 +23,64 @@ use crate::stats::Stage;
 use crate::task::Work;
 use crate::tasks::TakenTasks;
 
-/// Starts the tasks on `runtime`, or reports them all as not run if there is none.
+/// Starts the sets of tasks on `runtime`, one set after the other, or reports them all as
+/// not run if there is no runtime.
 ///
 /// Never panics and never blocks: this is called from `Drop`. If the runtime has shut down,
-/// tokio drops the spawned run unpolled, and its [`Ledger`] reports every task then.
+/// tokio drops the spawned run unpolled, and its [`Ledger`]s report every task then.
 pub(crate) fn start(
     runtime: Option<&Handle>,
-    tasks: TakenTasks,
+    sets: Vec<TakenTasks>,
     config: Arc<Config>,
     parent: ParentSpan,
 ) {
-    // The ledger is built before the spawn, so that it reports even if the run never runs.
-    let ledger = Ledger::new(tasks, config, parent);
+    if sets.is_empty() {
+        return;
+    }
+    // The ledgers are built before the spawn, so that they report even if the run never
+    // runs.
+    let ledgers: Vec<Ledger> = sets
+        .into_iter()
+        .map(|set| Ledger::new(set, config.clone(), parent.clone()))
+        .collect();
     match runtime {
         Some(handle) => {
-            let shared = &ledger.config.shared;
-            let tokens = (shared.tracker.token(), shared.runs.token());
+            let tokens = (config.shared.tracker.token(), config.shared.runs.token());
             drop(handle.spawn(async move {
                 let _tokens = tokens;
-                run(ledger).await;
+                run(ledgers, &config).await;
             }));
         }
-        None => ledger.skip_all(|| TaskErrorKind::Skipped(SkipReason::NoRuntime)),
+        None => {
+            for ledger in ledgers {
+                ledger.skip_all(|| TaskErrorKind::Skipped(SkipReason::NoRuntime));
+            }
+        }
     }
 }
 
-/// Reports every task as not run, with `kind`, without running any.
-pub(crate) fn skip_all(tasks: TakenTasks, config: Arc<Config>, kind: fn() -> TaskErrorKind) {
-    Ledger::new(tasks, config, ParentSpan::none()).skip_all(kind);
+/// Reports every task of `set` as not run, with `kind`, without running any.
+pub(crate) fn skip_all(set: TakenTasks, config: &Arc<Config>, kind: fn() -> TaskErrorKind) {
+    Ledger::new(set, config.clone(), ParentSpan::none()).skip_all(kind);
 }
 
-async fn run(mut ledger: Ledger) {
-    let cancel = ledger.config.shared.cancel.clone();
+/// Runs the sets in order, until the end or until a drain's deadline cancels them.
+async fn run(mut ledgers: Vec<Ledger>, config: &Config) {
     let cancelled = {
-        let work = pin!(ledger.run());
-        let deadline = pin!(cancel.cancelled());
+        let work = pin!(async {
+            for ledger in &mut ledgers {
+                ledger.run().await;
+            }
+        });
+        let deadline = pin!(config.shared.cancel.cancelled());
         matches!(select(work, deadline).await, Either::Right(_))
     };
     if cancelled {
         let shutdown = || TaskErrorKind::Cancelled(CancelReason::Shutdown);
-        ledger.settle_all(State::Running, shutdown);
-        ledger.settle_all(State::Queued, shutdown);
+        for ledger in &mut ledgers {
+            ledger.settle_all(State::Running, shutdown);
+            ledger.settle_all(State::Queued, shutdown);
+        }
     }
 }
 

@@ -9,6 +9,7 @@ use tower_service::Service;
 
 use crate::future::ResponseFuture;
 use crate::layer::Config;
+use crate::tasks::Tasks;
 
 /// The service made by [`BackgroundLayer`](crate::BackgroundLayer): calls the inner
 /// service, then takes the [`Tasks`](crate::Tasks) and the [`Task`](crate::Task) out of the
@@ -87,9 +88,15 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         // Only a flag is kept of the request: cloning an extension `Method` would allocate.
         let is_head = req.method() == Method::HEAD;
-        ResponseFuture::new(self.inner.call(req), is_head, self.config.clone())
+        let request_tasks = self.config.request_tasks.then(|| {
+            let tasks = Tasks::new();
+            req.extensions_mut().insert(tasks.clone());
+            tasks
+        });
+        let future = self.inner.call(req);
+        ResponseFuture::new(future, is_head, request_tasks, self.config.clone())
     }
 }

@@ -49,6 +49,9 @@ struct Batch {
     group: bool,
     on_failure: Option<OnFailure>,
     on_early_drop: Option<OnEarlyDrop>,
+    /// Other `Tasks` merged into this one: they run after it, in order, each under its own
+    /// mode and settings.
+    followers: Vec<Tasks>,
     /// A response has carried this `Tasks` to the layer: no other response runs it.
     claimed: bool,
     taken: bool,
@@ -172,7 +175,45 @@ impl Tasks {
         self.lock().jobs.push(job);
     }
 
-    /// How many tasks are waiting to run (0 once the layer has taken them).
+    /// Merges `other` into these tasks: `other` runs after them, under its own mode and
+    /// settings (a group stays a group), as if it were a second `Tasks` on the same
+    /// response. `other` stays a live handle: tasks added to it later, through any clone,
+    /// still run. Merges form a tree: merging a `Tasks` that these already contain (itself,
+    /// or one merged before), or one that already contains these, does nothing.
+    ///
+    /// This is how two sets of tasks meet on one response without either being dropped:
+    /// request-scoped tasks and the response's own, or two layers' worth.
+    ///
+    /// ```
+    /// use tower_background::{Task, Tasks};
+    ///
+    /// let mut first = Tasks::new();
+    /// first.push(Task::new(async { /* runs first */ }));
+    /// let mut then = Tasks::group();
+    /// then.push(Task::new(async { /* these two run together, after the first */ }));
+    /// then.push(Task::new(async {}));
+    /// first.merge(then);
+    /// assert_eq!(first.len(), 3);
+    /// ```
+    pub fn merge(&mut self, other: Tasks) {
+        // Also keeps the merged sets a tree: `len`, `claim` and friends recurse over it.
+        if !other.reaches(self) && !self.reaches(&other) {
+            self.lock().followers.push(other);
+        }
+    }
+
+    /// `true` if `target` is this `Tasks` or one merged into it, at any depth.
+    fn reaches(&self, target: &Tasks) -> bool {
+        Arc::ptr_eq(&self.shared, &target.shared)
+            || self.followers().iter().any(|follower| follower.reaches(target))
+    }
+
+    fn followers(&self) -> Vec<Tasks> {
+        self.lock().followers.clone()
+    }
+
+    /// How many tasks are waiting to run, counting those of the `Tasks` merged into this one
+    /// (0 once the layer has taken them).
     ///
     /// ```
     /// use tower_background::{Task, Tasks};
@@ -181,7 +222,8 @@ impl Tasks {
     /// assert_eq!(tasks.len(), 3);
     /// ```
     pub fn len(&self) -> usize {
-        self.lock().jobs.len()
+        let own = self.lock().jobs.len();
+        own + self.followers().iter().map(Tasks::len).sum::<usize>()
     }
 
     /// `true` if there is no task waiting to run.
@@ -192,7 +234,7 @@ impl Tasks {
     /// assert!(Tasks::new().is_empty());
     /// ```
     pub fn is_empty(&self) -> bool {
-        self.lock().jobs.is_empty()
+        self.len() == 0
     }
 
     /// `true` for a group ([`Tasks::group`], [`Tasks::as_group`]).
@@ -213,26 +255,33 @@ impl Tasks {
                 group,
                 on_failure: None,
                 on_early_drop: None,
+                followers: Vec::new(),
                 claimed: false,
                 taken: false,
             })),
         }
     }
 
-    /// Claims these tasks for one response, once: every later call, on this handle or a
-    /// clone, gets `None`. Returns how many tasks there are now (more may be added until
-    /// [`take`](Tasks::take)).
-    pub(crate) fn claim(&self) -> Option<usize> {
-        let mut batch = self.lock();
-        if batch.claimed {
-            return None;
-        }
-        batch.claimed = true;
-        Some(batch.jobs.len())
+    /// Claims these tasks, and those merged into them, for one response, once: a `Tasks`
+    /// already claimed (through any clone) is skipped. Pushes each `Tasks` claimed onto
+    /// `claimed`, in the order they run, and returns how many tasks they hold now (more may
+    /// be added until [`take`](Tasks::take)).
+    pub(crate) fn claim(&self, claimed: &mut Vec<Tasks>) -> usize {
+        let (count, followers) = {
+            let mut batch = self.lock();
+            if batch.claimed {
+                return 0;
+            }
+            batch.claimed = true;
+            (batch.jobs.len(), batch.followers.clone())
+        };
+        claimed.push(self.clone());
+        // Not under the lock: a follower may (pathologically) lead back here.
+        count + followers.iter().map(|follower| follower.claim(claimed)).sum::<usize>()
     }
 
-    /// Takes the tasks out to run them. Only the response that claimed them calls this,
-    /// once.
+    /// Takes this `Tasks`' own tasks out to run them (not those merged into it: they were
+    /// claimed on their own). Only the response that claimed them calls this, once.
     pub(crate) fn take(&self) -> TakenTasks {
         let mut batch = self.lock();
         batch.taken = true;
@@ -256,11 +305,11 @@ impl Tasks {
 }
 
 impl TakenTasks {
-    /// An empty sequence with the default settings: what a single [`Task`] found alone on a
-    /// response runs in.
-    pub(crate) fn sequence() -> Self {
+    /// A sequence of `jobs` with the default settings: what a single [`Task`] found alone on
+    /// a response runs in.
+    pub(crate) fn sequence(jobs: Vec<Job>) -> Self {
         TakenTasks {
-            jobs: Vec::new(),
+            jobs,
             group: false,
             on_failure: OnFailure::Stop,
             on_early_drop: None,
@@ -307,6 +356,7 @@ impl fmt::Debug for Tasks {
             .field("group", &batch.group)
             .field("on_failure", &batch.on_failure)
             .field("on_early_drop", &batch.on_early_drop)
+            .field("merged", &batch.followers.len())
             .field("taken", &batch.taken)
             .finish()
     }
