@@ -150,7 +150,10 @@ impl Completion {
         }
         let config = attached.config;
         let found = sets.iter().map(|set| set.jobs.len()).sum();
-        config.shared.counters.response_done(attached.expected, found);
+        config
+            .shared
+            .counters
+            .response_done(attached.expected, found);
         sets.retain(|set| !set.jobs.is_empty());
         if config.shared.cancel.is_cancelled() {
             for set in sets {
@@ -165,7 +168,9 @@ impl Completion {
                 set.on_early_drop.unwrap_or(config.on_early_drop) == OnEarlyDrop::Skip
             });
             for set in skipped {
-                runner::skip_all(set, &config, || TaskErrorKind::Skipped(SkipReason::EarlyDrop));
+                runner::skip_all(set, &config, || {
+                    TaskErrorKind::Skipped(SkipReason::EarlyDrop)
+                });
             }
             sets = run;
         }

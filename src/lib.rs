@@ -60,14 +60,20 @@
 //! # Features
 //!
 //! - `tracing` (default): task errors are logged as `tracing` events; without it, as one
-//!   line on stderr.
+//!   line on stderr. Each task runs in a span whose parent is its request's.
+//! - `axum`: `Tasks` and `Task` are axum response parts (`(tasks, StatusCode::CREATED,
+//!   body)`), and `Tasks` is an extractor of the request-scoped tasks
+//!   ([`BackgroundLayer::with_request_tasks`]).
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+#[cfg(feature = "axum")]
+mod axum;
 mod body;
 mod completion;
 mod error;
+mod ext;
 mod future;
 mod handle;
 mod layer;
@@ -81,8 +87,11 @@ mod task;
 pub mod task_fn;
 mod tasks;
 
+#[cfg(feature = "axum")]
+pub use axum::MissingRequestTasks;
 pub use body::BackgroundBody;
 pub use error::{CancelReason, SkipReason, TaskError, TaskErrorKind};
+pub use ext::WithTasks;
 pub use future::ResponseFuture;
 pub use handle::{BackgroundHandle, ShutdownReport};
 pub use layer::BackgroundLayer;

@@ -205,7 +205,10 @@ impl Tasks {
     /// `true` if `target` is this `Tasks` or one merged into it, at any depth.
     fn reaches(&self, target: &Tasks) -> bool {
         Arc::ptr_eq(&self.shared, &target.shared)
-            || self.followers().iter().any(|follower| follower.reaches(target))
+            || self
+                .followers()
+                .iter()
+                .any(|follower| follower.reaches(target))
     }
 
     fn followers(&self) -> Vec<Tasks> {
@@ -277,7 +280,11 @@ impl Tasks {
         };
         claimed.push(self.clone());
         // Not under the lock: a follower may (pathologically) lead back here.
-        count + followers.iter().map(|follower| follower.claim(claimed)).sum::<usize>()
+        count
+            + followers
+                .iter()
+                .map(|follower| follower.claim(claimed))
+                .sum::<usize>()
     }
 
     /// Takes this `Tasks`' own tasks out to run them (not those merged into it: they were

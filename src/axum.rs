@@ -1,0 +1,84 @@
+//! axum integration (feature `axum`): [`Tasks`] and [`Task`] as response parts, and
+//! [`Tasks`] as an extractor of the request-scoped tasks.
+
+use std::convert::Infallible;
+use std::fmt;
+
+use axum_core::extract::FromRequestParts;
+use axum_core::response::{IntoResponse, IntoResponseParts, Response, ResponseParts};
+use http::StatusCode;
+use http::request::Parts;
+
+use crate::ext::{attach_task, attach_tasks};
+use crate::task::Task;
+use crate::tasks::Tasks;
+
+/// Returns `Tasks` from a handler, in a tuple: `(tasks, StatusCode::CREATED, Json(body))`.
+/// Merges with tasks already on the response.
+impl IntoResponseParts for Tasks {
+    type Error = Infallible;
+
+    fn into_response_parts(self, mut res: ResponseParts) -> Result<ResponseParts, Infallible> {
+        attach_tasks(res.extensions_mut(), self);
+        Ok(res)
+    }
+}
+
+/// Returns a `Task` from a handler, in a tuple: `(task, StatusCode::ACCEPTED, "queued")`.
+/// Merges with tasks already on the response.
+impl IntoResponseParts for Task {
+    type Error = Infallible;
+
+    fn into_response_parts(self, mut res: ResponseParts) -> Result<ResponseParts, Infallible> {
+        attach_task(res.extensions_mut(), self);
+        Ok(res)
+    }
+}
+
+/// Takes the request's own `Tasks`, as FastAPI injects `BackgroundTasks`: add to it, and
+/// return any response. Needs
+/// [`BackgroundLayer::with_request_tasks`](crate::BackgroundLayer::with_request_tasks) on
+/// the route; without it, the request is answered with [`MissingRequestTasks`].
+impl<S: Send + Sync> FromRequestParts<S> for Tasks {
+    type Rejection = MissingRequestTasks;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<Tasks>()
+            .cloned()
+            .ok_or(MissingRequestTasks)
+    }
+}
+
+/// The rejection of the [`Tasks`] extractor when the route has no
+/// [`BackgroundLayer`](crate::BackgroundLayer) with
+/// [`with_request_tasks`](crate::BackgroundLayer::with_request_tasks): a server
+/// misconfiguration, answered with `500 Internal Server Error`.
+///
+/// ```
+/// use axum_core::response::IntoResponse;
+/// use tower_background::MissingRequestTasks;
+///
+/// let res = MissingRequestTasks.into_response();
+/// assert_eq!(res.status(), http::StatusCode::INTERNAL_SERVER_ERROR);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MissingRequestTasks;
+
+impl fmt::Display for MissingRequestTasks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(
+            "the `Tasks` extractor needs `BackgroundLayer::new().with_request_tasks()` on this \
+             route",
+        )
+    }
+}
+
+impl std::error::Error for MissingRequestTasks {}
+
+impl IntoResponse for MissingRequestTasks {
+    fn into_response(self) -> Response {
+        (StatusCode::INTERNAL_SERVER_ERROR, self.to_string()).into_response()
+    }
+}
