@@ -12,12 +12,11 @@ use http::{Extensions, HeaderMap, StatusCode};
 use tokio::runtime::Handle;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
-use crate::error::{CancelReason, SkipReason, TaskErrorKind};
+use crate::error::{CancelReason, TaskErrorKind};
 use crate::layer::Config;
-use crate::policy::OnEarlyDrop;
-use crate::runner;
+use crate::runner::Ledger;
 use crate::span::ParentSpan;
-use crate::task::{Job, Task};
+use crate::task::{Job, Stage, Task};
 use crate::tasks::{TakenTasks, Tasks};
 
 /// The tasks found on one response, with what is needed to run them.
@@ -140,41 +139,37 @@ impl Completion {
         let Some(attached) = self.attached.take() else {
             return;
         };
-        let mut sets: Vec<TakenTasks> = attached.tasks.iter().map(Tasks::take).collect();
-        // A `Task` beside a `Tasks` on the same response joins the end of the last set.
-        if let Some(job) = attached.single {
-            match sets.last_mut() {
-                Some(last) => last.jobs.push(job),
-                None => sets.push(TakenTasks::sequence(vec![job])),
-            }
-        }
         let config = attached.config;
-        let found = sets.iter().map(|set| set.jobs.len()).sum();
+        let mut sets = attached.tasks.iter().map(Tasks::take);
+        let mut ledger = match (sets.next(), attached.single) {
+            (Some(first), single) => {
+                let mut ledger = Ledger::new(first, config.clone(), attached.parent);
+                sets.for_each(|set| ledger.add_set(set));
+                // A `Task` beside a `Tasks` on the same response joins the end of the last
+                // set.
+                ledger.extend(single);
+                ledger
+            }
+            (None, Some(job)) => Ledger::new(
+                TakenTasks::sequence(vec![job]),
+                config.clone(),
+                attached.parent,
+            ),
+            // `take_from` never attaches nothing.
+            (None, None) => return,
+        };
         config
             .shared
             .counters
-            .response_done(attached.expected, found);
-        sets.retain(|set| !set.jobs.is_empty());
+            .response_done(attached.expected, ledger.len());
         if config.shared.cancel.is_cancelled() {
-            for set in sets {
-                runner::skip_all(set, &config, || {
-                    TaskErrorKind::Cancelled(CancelReason::Shutdown)
-                });
-            }
-            return;
-        }
-        if early {
-            let (skipped, run): (Vec<_>, Vec<_>) = sets.into_iter().partition(|set| {
-                set.on_early_drop.unwrap_or(config.on_early_drop) == OnEarlyDrop::Skip
+            ledger.settle_all(Stage::Queued, || {
+                TaskErrorKind::Cancelled(CancelReason::Shutdown)
             });
-            for set in skipped {
-                runner::skip_all(set, &config, || {
-                    TaskErrorKind::Skipped(SkipReason::EarlyDrop)
-                });
-            }
-            sets = run;
+        } else if early {
+            ledger.skip_on_early_drop();
         }
-        runner::start(attached.runtime.as_ref(), sets, config, attached.parent);
+        ledger.start(attached.runtime.as_ref());
         // `attached._token` is released here, once the run holds a token of its own.
     }
 }

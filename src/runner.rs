@@ -1,8 +1,10 @@
-//! Runs the tasks of one response: in order or as a group, under the layer's limit and
-//! timeouts, catching errors and panics, and accounting for every task exactly once.
+//! Runs the tasks of one response: set after set, each in order or as a group, under the
+//! layer's limit and timeouts, catching errors and panics, and accounting for every task
+//! exactly once.
 
 use std::any::Any;
-use std::borrow::Cow;
+use std::future::Future;
+use std::ops::Range;
 use std::panic::AssertUnwindSafe;
 use std::pin::pin;
 use std::sync::Arc;
@@ -17,107 +19,205 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::error::{CancelReason, SkipReason, TaskError, TaskErrorKind};
 use crate::layer::Config;
-use crate::policy::OnFailure;
+use crate::policy::{OnEarlyDrop, OnFailure};
 use crate::span::ParentSpan;
-use crate::stats::Stage;
-use crate::task::Work;
+use crate::task::{Job, Stage, Work};
 use crate::tasks::TakenTasks;
 
-/// Starts the sets of tasks on `runtime`, one set after the other, or reports them all as
-/// not run if there is no runtime.
-///
-/// Never panics and never blocks: this is called from `Drop`. If the runtime has shut down,
-/// tokio drops the spawned run unpolled, and its [`Ledger`]s report every task then.
-pub(crate) fn start(
-    runtime: Option<&Handle>,
-    sets: Vec<TakenTasks>,
+/// Every task of one response, set after set, and where each stands: each task is counted
+/// and reported exactly once, and every task not settled when the run is dropped (the
+/// runtime shut down) is reported then.
+pub(crate) struct Ledger {
+    /// The tasks of every set, in the order the sets run.
+    jobs: Vec<Job>,
+    /// The first set, and the others (rarely any: merged sets, request-scoped tasks).
+    first: Set,
+    more: Vec<Set>,
     config: Arc<Config>,
+    #[cfg_attr(not(feature = "tracing"), allow(dead_code))]
     parent: ParentSpan,
-) {
-    if sets.is_empty() {
-        return;
-    }
-    // The ledgers are built before the spawn, so that they report even if the run never
-    // runs.
-    let ledgers: Vec<Ledger> = sets
-        .into_iter()
-        .map(|set| Ledger::new(set, config.clone(), parent.clone()))
-        .collect();
-    match runtime {
-        Some(handle) => {
-            let tokens = (config.shared.tracker.token(), config.shared.runs.token());
-            drop(handle.spawn(async move {
-                let _tokens = tokens;
-                run(ledgers, &config).await;
-            }));
-        }
-        None => {
-            for ledger in ledgers {
-                ledger.skip_all(|| TaskErrorKind::Skipped(SkipReason::NoRuntime));
-            }
-        }
-    }
 }
 
-/// Reports every task of `set` as not run, with `kind`, without running any.
-pub(crate) fn skip_all(set: TakenTasks, config: &Arc<Config>, kind: fn() -> TaskErrorKind) {
-    Ledger::new(set, config.clone(), ParentSpan::none()).skip_all(kind);
+/// One set of tasks: `jobs[start..end]` of its ledger, with its own settings.
+struct Set {
+    end: usize,
+    group: bool,
+    on_failure: OnFailure,
+    on_early_drop: Option<OnEarlyDrop>,
 }
 
-/// Runs the sets in order, until the end or until a drain's deadline cancels them.
-async fn run(mut ledgers: Vec<Ledger>, config: &Config) {
-    let cancelled = {
-        let work = pin!(async {
-            for ledger in &mut ledgers {
-                ledger.run().await;
-            }
-        });
-        let deadline = pin!(config.shared.cancel.cancelled());
-        matches!(select(work, deadline).await, Either::Right(_))
-    };
-    if cancelled {
-        let shutdown = || TaskErrorKind::Cancelled(CancelReason::Shutdown);
-        for ledger in &mut ledgers {
-            ledger.settle_all(State::Running, shutdown);
-            ledger.settle_all(State::Queued, shutdown);
+impl Set {
+    fn of(tasks: &TakenTasks, end: usize) -> Self {
+        Set {
+            end,
+            group: tasks.group,
+            on_failure: tasks.on_failure,
+            on_early_drop: tasks.on_early_drop,
         }
     }
-}
-
-/// One step of a group: a task got its slot under the limit, or finished.
-enum Step {
-    Admitted(Option<OwnedSemaphorePermit>),
-    Finished(Result<(), TaskErrorKind>),
 }
 
 impl Ledger {
-    async fn run(&mut self) {
-        if self.group {
-            self.run_group().await;
-        } else {
-            self.run_in_order().await;
+    /// A ledger whose first set is `first`: its list of jobs becomes the ledger's.
+    pub(crate) fn new(first: TakenTasks, config: Arc<Config>, parent: ParentSpan) -> Self {
+        let set = Set::of(&first, first.jobs.len());
+        Ledger {
+            jobs: first.jobs,
+            first: set,
+            more: Vec::new(),
+            config,
+            parent,
         }
     }
 
-    async fn run_in_order(&mut self) {
-        for position in 0..self.entries.len() {
+    /// Adds a set, to run after the others.
+    pub(crate) fn add_set(&mut self, tasks: TakenTasks) {
+        let set = Set::of(&tasks, self.jobs.len() + tasks.jobs.len());
+        self.jobs.extend(tasks.jobs);
+        self.more.push(set);
+    }
+
+    /// Adds a task, if any, to the end of the last set.
+    pub(crate) fn extend(&mut self, job: Option<Job>) {
+        let Some(job) = job else { return };
+        self.jobs.push(job);
+        match self.more.last_mut() {
+            Some(last) => last.end += 1,
+            None => self.first.end += 1,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// Set number `index`: its range of jobs, and its settings.
+    fn set(&self, index: usize) -> Option<(Range<usize>, &Set)> {
+        let set = match index {
+            0 => &self.first,
+            _ => self.more.get(index - 1)?,
+        };
+        let start = match index {
+            0 => 0,
+            1 => self.first.end,
+            _ => self.more[index - 2].end,
+        };
+        Some((start..set.end, set))
+    }
+
+    /// Reports the tasks of every set whose early-drop setting (or else the layer's) is
+    /// `Skip` as skipped.
+    pub(crate) fn skip_on_early_drop(&mut self) {
+        let layer = self.config.on_early_drop;
+        for index in 0..=self.more.len() {
+            let Some((range, set)) = self.set(index) else {
+                break;
+            };
+            if set.on_early_drop.unwrap_or(layer) == OnEarlyDrop::Skip {
+                for position in range {
+                    self.record(position, Err(TaskErrorKind::Skipped(SkipReason::EarlyDrop)));
+                }
+            }
+        }
+    }
+
+    /// Settles every task still in `stage` with the outcome `kind` makes.
+    pub(crate) fn settle_all(&mut self, stage: Stage, kind: impl Fn() -> TaskErrorKind) {
+        for position in 0..self.jobs.len() {
+            if self.jobs[position].stage == stage {
+                self.record(position, Err(kind()));
+            }
+        }
+    }
+
+    /// Starts the tasks on `runtime`, or reports them all as not run if there is none.
+    ///
+    /// Never panics and never blocks: this is called from `Drop`. If the runtime has shut
+    /// down, tokio drops the spawned run unpolled, and the ledger reports every task then.
+    pub(crate) fn start(self, runtime: Option<&Handle>) {
+        if self.jobs.iter().all(|job| job.stage == Stage::Settled) {
+            return;
+        }
+        match runtime {
+            Some(handle) => {
+                let shared = &self.config.shared;
+                let tokens = (shared.tracker.token(), shared.runs.token());
+                drop(handle.spawn(self.run_until_cancelled(tokens)));
+            }
+            None => {
+                let mut ledger = self;
+                ledger.settle_all(Stage::Queued, || {
+                    TaskErrorKind::Skipped(SkipReason::NoRuntime)
+                });
+            }
+        }
+    }
+
+    /// Runs the sets in order, until the end or until a drain's deadline cancels them.
+    /// `tokens` keep a drain waiting until then.
+    ///
+    // Not an `async fn`: one would store the ledger twice (as its argument and in the
+    // borrowed `run` future), 128 bytes more in every run's spawned task (measured by
+    // `tests/allocations.rs`).
+    #[allow(clippy::manual_async_fn)]
+    fn run_until_cancelled(
+        mut self,
+        tokens: (TaskTrackerToken, TaskTrackerToken),
+    ) -> impl Future<Output = ()> + Send {
+        async move {
+            let _tokens = &tokens;
+            let cancel = self.config.shared.cancel.clone();
+            let cancelled = {
+                let work = pin!(self.run());
+                let deadline = pin!(cancel.cancelled());
+                matches!(select(work, deadline).await, Either::Right(_))
+            };
+            if cancelled {
+                let shutdown = || TaskErrorKind::Cancelled(CancelReason::Shutdown);
+                self.settle_all(Stage::Running, shutdown);
+                self.settle_all(Stage::Queued, shutdown);
+            }
+        }
+    }
+
+    async fn run(&mut self) {
+        for index in 0..=self.more.len() {
+            let Some((range, set)) = self.set(index) else {
+                break;
+            };
+            let (group, on_failure) = (set.group, set.on_failure);
+            if group {
+                // Boxed: a group's state is large, and most runs have none.
+                Box::pin(self.run_group(range, on_failure)).await;
+            } else {
+                self.run_in_order(range, on_failure).await;
+            }
+        }
+    }
+
+    async fn run_in_order(&mut self, range: Range<usize>, on_failure: OnFailure) {
+        for position in range.clone() {
             let permit = admit(self.config.limit.clone()).await;
-            let Some(started) = self.start(position) else {
+            let Some(started) = self.start_task(position) else {
                 continue;
             };
-            let ok = self.settle(position, execute(started, permit).await);
-            if !ok && self.on_failure == OnFailure::Stop {
-                self.settle_all(State::Queued, || {
-                    TaskErrorKind::Skipped(SkipReason::EarlierFailure)
-                });
+            let token = self.config.shared.tracker.token();
+            let ok = self.settle(position, execute(started, permit, token).await);
+            if !ok && on_failure == OnFailure::Stop {
+                for rest in position + 1..range.end {
+                    if self.jobs[rest].stage == Stage::Queued {
+                        let skipped = TaskErrorKind::Skipped(SkipReason::EarlierFailure);
+                        self.record(rest, Err(skipped));
+                    }
+                }
                 return;
             }
         }
     }
 
-    async fn run_group(&mut self) {
+    async fn run_group(&mut self, range: Range<usize>, on_failure: OnFailure) {
         let mut steps = FuturesUnordered::new();
-        for position in 0..self.entries.len() {
+        for position in range.clone() {
             let limit = self.config.limit.clone();
             steps.push(Either::Left(async move {
                 (position, Step::Admitted(admit(limit).await))
@@ -126,168 +226,45 @@ impl Ledger {
         while let Some((position, step)) = steps.next().await {
             match step {
                 Step::Admitted(permit) => {
-                    if let Some(started) = self.start(position) {
+                    if let Some(started) = self.start_task(position) {
+                        let token = self.config.shared.tracker.token();
                         steps.push(Either::Right(async move {
-                            (position, Step::Finished(execute(started, permit).await))
+                            let outcome = execute(started, permit, token).await;
+                            (position, Step::Finished(outcome))
                         }));
                     }
                 }
                 Step::Finished(outcome) => {
-                    if !self.settle(position, outcome) && self.on_failure == OnFailure::Stop {
+                    if !self.settle(position, outcome) && on_failure == OnFailure::Stop {
                         drop(steps);
-                        let stopped = || TaskErrorKind::Cancelled(CancelReason::GroupStopped);
-                        self.settle_all(State::Running, stopped);
-                        self.settle_all(State::Queued, || {
-                            TaskErrorKind::Skipped(SkipReason::EarlierFailure)
-                        });
+                        for rest in range {
+                            let kind = match self.jobs[rest].stage {
+                                Stage::Running => {
+                                    TaskErrorKind::Cancelled(CancelReason::GroupStopped)
+                                }
+                                Stage::Queued => TaskErrorKind::Skipped(SkipReason::EarlierFailure),
+                                Stage::Settled => continue,
+                            };
+                            self.record(rest, Err(kind));
+                        }
                         return;
                     }
                 }
             }
         }
     }
-}
-
-/// Waits for a slot under the layer's limit, if it has one. Tokio's semaphore is fair, so
-/// tasks get their slots in the order they asked.
-async fn admit(limit: Option<Arc<Semaphore>>) -> Option<OwnedSemaphorePermit> {
-    limit?.acquire_owned().await.ok()
-}
-
-/// A task that has just started: what `execute` needs to run it.
-struct Started {
-    work: Work,
-    timeout: Option<Duration>,
-    /// Keeps a drain waiting for a blocking task's thread, which outlives a timeout.
-    token: TaskTrackerToken,
-    #[cfg(feature = "tracing")]
-    span: tracing::Span,
-}
-
-/// Runs one task to its end, or to its timeout: `Ok`, or what went wrong. `permit` is
-/// released when the work is done (for a blocking task, when its thread is done).
-async fn execute(
-    started: Started,
-    permit: Option<OwnedSemaphorePermit>,
-) -> Result<(), TaskErrorKind> {
-    let Started {
-        work,
-        timeout,
-        token,
-        #[cfg(feature = "tracing")]
-        span,
-    } = started;
-    #[cfg(feature = "tracing")]
-    let thread_span = span.clone();
-    let run = async move {
-        match work {
-            Work::Async(future) => {
-                let _permit = permit;
-                match AssertUnwindSafe(future).catch_unwind().await {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(error)) => Err(TaskErrorKind::Failed(error)),
-                    Err(panic) => Err(TaskErrorKind::Panicked(panic_message(&*panic))),
-                }
-            }
-            Work::Blocking(f) => {
-                let thread = move || {
-                    let (_permit, _token) = (permit, token);
-                    #[cfg(feature = "tracing")]
-                    let _entered = thread_span.enter();
-                    f()
-                };
-                match tokio::task::spawn_blocking(thread).await {
-                    Ok(Ok(())) => Ok(()),
-                    Ok(Err(error)) => Err(TaskErrorKind::Failed(error)),
-                    Err(join) if join.is_panic() => {
-                        Err(TaskErrorKind::Panicked(panic_message(&*join.into_panic())))
-                    }
-                    Err(_) => Err(TaskErrorKind::Cancelled(CancelReason::RuntimeShutdown)),
-                }
-            }
-        }
-    };
-    #[cfg(feature = "tracing")]
-    let run = tracing::Instrument::instrument(run, span);
-    match timeout {
-        Some(limit) => tokio::time::timeout(limit, run)
-            .await
-            .unwrap_or(Err(TaskErrorKind::TimedOut(limit))),
-        None => run.await,
-    }
-}
-
-fn panic_message(panic: &(dyn Any + Send)) -> String {
-    if let Some(s) = panic.downcast_ref::<&'static str>() {
-        (*s).to_owned()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "a panic with a non-string payload".to_owned()
-    }
-}
-
-/// Keeps track of where each task of one run stands, so that each is counted and reported
-/// exactly once, and every task not settled when the run is dropped (the runtime shut
-/// down) is reported then.
-struct Ledger {
-    entries: Vec<Entry>,
-    group: bool,
-    on_failure: OnFailure,
-    config: Arc<Config>,
-    #[cfg_attr(not(feature = "tracing"), allow(dead_code))]
-    parent: ParentSpan,
-}
-
-struct Entry {
-    name: Cow<'static, str>,
-    state: State,
-    timeout: Option<Duration>,
-    /// The work, until the task starts.
-    work: Option<Work>,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum State {
-    Queued,
-    Running,
-    Settled,
-}
-
-impl Ledger {
-    fn new(tasks: TakenTasks, config: Arc<Config>, parent: ParentSpan) -> Self {
-        let default_timeout = config.task_timeout;
-        let entries = tasks
-            .jobs
-            .into_iter()
-            .map(|job| Entry {
-                name: job.name,
-                state: State::Queued,
-                timeout: job.timeout.or(default_timeout),
-                work: Some(job.work),
-            })
-            .collect();
-        Ledger {
-            entries,
-            group: tasks.group,
-            on_failure: tasks.on_failure,
-            config,
-            parent,
-        }
-    }
 
     /// Marks a task as running and hands out what it needs to run.
-    fn start(&mut self, position: usize) -> Option<Started> {
-        let entry = &mut self.entries[position];
-        let work = entry.work.take()?;
-        entry.state = State::Running;
+    fn start_task(&mut self, position: usize) -> Option<Started> {
+        let job = &mut self.jobs[position];
+        let work = job.work.take()?;
+        job.stage = Stage::Running;
         self.config.shared.counters.started();
         Some(Started {
             work,
-            timeout: entry.timeout,
-            token: self.config.shared.tracker.token(),
+            timeout: job.timeout.or(self.config.task_timeout),
             #[cfg(feature = "tracing")]
-            span: self.parent.task_span(&entry.name, position),
+            span: self.parent.task_span(&job.name, position),
         })
     }
 
@@ -299,35 +276,18 @@ impl Ledger {
         ok
     }
 
-    /// Settles every task still in `state` with the outcome `kind` makes.
-    fn settle_all(&mut self, state: State, kind: impl Fn() -> TaskErrorKind) {
-        for position in 0..self.entries.len() {
-            if self.entries[position].state == state {
-                self.record(position, Err(kind()));
-            }
-        }
-    }
-
-    fn skip_all(mut self, kind: fn() -> TaskErrorKind) {
-        self.settle_all(State::Queued, kind);
-    }
-
     fn record(&mut self, position: usize, outcome: Result<(), TaskErrorKind>) {
-        let entry = &mut self.entries[position];
-        let stage = match entry.state {
-            State::Queued => Stage::Queued,
-            State::Running => Stage::Running,
-            State::Settled => return,
-        };
-        entry.state = State::Settled;
+        let job = &mut self.jobs[position];
+        let stage = std::mem::replace(&mut job.stage, Stage::Settled);
+        if stage == Stage::Settled {
+            return;
+        }
         // A task that never started still holds its work: drop it now, before reporting.
-        entry.work = None;
-        self.config
-            .shared
-            .counters
-            .settled(stage, outcome.as_ref().map(|_| ()));
+        job.work = None;
+        let counters = &self.config.shared.counters;
+        counters.settled(stage, outcome.as_ref().map(|_| ()));
         if let Err(kind) = outcome {
-            let error = TaskError::new(position, entry.name.clone(), kind);
+            let error = TaskError::new(position, job.name.clone(), kind);
             self.config.reporter.report(error);
         }
     }
@@ -338,11 +298,107 @@ impl Drop for Ledger {
         // Only reached with tasks unsettled if the run was dropped before its end: tokio
         // drops the futures of a runtime that shuts down (or has shut down before the run
         // could start).
-        self.settle_all(State::Running, || {
+        self.settle_all(Stage::Running, || {
             TaskErrorKind::Cancelled(CancelReason::RuntimeShutdown)
         });
-        self.settle_all(State::Queued, || {
+        self.settle_all(Stage::Queued, || {
             TaskErrorKind::Skipped(SkipReason::NoRuntime)
         });
+    }
+}
+
+/// Waits for a slot under the layer's limit, if it has one. Tokio's semaphore is fair, so
+/// tasks get their slots in the order they asked.
+async fn admit(limit: Option<Arc<Semaphore>>) -> Option<OwnedSemaphorePermit> {
+    // Boxed: the wait's state is large, and most layers have no limit.
+    Box::pin(limit?.acquire_owned()).await.ok()
+}
+
+/// One step of a group: a task got its slot under the limit, or finished.
+enum Step {
+    Admitted(Option<OwnedSemaphorePermit>),
+    Finished(Result<(), TaskErrorKind>),
+}
+
+/// A task that has just started: what `execute` needs to run it.
+struct Started {
+    work: Work,
+    timeout: Option<Duration>,
+    #[cfg(feature = "tracing")]
+    span: tracing::Span,
+}
+
+/// Runs one task to its end, or to its timeout, in its span: `Ok`, or what went wrong.
+/// `permit` is released when the work is done (for a blocking task, when its thread is
+/// done); `token` keeps a drain waiting for a blocking task's thread, which outlives a
+/// timeout.
+///
+/// Kept small on purpose (a plain `fn` building the future, not an `async fn`, which would
+/// store its arguments beside the future made of them): it lives inside every run's
+/// spawned task.
+fn execute(
+    started: Started,
+    permit: Option<OwnedSemaphorePermit>,
+    token: TaskTrackerToken,
+) -> impl Future<Output = Result<(), TaskErrorKind>> {
+    let work = run_work(started.work, permit, token);
+    #[cfg(feature = "tracing")]
+    let work = tracing::Instrument::instrument(work, started.span);
+    match started.timeout {
+        // Boxed: a timer's state is large, and most tasks have no timeout.
+        Some(limit) => Either::Left(
+            Box::pin(tokio::time::timeout(limit, work))
+                .map(move |outcome| outcome.unwrap_or(Err(TaskErrorKind::TimedOut(limit)))),
+        ),
+        None => Either::Right(work),
+    }
+}
+
+async fn run_work(
+    work: Work,
+    permit: Option<OwnedSemaphorePermit>,
+    token: TaskTrackerToken,
+) -> Result<(), TaskErrorKind> {
+    match work {
+        Work::Async(future) => {
+            drop(token);
+            let outcome = AssertUnwindSafe(future).catch_unwind().await;
+            drop(permit);
+            match outcome {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(error)) => Err(TaskErrorKind::Failed(error)),
+                Err(panic) => Err(TaskErrorKind::Panicked(panic_message(&*panic))),
+            }
+        }
+        Work::Blocking(f) => {
+            // The task's span is current here (`execute` instruments this future): carry
+            // it to the thread.
+            #[cfg(feature = "tracing")]
+            let span = tracing::Span::current();
+            let thread = move || {
+                let (_permit, _token) = (permit, token);
+                #[cfg(feature = "tracing")]
+                let _entered = span.enter();
+                f()
+            };
+            match tokio::task::spawn_blocking(thread).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(error)) => Err(TaskErrorKind::Failed(error)),
+                Err(join) if join.is_panic() => {
+                    Err(TaskErrorKind::Panicked(panic_message(&*join.into_panic())))
+                }
+                Err(_) => Err(TaskErrorKind::Cancelled(CancelReason::RuntimeShutdown)),
+            }
+        }
+    }
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&'static str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic with a non-string payload".to_owned()
     }
 }

@@ -18,14 +18,6 @@ impl ParentSpan {
         }
     }
 
-    /// No span: for tasks that will not run.
-    pub(crate) fn none() -> Self {
-        ParentSpan {
-            #[cfg(feature = "tracing")]
-            span: tracing::Span::none(),
-        }
-    }
-
     /// The span a task runs in: `background_task`, with the task's name and position.
     #[cfg(feature = "tracing")]
     pub(crate) fn task_span(&self, name: &str, position: usize) -> tracing::Span {

@@ -4,6 +4,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::error::{CancelReason, SkipReason, TaskErrorKind};
+use crate::task::Stage;
 
 /// A snapshot of the counters of one [`BackgroundLayer`](crate::BackgroundLayer), from
 /// [`BackgroundHandle::stats`](crate::BackgroundHandle::stats).
@@ -113,13 +114,6 @@ pub(crate) struct Counters {
     cancelled: AtomicU64,
 }
 
-/// Where a task not yet settled stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Stage {
-    Queued,
-    Running,
-}
-
 impl Counters {
     /// `n` tasks found on a response that has not completed.
     pub(crate) fn attach(&self, n: usize) {
@@ -147,6 +141,7 @@ impl Counters {
         match stage {
             Stage::Queued => self.queued.fetch_sub(1, Relaxed),
             Stage::Running => self.running.fetch_sub(1, Relaxed),
+            Stage::Settled => return,
         };
         let counter = match outcome {
             Ok(()) => &self.succeeded,

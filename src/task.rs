@@ -66,7 +66,21 @@ pub(crate) enum Work {
 pub struct Job {
     pub(crate) name: Cow<'static, str>,
     pub(crate) timeout: Option<Duration>,
-    pub(crate) work: Work,
+    /// The work, until the task starts.
+    pub(crate) work: Option<Work>,
+    /// Where the task stands once a run holds it. Kept here rather than beside, so that a
+    /// run reuses the `Tasks`' own list of jobs and allocates none of its own.
+    pub(crate) stage: Stage,
+}
+
+/// Where a task stands in its run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stage {
+    /// Waiting: for its response, its turn, or a slot under the limit.
+    Queued,
+    Running,
+    /// Ran, or was reported as not having run to its end.
+    Settled,
 }
 
 impl Job {
@@ -78,7 +92,10 @@ impl Job {
         Job {
             name: Cow::Borrowed("async task"),
             timeout: None,
-            work: Work::Async(Box::pin(async move { future.await.into_result() })),
+            work: Some(Work::Async(Box::pin(
+                async move { future.await.into_result() },
+            ))),
+            stage: Stage::Queued,
         }
     }
 
@@ -90,7 +107,8 @@ impl Job {
         Job {
             name: Cow::Borrowed("blocking task"),
             timeout: None,
-            work: Work::Blocking(Box::new(move || f().into_result())),
+            work: Some(Work::Blocking(Box::new(move || f().into_result()))),
+            stage: Stage::Queued,
         }
     }
 
@@ -100,7 +118,7 @@ impl Job {
     }
 
     pub(crate) fn is_blocking(&self) -> bool {
-        matches!(self.work, Work::Blocking(_))
+        matches!(self.work, Some(Work::Blocking(_)))
     }
 }
 

@@ -149,7 +149,7 @@ impl Tasks {
     /// ```
     pub fn push(&mut self, task: Task) {
         if let Some(job) = task.take() {
-            self.lock().jobs.push(job);
+            self.lock().push_job(job);
         }
     }
 
@@ -172,7 +172,7 @@ impl Tasks {
         F: TaskFn<Args, Kind>,
     {
         let job = f.into_job(args);
-        self.lock().jobs.push(job);
+        self.lock().push_job(job);
     }
 
     /// Merges `other` into these tasks: `other` runs after them, under its own mode and
@@ -366,6 +366,16 @@ impl fmt::Debug for Tasks {
             .field("merged", &batch.followers.len())
             .field("taken", &batch.taken)
             .finish()
+    }
+}
+
+impl Batch {
+    fn push_job(&mut self, job: Job) {
+        // Most responses carry one task: don't let the first push reserve room for four.
+        if self.jobs.capacity() == 0 {
+            self.jobs.reserve_exact(1);
+        }
+        self.jobs.push(job);
     }
 }
 
