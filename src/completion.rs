@@ -87,6 +87,9 @@ pub(crate) struct ResponseShape<'a> {
 
 /// Fires the attached tasks exactly once: on completion, or when dropped.
 pub(crate) struct Completion {
+    /// Not boxed, though large (about 200 bytes): boxing it saved 7 ns per request and 4%
+    /// per task in `benches/overhead.rs` (smaller moves of the body), but cost an
+    /// allocation of 176 bytes per response with tasks (`tests/allocations.rs`).
     attached: Option<Attached>,
     /// Bytes still to be sent before the body reaches its `Content-Length`, if it has one.
     remaining: Option<u64>,

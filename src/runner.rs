@@ -201,8 +201,7 @@ impl Ledger {
             let Some(started) = self.start_task(position) else {
                 continue;
             };
-            let token = self.config.shared.tracker.token();
-            let ok = self.settle(position, execute(started, permit, token).await);
+            let ok = self.settle(position, execute(started, permit).await);
             if !ok && on_failure == OnFailure::Stop {
                 for rest in position + 1..range.end {
                     if self.jobs[rest].stage == Stage::Queued {
@@ -227,9 +226,8 @@ impl Ledger {
             match step {
                 Step::Admitted(permit) => {
                     if let Some(started) = self.start_task(position) {
-                        let token = self.config.shared.tracker.token();
                         steps.push(Either::Right(async move {
-                            let outcome = execute(started, permit, token).await;
+                            let outcome = execute(started, permit).await;
                             (position, Step::Finished(outcome))
                         }));
                     }
@@ -260,9 +258,11 @@ impl Ledger {
         let work = job.work.take()?;
         job.stage = Stage::Running;
         self.config.shared.counters.started();
+        let blocking = matches!(work, Work::Blocking(_));
         Some(Started {
             work,
             timeout: job.timeout.or(self.config.task_timeout),
+            token: blocking.then(|| self.config.shared.tracker.token()),
             #[cfg(feature = "tracing")]
             span: self.parent.task_span(&job.name, position),
         })
@@ -324,14 +324,15 @@ enum Step {
 struct Started {
     work: Work,
     timeout: Option<Duration>,
+    /// For a blocking task: keeps a drain waiting for its thread, which outlives a timeout.
+    token: Option<TaskTrackerToken>,
     #[cfg(feature = "tracing")]
     span: tracing::Span,
 }
 
 /// Runs one task to its end, or to its timeout, in its span: `Ok`, or what went wrong.
 /// `permit` is released when the work is done (for a blocking task, when its thread is
-/// done); `token` keeps a drain waiting for a blocking task's thread, which outlives a
-/// timeout.
+/// done).
 ///
 /// Kept small on purpose (a plain `fn` building the future, not an `async fn`, which would
 /// store its arguments beside the future made of them): it lives inside every run's
@@ -339,9 +340,8 @@ struct Started {
 fn execute(
     started: Started,
     permit: Option<OwnedSemaphorePermit>,
-    token: TaskTrackerToken,
 ) -> impl Future<Output = Result<(), TaskErrorKind>> {
-    let work = run_work(started.work, permit, token);
+    let work = run_work(started.work, permit, started.token);
     #[cfg(feature = "tracing")]
     let work = tracing::Instrument::instrument(work, started.span);
     match started.timeout {
@@ -357,11 +357,10 @@ fn execute(
 async fn run_work(
     work: Work,
     permit: Option<OwnedSemaphorePermit>,
-    token: TaskTrackerToken,
+    token: Option<TaskTrackerToken>,
 ) -> Result<(), TaskErrorKind> {
     match work {
         Work::Async(future) => {
-            drop(token);
             let outcome = AssertUnwindSafe(future).catch_unwind().await;
             drop(permit);
             match outcome {

@@ -280,3 +280,41 @@ where
     });
     addr
 }
+
+/// The drain waits on a notification, not in a polling loop: it returns right after the
+/// last task ends. The bound here is generous on purpose (a shared, noisy machine); the
+/// precise figure comes from `benches/overhead.rs` ("drain wake-up after the last task").
+#[tokio::test]
+async fn drain_returns_soon_after_the_last_task_ends() {
+    let layer = BackgroundLayer::new();
+    let background = layer.handle();
+    let finished = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let addr = {
+        let (finished, release) = (finished.clone(), release.clone());
+        serve(layer, move |_req| {
+            let (finished, release) = (finished.clone(), release.clone());
+            let mut res = Response::new(full("ok"));
+            res.extensions_mut().insert(Task::new(async move {
+                release.notified().await;
+                *finished.lock().unwrap() = Some(std::time::Instant::now());
+            }));
+            async move { res }
+        })
+        .await
+    };
+    get(Proto::Http1, addr, "/").await;
+    let drain = tokio::spawn(async move {
+        background.shutdown(PATIENCE).await;
+        std::time::Instant::now()
+    });
+    tokio::time::sleep(QUIET).await;
+    release.notify_one();
+    let returned = within(drain).await.unwrap();
+    let last = finished.lock().unwrap().expect("the task ran");
+    let delay = returned - last;
+    assert!(
+        delay < Duration::from_millis(200),
+        "the drain returned {delay:?} after the last task"
+    );
+}
