@@ -35,7 +35,7 @@ pub(crate) struct Attached {
     config: Arc<Config>,
     parent: ParentSpan,
     /// Keeps a drain waiting for this response.
-    _token: TaskTrackerToken,
+    token: TaskTrackerToken,
 }
 
 impl Attached {
@@ -71,7 +71,7 @@ impl Attached {
             runtime: Handle::try_current().ok(),
             config: config.clone(),
             parent: ParentSpan::current(),
-            _token: config.shared.tracker.token(),
+            token: config.shared.tracker.token(),
         })
     }
 }
@@ -172,8 +172,7 @@ impl Completion {
         } else if early {
             ledger.skip_on_early_drop();
         }
-        ledger.start(attached.runtime.as_ref());
-        // `attached._token` is released here, once the run holds a token of its own.
+        ledger.start(attached.runtime.as_ref(), attached.token);
     }
 }
 

@@ -134,17 +134,21 @@ impl Ledger {
     ///
     /// Never panics and never blocks: this is called from `Drop`. If the runtime has shut
     /// down, tokio drops the spawned run unpolled, and the ledger reports every task then.
-    pub(crate) fn start(self, runtime: Option<&Handle>) {
+    ///
+    /// `token` is the response's token of the drain's tracker: the run carries it on, so
+    /// that the drain never sees a gap between the response and its tasks.
+    pub(crate) fn start(self, runtime: Option<&Handle>, token: TaskTrackerToken) {
         if self.jobs.iter().all(|job| job.stage == Stage::Settled) {
             return;
         }
         match runtime {
             Some(handle) => {
                 let shared = &self.config.shared;
-                let tokens = (shared.tracker.token(), shared.runs.token());
+                let tokens = (token, shared.runs.token());
                 drop(handle.spawn(self.run_until_cancelled(tokens)));
             }
             None => {
+                drop(token);
                 let mut ledger = self;
                 ledger.settle_all(Stage::Queued, || {
                     TaskErrorKind::Skipped(SkipReason::NoRuntime)
@@ -166,10 +170,12 @@ impl Ledger {
     ) -> impl Future<Output = ()> + Send {
         async move {
             let _tokens = &tokens;
-            let cancel = self.config.shared.cancel.clone();
+            // An `Arc` of the settings, not a clone of the token: cloning a
+            // `CancellationToken` takes a lock.
+            let config = self.config.clone();
             let cancelled = {
                 let work = pin!(self.run());
-                let deadline = pin!(cancel.cancelled());
+                let deadline = pin!(config.shared.cancel.cancelled());
                 matches!(select(work, deadline).await, Either::Right(_))
             };
             if cancelled {

@@ -99,50 +99,48 @@ impl fmt::Display for Stats {
     }
 }
 
-/// The live counters behind [`Stats`].
+/// The live counters behind [`Stats`]. All of them only ever grow, so that each step of a
+/// task costs one atomic add; the stages (waiting, queued, running) are differences,
+/// worked out when read.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     attached: AtomicU64,
-    waiting: AtomicU64,
-    queued: AtomicU64,
-    running: AtomicU64,
+    /// Tasks whose response completed (or was dropped): handed to a run.
+    handed_over: AtomicU64,
+    started: AtomicU64,
     succeeded: AtomicU64,
     failed: AtomicU64,
     panicked: AtomicU64,
     timed_out: AtomicU64,
     skipped: AtomicU64,
     cancelled: AtomicU64,
+    /// Tasks settled without ever starting.
+    settled_unstarted: AtomicU64,
+    /// Tasks skipped or cancelled while running.
+    stopped_running: AtomicU64,
 }
 
 impl Counters {
     /// `n` tasks found on a response that has not completed.
     pub(crate) fn attach(&self, n: usize) {
         self.attached.fetch_add(n as u64, Relaxed);
-        self.waiting.fetch_add(n as u64, Relaxed);
     }
 
     /// A response completed or was dropped: the `expected` tasks counted at attach time
     /// turned out to be `found` (a `Tasks` may have gained tasks since).
     pub(crate) fn response_done(&self, expected: usize, found: usize) {
-        self.waiting.fetch_sub(expected as u64, Relaxed);
         if let Some(late) = found.checked_sub(expected).filter(|&late| late > 0) {
             self.attached.fetch_add(late as u64, Relaxed);
         }
-        self.queued.fetch_add(found as u64, Relaxed);
+        self.handed_over.fetch_add(found as u64, Relaxed);
     }
 
     pub(crate) fn started(&self) {
-        self.queued.fetch_sub(1, Relaxed);
-        self.running.fetch_add(1, Relaxed);
+        self.started.fetch_add(1, Relaxed);
     }
 
     /// A task left `stage` with `outcome`.
     pub(crate) fn settled(&self, stage: Stage, outcome: Result<(), &TaskErrorKind>) {
-        match stage {
-            Stage::Queued => self.queued.fetch_sub(1, Relaxed),
-            Stage::Running => self.running.fetch_sub(1, Relaxed),
-            Stage::Settled => return,
-        };
         let counter = match outcome {
             Ok(()) => &self.succeeded,
             Err(TaskErrorKind::Failed(_)) => &self.failed,
@@ -156,20 +154,47 @@ impl Counters {
             )) => &self.cancelled,
         };
         counter.fetch_add(1, Relaxed);
+        let stopped = matches!(
+            outcome,
+            Err(TaskErrorKind::Skipped(_) | TaskErrorKind::Cancelled(_))
+        );
+        match stage {
+            Stage::Queued => {
+                self.settled_unstarted.fetch_add(1, Relaxed);
+            }
+            Stage::Running if stopped => {
+                self.stopped_running.fetch_add(1, Relaxed);
+            }
+            Stage::Running | Stage::Settled => {}
+        }
     }
 
     pub(crate) fn snapshot(&self) -> Stats {
+        // Later stages first, so that a task moving on while we read is not counted in two
+        // places; the differences saturate rather than wrap if it is counted in none.
+        let succeeded = self.succeeded.load(Relaxed);
+        let failed = self.failed.load(Relaxed);
+        let panicked = self.panicked.load(Relaxed);
+        let timed_out = self.timed_out.load(Relaxed);
+        let skipped = self.skipped.load(Relaxed);
+        let cancelled = self.cancelled.load(Relaxed);
+        let stopped_running = self.stopped_running.load(Relaxed);
+        let settled_unstarted = self.settled_unstarted.load(Relaxed);
+        let started = self.started.load(Relaxed);
+        let handed_over = self.handed_over.load(Relaxed);
+        let attached = self.attached.load(Relaxed);
+        let ended_running = succeeded + failed + panicked + timed_out + stopped_running;
         Stats {
-            attached: self.attached.load(Relaxed),
-            waiting: self.waiting.load(Relaxed),
-            queued: self.queued.load(Relaxed),
-            running: self.running.load(Relaxed),
-            succeeded: self.succeeded.load(Relaxed),
-            failed: self.failed.load(Relaxed),
-            panicked: self.panicked.load(Relaxed),
-            timed_out: self.timed_out.load(Relaxed),
-            skipped: self.skipped.load(Relaxed),
-            cancelled: self.cancelled.load(Relaxed),
+            attached,
+            waiting: attached.saturating_sub(handed_over),
+            queued: handed_over.saturating_sub(started + settled_unstarted),
+            running: started.saturating_sub(ended_running),
+            succeeded,
+            failed,
+            panicked,
+            timed_out,
+            skipped,
+            cancelled,
         }
     }
 }
