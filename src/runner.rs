@@ -6,8 +6,9 @@ use std::any::Any;
 use std::future::Future;
 use std::ops::Range;
 use std::panic::AssertUnwindSafe;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -21,7 +22,7 @@ use crate::error::{CancelReason, SkipReason, TaskError, TaskErrorKind};
 use crate::layer::Config;
 use crate::policy::{OnEarlyDrop, OnFailure};
 use crate::span::ParentSpan;
-use crate::task::{Job, Stage, Work};
+use crate::task::{Job, Stage, TaskResult, Work, discard};
 use crate::tasks::TakenTasks;
 
 /// Every task of one response, set after set, and where each stands: each task is counted
@@ -289,7 +290,7 @@ impl Ledger {
             return;
         }
         // A task that never started still holds its work: drop it now, before reporting.
-        job.work = None;
+        job.discard_work();
         let counters = &self.config.shared.counters;
         counters.settled(stage, outcome.as_ref().map(|_| ()));
         if let Err(kind) = outcome {
@@ -367,7 +368,7 @@ async fn run_work(
 ) -> Result<(), TaskErrorKind> {
     match work {
         Work::Async(future) => {
-            let outcome = AssertUnwindSafe(future).catch_unwind().await;
+            let outcome = AssertUnwindSafe(Guarded(Some(future))).catch_unwind().await;
             drop(permit);
             match outcome {
                 Ok(Ok(())) => Ok(()),
@@ -394,6 +395,32 @@ async fn run_work(
                 }
                 Err(_) => Err(TaskErrorKind::Cancelled(CancelReason::RuntimeShutdown)),
             }
+        }
+    }
+}
+
+/// A task's future, dropped under `catch_unwind` when it is dropped unfinished (a timeout,
+/// a drain's deadline, a stopped group, a runtime shutting down): those drops happen in
+/// the runner, outside the task's own `catch_unwind`, and a panic there must not unwind
+/// through it.
+struct Guarded(Option<Pin<Box<dyn Future<Output = TaskResult> + Send>>>);
+
+impl Future for Guarded {
+    type Output = TaskResult;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<TaskResult> {
+        let future = self.0.as_mut().expect("polled after its end");
+        let outcome = ready!(future.as_mut().poll(cx));
+        // Finished: dropped here, inside the caller's `catch_unwind`.
+        self.0 = None;
+        Poll::Ready(outcome)
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        if let Some(future) = self.0.take() {
+            discard(future, "a task stopped before its end");
         }
     }
 }

@@ -7,7 +7,10 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
 use crate::BoxError;
+use crate::report::log_error;
 use crate::task_fn::TaskFn;
 
 /// What a task's work returns once it has run: `Ok(())`, or the error it failed with.
@@ -57,6 +60,16 @@ mod sealed {
 pub(crate) enum Work {
     Async(Pin<Box<dyn Future<Output = TaskResult> + Send>>),
     Blocking(Box<dyn FnOnce() -> TaskResult + Send>),
+}
+
+/// Drops `value` (user code), catching and logging a panic in its `Drop`. `what` says
+/// which task it was, for the log.
+pub(crate) fn discard<T>(value: T, what: &str) {
+    if catch_unwind(AssertUnwindSafe(|| drop(value))).is_err() {
+        log_error(format_args!(
+            "{what}: its future or closure panicked while being dropped"
+        ));
+    }
 }
 
 /// A task taken out of its [`Task`] handle: its name and its work, ready to run.
@@ -115,6 +128,15 @@ impl Job {
     pub(crate) fn named(mut self, name: impl Into<Cow<'static, str>>) -> Self {
         self.name = name.into();
         self
+    }
+
+    /// Drops the work without running it. The work is user code (a future, a closure and
+    /// what they captured), and this runs in `Drop` impls and in the runner, so a panic in
+    /// its `Drop` is caught here and logged.
+    pub(crate) fn discard_work(&mut self) {
+        if let Some(work) = self.work.take() {
+            discard(work, &format!("background task `{}`, never run", self.name));
+        }
     }
 
     pub(crate) fn is_blocking(&self) -> bool {

@@ -394,5 +394,8 @@ impl Drop for Batch {
             "{} background task(s) dropped without running, because {why}: {names:?}",
             names.len()
         ));
+        for job in &mut self.jobs {
+            job.discard_work();
+        }
     }
 }
