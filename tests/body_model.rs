@@ -10,7 +10,7 @@
 //!   and never (reported as skipped) with `Skip`; never twice; nothing panics;
 //! - `is_end_stream` and `size_hint` are the inner body's, unchanged.
 //!
-//! Failures shrink to a minimal case, kept by proptest in `proptest-regressions/` and
+//! Failures shrink to a minimal case, kept by proptest in `tests/body_model.proptest-regressions` and
 //! replayed first on every run.
 
 use std::collections::VecDeque;
