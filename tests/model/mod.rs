@@ -1,0 +1,333 @@
+//! The model of `BackgroundBody` shared by the property test (`tests/body_model.rs`) and
+//! the fuzz target (`fuzz/fuzz_targets/body_frames.rs`): scripted bodies, a scripted
+//! consumer, what the contract says must happen, and a check of the real thing against it.
+#![allow(dead_code)] // each user takes its share
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::mpsc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use tower::{Layer, ServiceExt, service_fn};
+use tower_background::{BackgroundLayer, OnEarlyDrop, SkipReason, Task, TaskError, TaskErrorKind};
+
+#[derive(Debug, Clone, Copy)]
+pub enum Step {
+    Data(usize),
+    Trailers,
+    Error,
+    Pending,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Action {
+    Poll,
+    AskEndOfStream,
+    Drop,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Kind {
+    Plain,
+    Head,
+    NoContent,
+    NotModified,
+}
+
+#[derive(Debug, Clone)]
+pub struct Case {
+    pub script: Vec<Step>,
+    /// `is_end_stream()` turns true once the script is used up (as `Full` does), instead
+    /// of the body only saying so by returning `None`.
+    pub eager_end: bool,
+    pub exact_hint: bool,
+    pub content_length: Option<u64>,
+    pub kind: Kind,
+    pub actions: Vec<Action>,
+    pub drop_on_another_thread: bool,
+    pub skip_on_early_drop: bool,
+}
+
+/// Fails the check with a message unless `cond` holds.
+macro_rules! ensure {
+    ($cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            return Err(format!($($msg)+));
+        }
+    };
+    ($cond:expr) => {
+        ensure!($cond, "{}", stringify!($cond))
+    };
+}
+
+/// Fails the check unless `left == right`.
+macro_rules! ensure_eq {
+    ($left:expr, $right:expr $(, $($msg:tt)+)?) => {{
+        let (left, right) = (&$left, &$right);
+        if left != right {
+            return Err(format!(
+                "{} == {} failed: {:?} != {:?} {}",
+                stringify!($left), stringify!($right), left, right,
+                String::new() $(+ &format!($($msg)+))?
+            ));
+        }
+    }};
+}
+
+/// A body that plays its script, one step per poll.
+struct ScriptedBody {
+    script: VecDeque<Step>,
+    eager_end: bool,
+    exact_hint: bool,
+}
+
+impl ScriptedBody {
+    fn remaining_bytes(&self) -> u64 {
+        self.script
+            .iter()
+            .map(|step| match step {
+                Step::Data(n) => *n as u64,
+                _ => 0,
+            })
+            .sum()
+    }
+}
+
+impl Body for ScriptedBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        match self.script.pop_front() {
+            None => Poll::Ready(None),
+            Some(Step::Data(n)) => Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![b'x'; n]))))),
+            Some(Step::Trailers) => Poll::Ready(Some(Ok(Frame::trailers(HeaderMap::new())))),
+            Some(Step::Error) => Poll::Ready(Some(Err(io::Error::other("scripted error")))),
+            Some(Step::Pending) => {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.eager_end && self.script.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.exact_hint {
+            SizeHint::with_exact(self.remaining_bytes())
+        } else {
+            let mut hint = SizeHint::new();
+            hint.set_lower(self.remaining_bytes() / 2);
+            hint
+        }
+    }
+}
+
+/// What the contract says happens to the task.
+#[derive(Debug, PartialEq)]
+enum Expected {
+    Runs,
+    Skipped,
+}
+
+/// The model: walks the consumer's actions over the script and says, after each action,
+/// whether the response is over (complete or failed), and in the end what happens.
+struct Model<'a> {
+    case: &'a Case,
+    script: VecDeque<Step>,
+    sent: u64,
+    /// Dropping now counts as complete.
+    complete: bool,
+    /// The response is over: complete, or failed with a body error.
+    over: bool,
+    early: bool,
+}
+
+impl<'a> Model<'a> {
+    fn new(case: &'a Case) -> Self {
+        let bodiless = case.kind != Kind::Plain;
+        let at_end = case.eager_end && case.script.is_empty();
+        Model {
+            case,
+            script: case.script.iter().copied().collect(),
+            sent: 0,
+            complete: bodiless || at_end || case.content_length == Some(0),
+            over: false,
+            early: false,
+        }
+    }
+
+    fn finish(&mut self) {
+        if !self.over {
+            self.over = true;
+            self.complete = true;
+        }
+    }
+
+    fn poll(&mut self) {
+        match self.script.pop_front() {
+            None => self.finish(),
+            Some(Step::Pending) => {}
+            Some(Step::Error) => {
+                if !self.over {
+                    self.over = true;
+                    self.early = true;
+                }
+            }
+            Some(step) => {
+                if let Step::Data(n) = step {
+                    self.sent += n as u64;
+                    if self.case.content_length.is_some_and(|cl| self.sent >= cl) {
+                        self.finish();
+                    }
+                } else {
+                    self.finish(); // trailers
+                }
+                if self.case.eager_end && self.script.is_empty() {
+                    self.finish();
+                }
+            }
+        }
+    }
+
+    fn dropped(&mut self) -> Expected {
+        if !self.over {
+            self.over = true;
+            self.early = !self.complete;
+        }
+        if self.early && self.case.skip_on_early_drop {
+            Expected::Skipped
+        } else {
+            Expected::Runs
+        }
+    }
+}
+
+/// Runs one case against the real `BackgroundBody` and checks it against the model.
+pub fn check(case: Case) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _entered = runtime.enter();
+    let (errors_tx, errors) = mpsc::channel::<TaskError>();
+    let layer = BackgroundLayer::new()
+        .on_early_drop(if case.skip_on_early_drop {
+            OnEarlyDrop::Skip
+        } else {
+            OnEarlyDrop::Run
+        })
+        .on_error(move |err| {
+            let _ = errors_tx.send(err);
+        });
+    let background = layer.handle();
+    let ran = Arc::new(AtomicUsize::new(0));
+
+    let svc = {
+        let (case, ran) = (case.clone(), ran.clone());
+        layer.layer(service_fn(move |_req: Request<()>| {
+            let ran = ran.clone();
+            let body = ScriptedBody {
+                script: case.script.iter().copied().collect(),
+                eager_end: case.eager_end,
+                exact_hint: case.exact_hint,
+            };
+            let mut res = Response::new(body);
+            *res.status_mut() = match case.kind {
+                Kind::NoContent => StatusCode::NO_CONTENT,
+                Kind::NotModified => StatusCode::NOT_MODIFIED,
+                _ => StatusCode::OK,
+            };
+            if let Some(cl) = case.content_length {
+                res.headers_mut().insert("content-length", cl.into());
+            }
+            res.extensions_mut().insert(Task::new(async move {
+                ran.fetch_add(1, SeqCst);
+            }));
+            std::future::ready(Ok::<_, Infallible>(res))
+        }))
+    };
+    let mut req = Request::new(());
+    if case.kind == Kind::Head {
+        *req.method_mut() = Method::HEAD;
+    }
+    let res = runtime.block_on(svc.oneshot(req)).unwrap();
+    let mut body = Box::pin(res.into_body());
+    let mut model = Model::new(&case);
+    let mut inner_end = case.eager_end && case.script.is_empty();
+    let mut cx = Context::from_waker(Waker::noop());
+    let waiting = |background: &tower_background::BackgroundHandle| background.stats().waiting;
+
+    ensure_eq!(waiting(&background), 1, "handed over before any poll");
+    for action in &case.actions {
+        match action {
+            Action::Drop => break,
+            Action::AskEndOfStream => {
+                ensure_eq!(body.is_end_stream(), inner_end, "is_end_stream changed");
+            }
+            Action::Poll => {
+                let _ = body.as_mut().poll_frame(&mut cx);
+                model.poll();
+                inner_end = case.eager_end && model.script.is_empty();
+            }
+        }
+        let remaining: u64 = model
+            .script
+            .iter()
+            .map(|s| if let Step::Data(n) = s { *n as u64 } else { 0 })
+            .sum();
+        let hint = body.size_hint();
+        if case.exact_hint {
+            ensure_eq!((hint.lower(), hint.upper()), (remaining, Some(remaining)));
+        } else {
+            ensure_eq!((hint.lower(), hint.upper()), (remaining / 2, None));
+        }
+        let expected_waiting = if model.over { 0 } else { 1 };
+        ensure_eq!(
+            waiting(&background),
+            expected_waiting,
+            "the task was handed over at the wrong moment (over: {})",
+            model.over
+        );
+    }
+    let expected = model.dropped();
+    if case.drop_on_another_thread {
+        std::thread::spawn(move || drop(body)).join().unwrap();
+    } else {
+        drop(body);
+    }
+    let report = runtime.block_on(background.shutdown(Duration::from_secs(5)));
+    ensure!(report.is_drained(), "{}", report);
+    let stats = report.stats();
+    ensure_eq!(stats.attached, 1);
+    ensure_eq!(stats.settled(), 1, "{}", stats);
+    let reports: Vec<TaskError> = errors.try_iter().collect();
+    match expected {
+        Expected::Runs => {
+            ensure_eq!(ran.load(SeqCst), 1, "the task did not run exactly once");
+            ensure!(reports.is_empty(), "unexpected reports: {:?}", reports);
+        }
+        Expected::Skipped => {
+            ensure_eq!(ran.load(SeqCst), 0, "a skipped task ran");
+            ensure_eq!(reports.len(), 1);
+            ensure!(matches!(
+                reports[0].kind(),
+                TaskErrorKind::Skipped(SkipReason::EarlyDrop)
+            ));
+        }
+    }
+    Ok(())
+}
