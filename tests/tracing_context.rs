@@ -122,6 +122,18 @@ impl Subscriber for Capturing {
     }
 }
 
+/// The capturing subscriber, installed once for this test binary.
+fn capture() -> Arc<Capture> {
+    static CAPTURE: std::sync::OnceLock<Arc<Capture>> = std::sync::OnceLock::new();
+    CAPTURE
+        .get_or_init(|| {
+            let capture = Arc::new(Capture::default());
+            tracing::subscriber::set_global_default(Capturing(capture.clone())).unwrap();
+            capture
+        })
+        .clone()
+}
+
 impl Capture {
     /// The chain of spans from `span` up to its root.
     fn ancestry(&self, mut span: Option<u64>) -> Vec<SpanInfo> {
@@ -138,8 +150,7 @@ impl Capture {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tasks_events_happen_inside_its_requests_span() {
-    let capture = Arc::new(Capture::default());
-    tracing::subscriber::set_global_default(Capturing(capture.clone())).unwrap();
+    let capture = capture();
     let done = Probe::new();
     let app = {
         let done = done.clone();
@@ -205,4 +216,26 @@ async fn a_tasks_events_happen_inside_its_requests_span() {
         );
         assert!(chain[1].fields.contains("id=42"), "{chain:?}");
     }
+}
+
+/// A `Tasks` that never passes through the layer (say, a response built and then thrown
+/// away) is dropped with the response: its tasks never run, and the drop is logged with
+/// their names, never silent.
+#[test]
+fn tasks_that_never_reach_the_layer_are_logged_when_dropped() {
+    let capture = capture();
+    let mut tasks = tower_background::Tasks::new();
+    tasks.push(Task::new(async {}).named("orphan_email"));
+    let mut res = Response::new(());
+    res.extensions_mut().insert(tasks);
+    drop(res);
+    let events = capture.events.lock().unwrap().clone();
+    assert!(
+        events
+            .iter()
+            .any(|(fields, _)| fields.contains("dropped without running")
+                && fields.contains("never passed through BackgroundLayer")
+                && fields.contains("orphan_email")),
+        "{events:?}"
+    );
 }
