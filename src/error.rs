@@ -114,7 +114,9 @@ impl TaskError {
         }
     }
 
-    /// The task's position in its [`Tasks`](crate::Tasks), from 0, in insertion order.
+    /// The task's position among its response's tasks, from 0, in the order they run: its
+    /// place in its [`Tasks`](crate::Tasks), counted on across the sets merged with it
+    /// (request-scoped tasks first).
     ///
     /// ```
     /// # use tower_background::BackgroundLayer;

@@ -54,8 +54,15 @@
 //!   finish ([`OnFailure`]).
 //! - Errors and panics are caught and reported ([`BackgroundLayer::on_error`]); nothing
 //!   reaches the server. Every task that does not end well is reported once.
+//! - [`BackgroundLayer::handle`] gives counters and a drain for shutdown
+//!   ([`BackgroundHandle::shutdown`]); [`BackgroundLayer::max_concurrent`] bounds the tasks
+//!   running at once, [`BackgroundLayer::task_timeout`] and [`Task::timeout`] bound each.
+//! - Several sets of tasks can meet on one response ([`Tasks::merge`], [`WithTasks`],
+//!   request-scoped tasks with [`BackgroundLayer::with_request_tasks`]); each keeps its
+//!   own settings and none is dropped.
 //!
-//! The full contract, with the test behind each guarantee, is in `docs/semantics.md`.
+//! The full contract, with the test behind each guarantee, is in `docs/semantics.md`;
+//! running it in production (drain, limits, timeouts, counters) in `docs/operations.md`.
 //!
 //! # Features
 //!
