@@ -146,26 +146,24 @@ impl Completion {
         let mut sets = attached.tasks.iter().map(Tasks::take);
         let mut ledger = match (sets.next(), attached.single) {
             (Some(first), single) => {
-                let mut ledger = Ledger::new(first, config.clone(), attached.parent);
+                let mut ledger = Ledger::new(first, config, attached.parent);
                 sets.for_each(|set| ledger.add_set(set));
                 // A `Task` beside a `Tasks` on the same response joins the end of the last
                 // set.
                 ledger.extend(single);
                 ledger
             }
-            (None, Some(job)) => Ledger::new(
-                TakenTasks::sequence(vec![job]),
-                config.clone(),
-                attached.parent,
-            ),
+            (None, Some(job)) => {
+                Ledger::new(TakenTasks::sequence(vec![job]), config, attached.parent)
+            }
             // `take_from` never attaches nothing.
             (None, None) => return,
         };
-        config
-            .shared
+        let shared = &ledger.config().shared;
+        shared
             .counters
             .response_done(attached.expected, ledger.len());
-        if config.shared.cancel.is_cancelled() {
+        if shared.cancel.is_cancelled() {
             ledger.settle_all(Stage::Queued, || {
                 TaskErrorKind::Cancelled(CancelReason::Shutdown)
             });

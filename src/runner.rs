@@ -92,6 +92,10 @@ impl Ledger {
         self.jobs.len()
     }
 
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
     /// Set number `index`: its range of jobs, and its settings.
     fn set(&self, index: usize) -> Option<(Range<usize>, &Set)> {
         let set = match index {
