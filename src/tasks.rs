@@ -279,7 +279,7 @@ impl Tasks {
             (batch.jobs.len(), batch.followers.clone())
         };
         claimed.push(self.clone());
-        // Not under the lock: a follower may (pathologically) lead back here.
+        // Not under this lock: each follower takes its own (merges form a tree, see `merge`).
         count
             + followers
                 .iter()

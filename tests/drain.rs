@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -18,7 +17,6 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tower::{ServiceBuilder, service_fn};
 use tower_background::{BackgroundLayer, CancelReason, Task, TaskErrorKind, Tasks};
 
 /// A task that takes a while, then reports.
@@ -43,12 +41,7 @@ where
 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let svc = ServiceBuilder::new()
-        .layer(layer)
-        .service(service_fn(move |req| {
-            let handler = handler.clone();
-            async move { Ok::<_, Infallible>(handler(req).await) }
-        }));
+    let svc = layered(layer, handler);
     let (stop_tx, mut stop) = oneshot::channel::<()>();
     let server = tokio::spawn(async move {
         let graceful = GracefulShutdown::new();
@@ -259,12 +252,7 @@ where
 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let svc = ServiceBuilder::new()
-        .layer(layer)
-        .service(service_fn(move |req| {
-            let handler = handler.clone();
-            async move { Ok::<_, Infallible>(handler(req).await) }
-        }));
+    let svc = layered(layer, handler);
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {

@@ -23,7 +23,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tower::{Layer, ServiceBuilder, service_fn};
+use tower::{Layer, service_fn};
 use tower_background::{BackgroundBody, BackgroundLayer, TaskError};
 
 /// How long a test waits for something that must happen before it fails instead of
@@ -52,15 +52,7 @@ where
     H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Response<BoxedBody>> + Send + 'static,
 {
-    serve_service(
-        ServiceBuilder::new()
-            .layer(layer)
-            .service(service_fn(move |req| {
-                let handler = handler.clone();
-                async move { Ok::<_, Infallible>(handler(req).await) }
-            })),
-    )
-    .await
+    serve_service(layered(layer, handler)).await
 }
 
 /// Serves any tower service, as [`serve`] does.
@@ -93,18 +85,24 @@ where
     addr
 }
 
-/// The layered service alone, for tests that drive bodies by hand.
-pub fn layered<H, Fut>(
+/// `handler` behind `layer`, as a tower service: what [`serve`] serves, and what tests that
+/// drive bodies by hand call directly.
+pub fn layered<R, H, Fut>(
     layer: BackgroundLayer,
     handler: H,
 ) -> impl tower::Service<
-    Request<()>,
+    Request<R>,
     Response = Response<BackgroundBody<BoxedBody>>,
     Error = Infallible,
-    Future = impl Send,
-> + Send
+    Future = impl Future<Output = Result<Response<BackgroundBody<BoxedBody>>, Infallible>>
+             + Send
+             + 'static,
+> + Clone
++ Send
++ 'static
 where
-    H: Fn(Request<()>) -> Fut + Clone + Send + 'static,
+    R: Send + 'static,
+    H: Fn(Request<R>) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = Response<BoxedBody>> + Send + 'static,
 {
     layer.layer(service_fn(move |req| {
