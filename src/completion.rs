@@ -12,19 +12,19 @@ use http::{Extensions, HeaderMap, StatusCode};
 use tokio::runtime::Handle;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
-use crate::error::{CancelReason, TaskErrorKind};
+use crate::error::{SkipReason, TaskErrorKind};
 use crate::layer::Config;
-use crate::runner::Ledger;
+use crate::runner::{Ledger, report_not_run};
 use crate::span::ParentSpan;
 use crate::task::{Job, Stage, Task};
-use crate::tasks::{TakenTasks, Tasks};
+use crate::tasks::{Claimed, TakenTasks, Tasks};
 
 /// The tasks found on one response, with what is needed to run them.
 pub(crate) struct Attached {
-    /// The `Tasks` this response claimed, in the order they run (request-scoped first,
-    /// then the response's, each followed by those merged into it): their tasks are taken
-    /// out when the response is done, so that tasks added meanwhile run too.
-    tasks: Vec<Tasks>,
+    /// The trees of `Tasks` this response claimed, in the order they run (request-scoped
+    /// first, then the response's): their tasks are taken out when the response is done, so
+    /// that tasks added meanwhile run too.
+    tasks: [Option<Claimed>; 2],
     /// A single `Task`'s work, taken out at once.
     single: Option<Job>,
     /// How many tasks were counted as attached (and waiting) for this response.
@@ -34,8 +34,10 @@ pub(crate) struct Attached {
     runtime: Option<Handle>,
     config: Arc<Config>,
     parent: ParentSpan,
-    /// Keeps a drain waiting for this response.
-    token: TaskTrackerToken,
+    /// Keeps a drain waiting for this response; only if it had tasks when it left the
+    /// service, so that a long stream that may never get any (server-sent events with
+    /// request-scoped tasks on) does not hold every drain to its deadline.
+    token: Option<TaskTrackerToken>,
 }
 
 impl Attached {
@@ -54,35 +56,177 @@ impl Attached {
             let single = extensions.remove::<Task>().and_then(|task| task.take());
             (extensions.remove::<Tasks>(), single)
         };
-        let mut tasks = Vec::new();
-        let mut count = 0;
-        for claimable in [request_tasks, response_tasks].into_iter().flatten() {
-            count += claimable.claim(&mut tasks);
-        }
-        if tasks.is_empty() && single.is_none() {
+        let request_tasks = request_tasks.and_then(|tasks| tasks.claim());
+        let response_tasks = response_tasks.and_then(|tasks| tasks.claim());
+        if request_tasks.is_none() && response_tasks.is_none() && single.is_none() {
             return None;
         }
+        let count = [&request_tasks, &response_tasks]
+            .into_iter()
+            .flatten()
+            .map(|claimed| claimed.count)
+            .sum::<usize>();
         let expected = count + usize::from(single.is_some());
         config.shared.counters.attach(expected);
         Some(Attached {
-            tasks,
+            tasks: [request_tasks, response_tasks],
             single,
             expected,
             runtime: Handle::try_current().ok(),
             config: config.clone(),
             parent: ParentSpan::current(),
-            token: config.shared.tracker.token(),
+            token: (expected > 0).then(|| config.shared.tracker.token()),
         })
+    }
+
+    /// The request-scoped tasks of a request that got no response (its future was dropped,
+    /// or the inner service failed): counted, and reported as not run.
+    pub(crate) fn abandon(request_tasks: Tasks, config: &Arc<Config>) {
+        let Some(claimed) = request_tasks.claim() else {
+            return;
+        };
+        let mut jobs = Vec::new();
+        claimed.take(config, |set| jobs.extend(set.jobs));
+        report_not_run(jobs, config, SkipReason::NoResponse);
     }
 }
 
-/// What the response tells about how its body may end.
+/// What the request and the response tell about how hyper will send the body.
 pub(crate) struct ResponseShape<'a> {
-    pub(crate) is_head: bool,
+    pub(crate) request: RequestKind,
     pub(crate) status: StatusCode,
     pub(crate) headers: &'a HeaderMap,
     /// The body was already at its end when wrapped (`is_end_stream()`).
     pub(crate) body_at_end: bool,
+    /// The body's exact size hint, if it has one.
+    pub(crate) exact_size: Option<u64>,
+}
+
+/// What the layer keeps of a request: three flags, nothing allocated.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RequestKind {
+    pub(crate) is_head: bool,
+    pub(crate) is_connect: bool,
+    /// Served over HTTP/2 (else HTTP/1.x).
+    pub(crate) http2: bool,
+}
+
+/// How hyper will put the body on the wire, decided from the head when the response leaves
+/// the service. It follows hyper 1.x's own rules (`proto/h1/role.rs` and
+/// `proto/h2/server.rs`) and, for HTTP/2, what RFC 9113 §8.1.1 makes every client refuse;
+/// `tests/hyper_oracle.rs` checks it against a real hyper server and client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// No body goes on the wire: hyper writes the head and drops the body without polling
+    /// it (HTTP/1: HEAD, 1xx, 204, 304, 2xx to CONNECT, a body already at its end; HTTP/2: 2xx to CONNECT, a body already at its end), or the head is all
+    /// the response is (HEAD over HTTP/2). Any drop counts as complete.
+    Bodiless,
+    /// Exactly this many bytes. HTTP/1: hyper stops polling once they are written (and
+    /// cuts what goes past them; with 0, it never polls the body); HTTP/2: the stream must end after exactly them, or the
+    /// client resets it.
+    Length(u64),
+    /// Up to the end of the stream (HTTP/1 chunked or close-delimited, HTTP/2 without a
+    /// length).
+    Stream,
+    /// hyper, or any conforming client, refuses this response: a malformed or conflicting
+    /// `Content-Length`, or one that contradicts the body's exact size hint. It never
+    /// counts as complete.
+    Refused,
+}
+
+impl Framing {
+    fn of(shape: &ResponseShape<'_>) -> Self {
+        let RequestKind {
+            is_head,
+            is_connect,
+            http2,
+        } = shape.request;
+        let status = shape.status;
+        let declared = declared_length(shape.headers);
+        if http2 {
+            if is_connect && status.is_success() {
+                // hyper resets a stream whose successful CONNECT answer declares a length,
+                // and otherwise turns it into a tunnel, dropping the body unpolled.
+                return match declared {
+                    Ok(None | Some(0)) => Framing::Bodiless,
+                    _ => Framing::Refused,
+                };
+            }
+            let Ok(declared) = declared else {
+                return Framing::Refused;
+            };
+            if shape.body_at_end {
+                // Sent as a HEADERS frame that ends the stream: malformed if it declares a
+                // length other than 0 (but for HEAD, 204 and 304).
+                let excused = is_head
+                    || status == StatusCode::NO_CONTENT
+                    || status == StatusCode::NOT_MODIFIED;
+                return match declared {
+                    Some(len) if len > 0 && !excused => Framing::Refused,
+                    _ => Framing::Bodiless,
+                };
+            }
+            if is_head {
+                // hyper sends the head, then whatever the body holds, which a client may
+                // refuse; a HEAD response is complete once its head is out, and it is out
+                // before the body is polled or dropped.
+                return Framing::Bodiless;
+            }
+            // hyper fills a missing `Content-Length` from the exact size hint.
+            return match declared.or(shape.exact_size) {
+                Some(len) => Framing::Length(len),
+                None => Framing::Stream,
+            };
+        }
+        if shape.body_at_end {
+            // hyper writes the head alone (turning a stray length into 0, but for HEAD).
+            return Framing::Bodiless;
+        }
+        let framed = match (shape.exact_size, declared) {
+            // hyper trusts the size hint and writes the header as it is: a header that
+            // disagrees makes a response that lies about its length (and trips a debug
+            // assertion inside hyper).
+            (Some(exact), Ok(Some(len))) if len != exact && !is_head => Framing::Refused,
+            (Some(_), Err(())) if !is_head => Framing::Refused,
+            (Some(exact), _) => Framing::Length(exact),
+            // Without a hint, hyper parses the header, and fails the response if it is
+            // malformed or if its values differ.
+            (None, Err(())) => Framing::Refused,
+            (None, Ok(Some(len))) => Framing::Length(len),
+            (None, Ok(None)) => Framing::Stream,
+        };
+        let bodiless = is_head
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+            || (is_connect && status.is_success());
+        match framed {
+            Framing::Refused => Framing::Refused,
+            _ if bodiless => Framing::Bodiless,
+            framed => framed,
+        }
+    }
+}
+
+/// The `Content-Length` the response declares: `Ok(None)` without one, `Err` if any value
+/// is not a plain decimal number (no sign, no list, no spaces: what both hyper's HTTP/1
+/// encoder and the h2 client accept) or two values differ.
+fn declared_length(headers: &HeaderMap) -> Result<Option<u64>, ()> {
+    let mut declared = None;
+    for value in headers.get_all(CONTENT_LENGTH) {
+        let bytes = value.as_bytes();
+        if bytes.is_empty() || bytes.len() > 19 || !bytes.iter().all(u8::is_ascii_digit) {
+            return Err(());
+        }
+        let len = bytes
+            .iter()
+            .fold(0u64, |len, digit| len * 10 + u64::from(digit - b'0'));
+        match declared {
+            Some(previous) if previous != len => return Err(()),
+            _ => declared = Some(len),
+        }
+    }
+    Ok(declared)
 }
 
 /// Fires the attached tasks exactly once: on completion, or when dropped.
@@ -91,46 +235,52 @@ pub(crate) struct Completion {
     /// per task in `benches/overhead.rs` (smaller moves of the body), but cost an
     /// allocation of 176 bytes per response with tasks (`tests/allocations.rs`).
     attached: Option<Attached>,
-    /// Bytes still to be sent before the body reaches its `Content-Length`, if it has one.
-    remaining: Option<u64>,
+    framing: Framing,
+    http2: bool,
+    /// Bytes of data handed to the server so far.
+    sent: u64,
     /// Whether dropping now counts as completion: the body has been sent in full, or the
-    /// response may not carry one (hyper then drops it without polling it).
+    /// response carries none (hyper then drops it without polling it).
     may_drop: bool,
 }
 
 impl Completion {
     pub(crate) fn new(attached: Attached, shape: ResponseShape<'_>) -> Self {
-        let remaining = shape
-            .headers
-            .get(CONTENT_LENGTH)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.trim().parse::<u64>().ok());
-        let bodiless = shape.is_head
-            || shape.status.is_informational()
-            || shape.status == StatusCode::NO_CONTENT
-            || shape.status == StatusCode::NOT_MODIFIED;
+        let framing = Framing::of(&shape);
         Completion {
             attached: Some(attached),
-            remaining,
-            may_drop: bodiless || shape.body_at_end || remaining == Some(0),
+            framing,
+            http2: shape.request.http2,
+            sent: 0,
+            may_drop: framing == Framing::Bodiless
+                || (framing == Framing::Length(0) && !shape.request.http2),
         }
     }
 
     /// The body handed `len` bytes of data to the server.
     pub(crate) fn on_data(&mut self, len: usize) {
-        if let Some(remaining) = &mut self.remaining {
-            *remaining = remaining.saturating_sub(len as u64);
-            if *remaining == 0 {
-                self.on_end();
+        self.sent = self.sent.saturating_add(len as u64);
+        if let Framing::Length(declared) = self.framing {
+            if self.http2 && self.sent > declared {
+                // More than declared: the client will reset the stream.
+                self.framing = Framing::Refused;
+                self.fire(true);
+            } else if !self.http2 && self.sent >= declared {
+                // hyper stops here.
+                self.complete();
             }
         }
     }
 
-    /// The body reached its end: `None`, trailers, `is_end_stream()`, or its
-    /// `Content-Length`.
+    /// The body reached its end: `None`, trailers, or `is_end_stream()` after a frame.
     pub(crate) fn on_end(&mut self) {
-        self.may_drop = true;
-        self.fire(false);
+        match self.framing {
+            // HTTP/1 with too few bytes: hyper aborts the message; HTTP/2 with any other
+            // count than declared: the client resets the stream.
+            Framing::Length(declared) if self.sent != declared => self.fire(true),
+            Framing::Refused => self.fire(true),
+            _ => self.complete(),
+        }
     }
 
     /// The body yielded an error: the response will not be completed.
@@ -138,39 +288,54 @@ impl Completion {
         self.fire(true);
     }
 
+    fn complete(&mut self) {
+        self.may_drop = true;
+        self.fire(false);
+    }
+
     fn fire(&mut self, early: bool) {
         let Some(attached) = self.attached.take() else {
             return;
         };
-        let config = attached.config;
-        let mut sets = attached.tasks.iter().map(Tasks::take);
-        let mut ledger = match (sets.next(), attached.single) {
-            (Some(first), single) => {
-                let mut ledger = Ledger::new(first, config, attached.parent);
-                sets.for_each(|set| ledger.add_set(set));
-                // A `Task` beside a `Tasks` on the same response joins the end of the last
-                // set.
+        let Attached {
+            tasks,
+            single,
+            expected,
+            runtime,
+            config,
+            parent,
+            token,
+        } = attached;
+        let mut ledger: Option<Ledger> = None;
+        for claimed in tasks.into_iter().flatten() {
+            claimed.take(&config, |set| match &mut ledger {
+                Some(ledger) => ledger.add_set(set),
+                None => ledger = Some(Ledger::new(set, config.clone(), parent.clone())),
+            });
+        }
+        let mut ledger = match ledger {
+            Some(mut ledger) => {
+                // A `Task` beside a `Tasks` on the same response joins the end of the
+                // last set.
                 ledger.extend(single);
                 ledger
             }
-            (None, Some(job)) => {
-                Ledger::new(TakenTasks::sequence(vec![job]), config, attached.parent)
-            }
-            // `take_from` never attaches nothing.
-            (None, None) => return,
+            None => Ledger::new(
+                TakenTasks::sequence(single.into_iter().collect()),
+                config,
+                parent,
+            ),
         };
         let shared = &ledger.config().shared;
-        shared
-            .counters
-            .response_done(attached.expected, ledger.len());
+        shared.counters.response_done(expected, ledger.len());
         if shared.cancel.is_cancelled() {
             ledger.settle_all(Stage::Queued, || {
-                TaskErrorKind::Cancelled(CancelReason::Shutdown)
+                TaskErrorKind::Skipped(SkipReason::Shutdown)
             });
         } else if early {
             ledger.skip_on_early_drop();
         }
-        ledger.start(attached.runtime.as_ref(), attached.token);
+        ledger.start(runtime.as_ref(), token);
     }
 }
 

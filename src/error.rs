@@ -49,13 +49,16 @@ pub enum TaskErrorKind {
     /// The task ran past its timeout and was stopped. A blocking task cannot be stopped: it
     /// is reported when its timeout passes, and its thread runs on to its end.
     TimedOut(std::time::Duration),
-    /// The task never started, for this reason.
+    /// The task never started, for this reason. Counted in
+    /// [`Stats::skipped`](crate::Stats::skipped).
     Skipped(SkipReason),
-    /// The task started but was stopped before its end, for this reason.
+    /// The task started, then was stopped before its end, for this reason. Counted in
+    /// [`Stats::cancelled`](crate::Stats::cancelled).
     Cancelled(CancelReason),
 }
 
-/// Why a task never started.
+/// Why a task never started. Every such task is counted in
+/// [`Stats::skipped`](crate::Stats::skipped).
 ///
 /// ```
 /// use tower_background::{BackgroundLayer, SkipReason, TaskErrorKind};
@@ -72,15 +75,29 @@ pub enum SkipReason {
     /// The response was dropped before it was complete, and the early-drop setting was
     /// [`OnEarlyDrop::Skip`](crate::OnEarlyDrop::Skip).
     EarlyDrop,
-    /// An earlier task of the same sequential [`Tasks`](crate::Tasks) failed, and its
-    /// failure setting was [`OnFailure::Stop`](crate::OnFailure::Stop).
+    /// An earlier task of the same [`Tasks`](crate::Tasks) failed, and its failure setting
+    /// was [`OnFailure::Stop`](crate::OnFailure::Stop).
     EarlierFailure,
     /// There was no tokio runtime to run it on: the request was not served inside a
     /// runtime, or the runtime had shut down by the time the response was complete.
     NoRuntime,
+    /// [`BackgroundHandle::shutdown`](crate::BackgroundHandle::shutdown) reached its
+    /// deadline before the task could start: it was waiting for its response, its turn or
+    /// a slot, or its response completed after the deadline.
+    Shutdown,
+    /// The inner service never produced a response to run it after: its future was
+    /// dropped first (the client went away, an outer timeout answered instead), or it
+    /// returned an error. Only request-scoped tasks
+    /// ([`BackgroundLayer::with_request_tasks`](crate::BackgroundLayer::with_request_tasks))
+    /// can be in this state.
+    NoResponse,
+    /// The task was added to a [`Tasks`](crate::Tasks) (pushed, or merged in) after that
+    /// `Tasks`' tasks had started: too late to run with them. It is dropped at once.
+    AddedTooLate,
 }
 
-/// Why a running task was stopped.
+/// Why a running task was stopped before its end. Every such task is counted in
+/// [`Stats::cancelled`](crate::Stats::cancelled).
 ///
 /// ```
 /// use tower_background::{BackgroundLayer, CancelReason, TaskErrorKind};
@@ -95,13 +112,15 @@ pub enum SkipReason {
 #[non_exhaustive]
 pub enum CancelReason {
     /// Another task of the same group failed, and the group's failure setting was
-    /// [`OnFailure::Stop`](crate::OnFailure::Stop).
+    /// [`OnFailure::Stop`](crate::OnFailure::Stop). An async task was dropped there; a
+    /// blocking one cannot be stopped, and its thread runs on to its end, unobserved.
     GroupStopped,
     /// The runtime shut down while the task was running. An async task was dropped there; a
     /// blocking one cannot be stopped and may have run to its end, unobserved.
     RuntimeShutdown,
     /// [`BackgroundHandle::shutdown`](crate::BackgroundHandle::shutdown) reached its
-    /// deadline before the task ran to its end (or before it started).
+    /// deadline while the task was running. An async task was dropped there; a blocking
+    /// one cannot be stopped, and its thread runs on to its end, unobserved.
     Shutdown,
 }
 
@@ -205,6 +224,11 @@ impl fmt::Display for SkipReason {
             SkipReason::EarlyDrop => "the response was dropped before it was complete",
             SkipReason::EarlierFailure => "an earlier task of the same Tasks failed",
             SkipReason::NoRuntime => "no tokio runtime was running to run it on",
+            SkipReason::Shutdown => "the shutdown's deadline passed before it could start",
+            SkipReason::NoResponse => {
+                "the service never produced a response (its future was dropped, or it failed)"
+            }
+            SkipReason::AddedTooLate => "it was added after its Tasks had started to run",
         })
     }
 }
@@ -214,7 +238,7 @@ impl fmt::Display for CancelReason {
         f.write_str(match self {
             CancelReason::GroupStopped => "another task of its group failed",
             CancelReason::RuntimeShutdown => "the tokio runtime shut down before it finished",
-            CancelReason::Shutdown => "the shutdown's deadline passed before it finished",
+            CancelReason::Shutdown => "the shutdown's deadline passed while it ran",
         })
     }
 }

@@ -10,13 +10,18 @@ use http_body::Body;
 use pin_project_lite::pin_project;
 
 use crate::body::BackgroundBody;
-use crate::completion::{Attached, Completion, ResponseShape};
+use crate::completion::{Attached, Completion, RequestKind, ResponseShape};
 use crate::layer::Config;
 use crate::tasks::Tasks;
 
 pin_project! {
     /// The response future of [`Background`](crate::Background): resolves to the inner
     /// service's response with its body wrapped in a [`BackgroundBody`].
+    ///
+    /// Dropped before the inner service answered (the client went away, an outer timeout
+    /// answered instead), or resolved to the inner service's error, it reports the
+    /// request-scoped tasks, if any, as not run
+    /// ([`SkipReason::NoResponse`](crate::SkipReason::NoResponse)).
     ///
     /// ```
     /// use http::{Request, Response};
@@ -35,22 +40,31 @@ pin_project! {
     pub struct ResponseFuture<F> {
         #[pin]
         inner: F,
-        is_head: bool,
+        request: RequestKind,
         request_tasks: Option<Tasks>,
         config: Arc<Config>,
+    }
+
+    impl<F> PinnedDrop for ResponseFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(tasks) = this.request_tasks.take() {
+                Attached::abandon(tasks, this.config);
+            }
+        }
     }
 }
 
 impl<F> ResponseFuture<F> {
     pub(crate) fn new(
         inner: F,
-        is_head: bool,
+        request: RequestKind,
         request_tasks: Option<Tasks>,
         config: Arc<Config>,
     ) -> Self {
         ResponseFuture {
             inner,
-            is_head,
+            request,
             request_tasks,
             config,
         }
@@ -66,17 +80,28 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let mut res = ready!(this.inner.poll(cx))?;
+        let outcome = ready!(this.inner.poll(cx));
         let request_tasks = this.request_tasks.take();
+        let mut res = match outcome {
+            Ok(res) => res,
+            Err(error) => {
+                if let Some(tasks) = request_tasks {
+                    Attached::abandon(tasks, this.config);
+                }
+                return Poll::Ready(Err(error));
+            }
+        };
         let Some(attached) = Attached::take_from(res.extensions_mut(), request_tasks, this.config)
         else {
             return Poll::Ready(Ok(res.map(BackgroundBody::passthrough)));
         };
+        let body = res.body();
         let shape = ResponseShape {
-            is_head: *this.is_head,
+            request: *this.request,
             status: res.status(),
             headers: res.headers(),
-            body_at_end: res.body().is_end_stream(),
+            body_at_end: body.is_end_stream(),
+            exact_size: body.size_hint().exact(),
         };
         let completion = Completion::new(attached, shape);
         Poll::Ready(Ok(

@@ -31,7 +31,18 @@ impl Reporter {
                     ));
                 }
             }
-            None => log_task_error(&error),
+            None => {
+                // The error is user data: its `Display` or its `Drop` may panic.
+                let logged = catch_unwind(AssertUnwindSafe(move || {
+                    log_task_error(&error);
+                    drop(error);
+                }));
+                if logged.is_err() {
+                    log_error(format_args!(
+                        "a background task's error panicked while being logged or dropped"
+                    ));
+                }
+            }
         }
     }
 }

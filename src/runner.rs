@@ -140,15 +140,18 @@ impl Ledger {
     /// Never panics and never blocks: this is called from `Drop`. If the runtime has shut
     /// down, tokio drops the spawned run unpolled, and the ledger reports every task then.
     ///
-    /// `token` is the response's token of the drain's tracker: the run carries it on, so
-    /// that the drain never sees a gap between the response and its tasks.
-    pub(crate) fn start(self, runtime: Option<&Handle>, token: TaskTrackerToken) {
+    /// `token` is the response's token of the drain's tracker, if it held one: the run
+    /// carries it on, so that the drain never sees a gap between the response and its
+    /// tasks.
+    pub(crate) fn start(self, runtime: Option<&Handle>, token: Option<TaskTrackerToken>) {
         if self.jobs.iter().all(|job| job.stage == Stage::Settled) {
             return;
         }
         match runtime {
             Some(handle) => {
                 let shared = &self.config.shared;
+                // A response without tasks when it left the service held no token.
+                let token = token.unwrap_or_else(|| shared.tracker.token());
                 let tokens = (token, shared.runs.token());
                 drop(handle.spawn(self.run_until_cancelled(tokens)));
             }
@@ -178,15 +181,20 @@ impl Ledger {
             // An `Arc` of the settings, not a clone of the token: cloning a
             // `CancellationToken` takes a lock.
             let config = self.config.clone();
-            let cancelled = {
+            {
                 let work = pin!(self.run());
                 let deadline = pin!(config.shared.cancel.cancelled());
-                matches!(select(work, deadline).await, Either::Right(_))
-            };
-            if cancelled {
-                let shutdown = || TaskErrorKind::Cancelled(CancelReason::Shutdown);
-                self.settle_all(Stage::Running, shutdown);
-                self.settle_all(Stage::Queued, shutdown);
+                select(work, deadline).await;
+            }
+            // A drain's deadline: what runs now is cancelled, and what has not started
+            // never will (`may_start` keeps waiting tasks from starting after it).
+            if config.shared.cancel.is_cancelled() {
+                self.settle_all(Stage::Running, || {
+                    TaskErrorKind::Cancelled(CancelReason::Shutdown)
+                });
+                self.settle_all(Stage::Queued, || {
+                    TaskErrorKind::Skipped(SkipReason::Shutdown)
+                });
             }
         }
     }
@@ -209,6 +217,9 @@ impl Ledger {
     async fn run_in_order(&mut self, range: Range<usize>, on_failure: OnFailure) {
         for position in range.clone() {
             let permit = admit(self.config.limit.clone()).await;
+            if !self.may_start() {
+                return;
+            }
             let Some(started) = self.start_task(position) else {
                 continue;
             };
@@ -236,6 +247,9 @@ impl Ledger {
         while let Some((position, step)) = steps.next().await {
             match step {
                 Step::Admitted(permit) => {
+                    if !self.may_start() {
+                        continue;
+                    }
                     if let Some(started) = self.start_task(position) {
                         steps.push(Either::Right(async move {
                             let outcome = execute(started, permit).await;
@@ -261,6 +275,13 @@ impl Ledger {
                 }
             }
         }
+    }
+
+    /// `false` once a drain has reached its deadline: from then on no task starts. Checked
+    /// after every wait for a slot, since the slot may have been freed by the deadline
+    /// itself (a running task it cancelled).
+    fn may_start(&self) -> bool {
+        !self.config.shared.cancel.is_cancelled()
     }
 
     /// Marks a task as running and hands out what it needs to run.
@@ -377,7 +398,7 @@ async fn run_work(
             match outcome {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(error)) => Err(TaskErrorKind::Failed(error)),
-                Err(panic) => Err(TaskErrorKind::Panicked(panic_message(&*panic))),
+                Err(panic) => Err(TaskErrorKind::Panicked(panic_message(panic))),
             }
         }
         Work::Blocking(f) => {
@@ -395,7 +416,7 @@ async fn run_work(
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(error)) => Err(TaskErrorKind::Failed(error)),
                 Err(join) if join.is_panic() => {
-                    Err(TaskErrorKind::Panicked(panic_message(&*join.into_panic())))
+                    Err(TaskErrorKind::Panicked(panic_message(join.into_panic())))
                 }
                 Err(_) => Err(TaskErrorKind::Cancelled(CancelReason::RuntimeShutdown)),
             }
@@ -429,12 +450,34 @@ impl Drop for Guarded {
     }
 }
 
-fn panic_message(panic: &(dyn Any + Send)) -> String {
-    if let Some(s) = panic.downcast_ref::<&'static str>() {
+/// The message of a caught panic. The payload is user data (`std::panic::panic_any` takes
+/// anything), so it is dropped under `catch_unwind`: its own `Drop` may panic too.
+fn panic_message(panic: Box<dyn Any + Send>) -> String {
+    let message = if let Some(s) = panic.downcast_ref::<&'static str>() {
         (*s).to_owned()
     } else if let Some(s) = panic.downcast_ref::<String>() {
         s.clone()
     } else {
         "a panic with a non-string payload".to_owned()
+    };
+    discard(panic, "a background task's panic payload");
+    message
+}
+
+/// Counts `jobs` as attached to `config`'s layer and reports each as skipped for `reason`,
+/// dropping their work: for tasks that can never run (added too late, or request-scoped
+/// tasks of a request that got no response).
+pub(crate) fn report_not_run(jobs: Vec<Job>, config: &Arc<Config>, reason: SkipReason) {
+    if jobs.is_empty() {
+        return;
     }
+    let counters = &config.shared.counters;
+    counters.attach(jobs.len());
+    counters.response_done(jobs.len(), jobs.len());
+    let mut ledger = Ledger::new(
+        TakenTasks::sequence(jobs),
+        config.clone(),
+        ParentSpan::current(),
+    );
+    ledger.settle_all(Stage::Queued, || TaskErrorKind::Skipped(reason));
 }

@@ -3,10 +3,11 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{Method, Request, Response};
+use http::{Method, Request, Response, Version};
 use http_body::Body;
 use tower_service::Service;
 
+use crate::completion::RequestKind;
 use crate::future::ResponseFuture;
 use crate::layer::Config;
 use crate::tasks::Tasks;
@@ -89,14 +90,18 @@ where
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        // Only a flag is kept of the request: cloning an extension `Method` would allocate.
-        let is_head = req.method() == Method::HEAD;
+        // Only flags are kept of the request: cloning an extension `Method` would allocate.
+        let request = RequestKind {
+            is_head: req.method() == Method::HEAD,
+            is_connect: req.method() == Method::CONNECT,
+            http2: req.version() == Version::HTTP_2,
+        };
         let request_tasks = self.config.request_tasks.then(|| {
             let tasks = Tasks::new();
             req.extensions_mut().insert(tasks.clone());
             tasks
         });
         let future = self.inner.call(req);
-        ResponseFuture::new(future, is_head, request_tasks, self.config.clone())
+        ResponseFuture::new(future, request, request_tasks, self.config.clone())
     }
 }

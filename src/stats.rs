@@ -3,7 +3,9 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use crate::error::{CancelReason, SkipReason, TaskErrorKind};
+use crate::error::TaskErrorKind;
+#[cfg(doc)]
+use crate::error::{CancelReason, SkipReason};
 use crate::task::Stage;
 
 /// A snapshot of the counters of one [`BackgroundLayer`](crate::BackgroundLayer), from
@@ -46,11 +48,13 @@ pub struct Stats {
     pub panicked: u64,
     /// Tasks stopped at their timeout.
     pub timed_out: u64,
-    /// Tasks that did not run to their end because of an early drop or another task's
-    /// failure.
+    /// Tasks that never started ([`TaskErrorKind::Skipped`](crate::TaskErrorKind::Skipped),
+    /// whatever the [`SkipReason`]: an early drop, an earlier failure, a drain's deadline,
+    /// no runtime, no response, added too late).
     pub skipped: u64,
-    /// Tasks cancelled at shutdown: by the drain's deadline, or because the runtime was
-    /// gone.
+    /// Tasks that started, then were stopped before their end
+    /// ([`TaskErrorKind::Cancelled`](crate::TaskErrorKind::Cancelled), whatever the
+    /// [`CancelReason`]: a stopped group, a drain's deadline, the runtime shutting down).
     pub cancelled: u64,
 }
 
@@ -146,12 +150,8 @@ impl Counters {
             Err(TaskErrorKind::Failed(_)) => &self.failed,
             Err(TaskErrorKind::Panicked(_)) => &self.panicked,
             Err(TaskErrorKind::TimedOut(_)) => &self.timed_out,
-            Err(TaskErrorKind::Skipped(SkipReason::EarlyDrop | SkipReason::EarlierFailure))
-            | Err(TaskErrorKind::Cancelled(CancelReason::GroupStopped)) => &self.skipped,
-            Err(TaskErrorKind::Skipped(SkipReason::NoRuntime))
-            | Err(TaskErrorKind::Cancelled(
-                CancelReason::RuntimeShutdown | CancelReason::Shutdown,
-            )) => &self.cancelled,
+            Err(TaskErrorKind::Skipped(_)) => &self.skipped,
+            Err(TaskErrorKind::Cancelled(_)) => &self.cancelled,
         };
         counter.fetch_add(1, Relaxed);
         let stopped = matches!(

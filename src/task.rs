@@ -154,7 +154,8 @@ impl Job {
 /// boxed future is not, so the work sits behind an `Arc<Mutex<..>>`. Clones share that one
 /// slot and the work is taken out of it once, so however often a `Task` is cloned, it runs
 /// at most once. [`Tasks::add_task`](crate::Tasks::add_task) skips the handle altogether:
-/// prefer it when building several tasks.
+/// prefer it when building several tasks. A `Task` whose work is still in it when its last
+/// handle is dropped (it never reached a layer) is logged, never dropped silently.
 ///
 /// # Example
 ///
@@ -170,7 +171,28 @@ impl Job {
 /// ```
 #[derive(Clone)]
 pub struct Task {
-    slot: Arc<Mutex<Option<Job>>>,
+    slot: Arc<Slot>,
+}
+
+/// The storage behind every clone of one [`Task`]: its job, until something takes it.
+struct Slot(Mutex<Option<Job>>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let job = self
+            .0
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(mut job) = job {
+            log_error(format_args!(
+                "background task `{}` dropped without running, because the response it was \
+                 attached to never passed through BackgroundLayer",
+                job.name
+            ));
+            job.discard_work();
+        }
+    }
 }
 
 impl Task {
@@ -298,7 +320,7 @@ impl Task {
 
     pub(crate) fn from_job(job: Job) -> Self {
         Task {
-            slot: Arc::new(Mutex::new(Some(job))),
+            slot: Arc::new(Slot(Mutex::new(Some(job)))),
         }
     }
 
@@ -310,7 +332,7 @@ impl Task {
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Job>> {
         // The lock is only held to move a `Job` in or out, never across user code, so a
         // poisoned lock still holds consistent data.
-        self.slot.lock().unwrap_or_else(PoisonError::into_inner)
+        self.slot.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 

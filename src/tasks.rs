@@ -1,10 +1,13 @@
 //! [`Tasks`]: several tasks for one response, run one after another or all at once.
 
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
+use crate::error::SkipReason;
+use crate::layer::Config;
 use crate::policy::{OnEarlyDrop, OnFailure};
 use crate::report::log_error;
+use crate::runner::report_not_run;
 use crate::task::{Job, Task};
 use crate::task_fn::TaskFn;
 
@@ -16,9 +19,15 @@ use crate::task_fn::TaskFn;
 ///
 /// `Tasks` is a cheap handle to shared storage, because `http::Extensions` requires
 /// `Clone + Send + Sync`: clones see the same tasks, and the layer takes them out once, so
-/// a `Tasks` runs at most once however it was cloned. Tasks added after that, or a `Tasks`
-/// that never reaches the layer, are reported when the last handle is dropped (a `tracing`
-/// warning, or a line on stderr), never dropped silently.
+/// a `Tasks` runs at most once however it was cloned. Tasks added while the response is
+/// still being sent run with it; tasks added once its tasks have started (by one of them,
+/// say) are reported to the layer as not run ([`SkipReason::AddedTooLate`]) and dropped at
+/// once. A `Tasks` that never reaches a layer is logged when its last handle is dropped (a
+/// `tracing` error, or a line on stderr), never dropped silently; if one of its own tasks
+/// holds a handle to it, that is a reference cycle of the caller's making, and it is
+/// never dropped at all.
+///
+/// [`SkipReason::AddedTooLate`]: crate::SkipReason::AddedTooLate
 ///
 /// # Example
 ///
@@ -43,18 +52,33 @@ pub struct Tasks {
     shared: Arc<Mutex<Batch>>,
 }
 
-/// The storage behind every clone of one [`Tasks`].
+/// The storage behind every clone of one [`Tasks`]: one *set* of tasks with its own
+/// settings.
+///
+/// Sets merged together form a *tree*: a singly linked list of sets in the order they
+/// run, owned by its first set, the *root*. Every set points towards the root with a weak
+/// link (a union-find parent, so that no merge ever walks or copies a whole tree, and
+/// nothing forms a reference cycle). Every walk over a tree is a loop, never a recursion:
+/// trees are built by user code and may be as long as it likes.
+///
+/// Locks are taken root first, then one member at a time; a set's own lock guards its
+/// jobs. User code (a job's `Drop`) never runs under a lock.
 struct Batch {
     jobs: Vec<Job>,
     group: bool,
     on_failure: Option<OnFailure>,
     on_early_drop: Option<OnEarlyDrop>,
-    /// Other `Tasks` merged into this one: they run after it, in order, each under its own
-    /// mode and settings.
-    followers: Vec<Tasks>,
-    /// A response has carried this `Tasks` to the layer: no other response runs it.
+    /// The next set of the tree, in run order.
+    next: Option<Tasks>,
+    /// Towards the root of the tree this set was merged into; `None` for a root.
+    up: Option<Weak<Mutex<Batch>>>,
+    /// Root only: the last set of its list, if it is not the root itself.
+    tail: Option<Weak<Mutex<Batch>>>,
+    /// Root only: a response has carried this tree to the layer; no other response runs it.
     claimed: bool,
-    taken: bool,
+    /// The tasks have been taken out to run, by the layer with these settings: tasks added
+    /// now are reported to that layer as not run, and dropped at once.
+    taken: Option<Arc<Config>>,
 }
 
 /// What the layer takes out of a [`Tasks`] to run it.
@@ -63,6 +87,13 @@ pub(crate) struct TakenTasks {
     pub(crate) group: bool,
     pub(crate) on_failure: OnFailure,
     pub(crate) on_early_drop: Option<OnEarlyDrop>,
+}
+
+/// A tree of sets claimed by one response: taken out when the response is done.
+pub(crate) struct Claimed {
+    root: Tasks,
+    /// How many tasks the tree held when claimed.
+    pub(crate) count: usize,
 }
 
 impl Tasks {
@@ -149,7 +180,7 @@ impl Tasks {
     /// ```
     pub fn push(&mut self, task: Task) {
         if let Some(job) = task.take() {
-            self.lock().push_job(job);
+            self.push_job(job);
         }
     }
 
@@ -171,15 +202,22 @@ impl Tasks {
     where
         F: TaskFn<Args, Kind>,
     {
-        let job = f.into_job(args);
-        self.lock().push_job(job);
+        self.push_job(f.into_job(args));
     }
 
     /// Merges `other` into these tasks: `other` runs after them, under its own mode and
     /// settings (a group stays a group), as if it were a second `Tasks` on the same
     /// response. `other` stays a live handle: tasks added to it later, through any clone,
-    /// still run. Merges form a tree: merging a `Tasks` that these already contain (itself,
-    /// or one merged before), or one that already contains these, does nothing.
+    /// still run.
+    ///
+    /// Merging joins two *trees*: everything merged with these tasks so far runs first,
+    /// then everything merged with `other`, each set in the order it joined. Merging two
+    /// `Tasks` that are already joined (itself, one merged before, in either direction)
+    /// does nothing, so merges never form a cycle, whatever order threads merge in. A
+    /// `Tasks` that a response has already claimed stays with that response: merging it
+    /// elsewhere does nothing. Merging into a `Tasks` whose response is still being sent
+    /// runs `other` with it; merging into one whose tasks have already started reports
+    /// `other`'s tasks as not run ([`SkipReason::AddedTooLate`](crate::SkipReason)).
     ///
     /// This is how two sets of tasks meet on one response without either being dropped:
     /// request-scoped tasks and the response's own, or two layers' worth.
@@ -196,27 +234,104 @@ impl Tasks {
     /// assert_eq!(first.len(), 3);
     /// ```
     pub fn merge(&mut self, other: Tasks) {
-        // Also keeps the merged sets a tree: `len`, `claim` and friends recurse over it.
-        if !other.reaches(self) && !self.reaches(&other) {
-            self.lock().followers.push(other);
+        let late = loop {
+            let (root, other_root) = (self.root(), other.root());
+            if root.same(&other_root) {
+                return;
+            }
+            // Both roots locked, in address order, so that two threads merging the same two
+            // trees in opposite directions cannot both succeed (a cycle) or deadlock.
+            let (mut this, mut that) = lock_pair(&root, &other_root);
+            if this.parent().is_some() || that.parent().is_some() {
+                continue; // merged elsewhere meanwhile: find the roots again
+            }
+            if that.claimed {
+                return; // `other` belongs to a response already
+            }
+            that.up = Some(Arc::downgrade(&root.shared));
+            if let Some(config) = this.taken.clone() {
+                // These tasks have started: `other`'s tree can only be reported.
+                let mut jobs = std::mem::take(&mut that.jobs);
+                that.taken = Some(config.clone());
+                let mut next = that.next.clone();
+                drop((this, that));
+                while let Some(set) = next {
+                    let mut batch = set.lock();
+                    jobs.append(&mut batch.jobs);
+                    batch.taken = Some(config.clone());
+                    next = batch.next.clone();
+                }
+                break Some((jobs, config));
+            }
+            let other_tail = that.tail.take();
+            let last = match this.tail.as_ref().and_then(Weak::upgrade) {
+                Some(last) => Tasks { shared: last },
+                None => {
+                    // The root is its own tail, unless it outlived the root it was merged
+                    // into: find its last set.
+                    let mut last = match this.next.clone() {
+                        Some(next) => next,
+                        None => {
+                            this.next = Some(other_root.clone());
+                            this.tail = Some(tail_of(&other_root, other_tail));
+                            break None;
+                        }
+                    };
+                    loop {
+                        let next = last.lock().next.clone();
+                        match next {
+                            Some(next) => last = next,
+                            None => break last,
+                        }
+                    }
+                }
+            };
+            last.lock().next = Some(other_root.clone());
+            this.tail = Some(tail_of(&other_root, other_tail));
+            break None;
+        };
+        if let Some((jobs, config)) = late {
+            report_not_run(jobs, &config, SkipReason::AddedTooLate);
         }
     }
 
-    /// `true` if `target` is this `Tasks` or one merged into it, at any depth.
-    fn reaches(&self, target: &Tasks) -> bool {
-        Arc::ptr_eq(&self.shared, &target.shared)
-            || self
-                .followers()
-                .iter()
-                .any(|follower| follower.reaches(target))
+    /// Adds one job, or reports it at once if this set's tasks have already been taken to
+    /// run: stored, it could only be dropped later, and a job that holds this `Tasks` would
+    /// keep itself alive forever.
+    fn push_job(&mut self, job: Job) {
+        let mut batch = self.lock();
+        match batch.taken.clone() {
+            None => batch.push_job(job),
+            Some(config) => {
+                drop(batch);
+                report_not_run(vec![job], &config, SkipReason::AddedTooLate);
+            }
+        }
     }
 
-    fn followers(&self) -> Vec<Tasks> {
-        self.lock().followers.clone()
+    /// The root of the tree these tasks belong to (this `Tasks` if none was merged into).
+    fn root(&self) -> Tasks {
+        let mut set = self.clone();
+        loop {
+            let up = set.lock().parent();
+            match up {
+                Some(up) => set = Tasks { shared: up },
+                None => break,
+            }
+        }
+        // Path compression: the next search from here is one step.
+        if !set.same(self) {
+            self.lock().up = Some(Arc::downgrade(&set.shared));
+        }
+        set
     }
 
-    /// How many tasks are waiting to run, counting those of the `Tasks` merged into this one
-    /// (0 once the layer has taken them).
+    fn same(&self, other: &Tasks) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
+    /// How many tasks are waiting to run with these: their own, and those of every `Tasks`
+    /// merged with them, either way (0 once the layer has taken them).
     ///
     /// ```
     /// use tower_background::{Task, Tasks};
@@ -225,8 +340,14 @@ impl Tasks {
     /// assert_eq!(tasks.len(), 3);
     /// ```
     pub fn len(&self) -> usize {
-        let own = self.lock().jobs.len();
-        own + self.followers().iter().map(Tasks::len).sum::<usize>()
+        let mut count = 0;
+        let mut next = Some(self.root());
+        while let Some(set) = next {
+            let batch = set.lock();
+            count += batch.jobs.len();
+            next = batch.next.clone();
+        }
+        count
     }
 
     /// `true` if there is no task waiting to run.
@@ -258,49 +379,38 @@ impl Tasks {
                 group,
                 on_failure: None,
                 on_early_drop: None,
-                followers: Vec::new(),
+                next: None,
+                up: None,
+                tail: None,
                 claimed: false,
-                taken: false,
+                taken: None,
             })),
         }
     }
 
-    /// Claims these tasks, and those merged into them, for one response, once: a `Tasks`
-    /// already claimed (through any clone) is skipped. Pushes each `Tasks` claimed onto
-    /// `claimed`, in the order they run, and returns how many tasks they hold now (more may
-    /// be added until [`take`](Tasks::take)).
-    pub(crate) fn claim(&self, claimed: &mut Vec<Tasks>) -> usize {
-        let (count, followers) = {
-            let mut batch = self.lock();
+    /// Claims the tree these tasks belong to for one response, once: a tree already
+    /// claimed (through any of its sets, any clone) gives `None`. More tasks may be added
+    /// until [`Claimed::take`].
+    pub(crate) fn claim(&self) -> Option<Claimed> {
+        loop {
+            let root = self.root();
+            let mut batch = root.lock();
+            if batch.parent().is_some() {
+                continue; // merged elsewhere meanwhile
+            }
             if batch.claimed {
-                return 0;
+                return None;
             }
             batch.claimed = true;
-            (batch.jobs.len(), batch.followers.clone())
-        };
-        claimed.push(self.clone());
-        // Not under this lock: each follower takes its own (merges form a tree, see `merge`).
-        count
-            + followers
-                .iter()
-                .map(|follower| follower.claim(claimed))
-                .sum::<usize>()
-    }
-
-    /// Takes this `Tasks`' own tasks out to run them (not those merged into it: they were
-    /// claimed on their own). Only the response that claimed them calls this, once.
-    pub(crate) fn take(&self) -> TakenTasks {
-        let mut batch = self.lock();
-        batch.taken = true;
-        TakenTasks {
-            jobs: std::mem::take(&mut batch.jobs),
-            group: batch.group,
-            on_failure: batch.on_failure.unwrap_or(if batch.group {
-                OnFailure::Continue
-            } else {
-                OnFailure::Stop
-            }),
-            on_early_drop: batch.on_early_drop,
+            let mut count = batch.jobs.len();
+            let mut next = batch.next.clone();
+            drop(batch);
+            while let Some(set) = next {
+                let batch = set.lock();
+                count += batch.jobs.len();
+                next = batch.next.clone();
+            }
+            return Some(Claimed { root, count });
         }
     }
 
@@ -308,6 +418,40 @@ impl Tasks {
         // The lock is only held to move jobs in or out, never across user code, so a
         // poisoned lock still holds consistent data.
         self.shared.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Locks two distinct sets in a fixed (address) order.
+fn lock_pair<'a>(a: &'a Tasks, b: &'a Tasks) -> (MutexGuard<'a, Batch>, MutexGuard<'a, Batch>) {
+    if Arc::as_ptr(&a.shared) < Arc::as_ptr(&b.shared) {
+        let first = a.lock();
+        (first, b.lock())
+    } else {
+        let second = b.lock();
+        (a.lock(), second)
+    }
+}
+
+/// The tail link of a tree whose root is `root` and whose own tail link was `tail`.
+fn tail_of(root: &Tasks, tail: Option<Weak<Mutex<Batch>>>) -> Weak<Mutex<Batch>> {
+    tail.filter(|tail| tail.strong_count() > 0)
+        .unwrap_or_else(|| Arc::downgrade(&root.shared))
+}
+
+impl Claimed {
+    /// Takes every set of the claimed tree out to run, in order, handing each to `each`;
+    /// from now on, tasks added to any of them are reported to `config`'s layer as not run.
+    /// Only the response that claimed them calls this, once.
+    pub(crate) fn take(self, config: &Arc<Config>, mut each: impl FnMut(TakenTasks)) {
+        // The root stays locked throughout, so that no merge slips in behind the walk.
+        let mut root = self.root.lock();
+        each(root.take(config));
+        let mut next = root.next.clone();
+        while let Some(set) = next {
+            let mut batch = set.lock();
+            each(batch.take(config));
+            next = batch.next.clone();
+        }
     }
 }
 
@@ -348,10 +492,9 @@ impl FromIterator<Task> for Tasks {
 
 impl Extend<Task> for Tasks {
     fn extend<I: IntoIterator<Item = Task>>(&mut self, iter: I) {
-        let mut batch = self.lock();
-        batch
-            .jobs
-            .extend(iter.into_iter().filter_map(|task| task.take()));
+        for task in iter {
+            self.push(task);
+        }
     }
 }
 
@@ -359,12 +502,12 @@ impl fmt::Debug for Tasks {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let batch = self.lock();
         f.debug_struct("Tasks")
-            .field("len", &batch.jobs.len())
+            .field("own", &batch.jobs.len())
             .field("group", &batch.group)
             .field("on_failure", &batch.on_failure)
             .field("on_early_drop", &batch.on_early_drop)
-            .field("merged", &batch.followers.len())
-            .field("taken", &batch.taken)
+            .field("merged", &(batch.up.is_some() || batch.next.is_some()))
+            .field("taken", &batch.taken.is_some())
             .finish()
     }
 }
@@ -377,25 +520,59 @@ impl Batch {
         }
         self.jobs.push(job);
     }
+
+    /// The set this one was merged into, if it is still alive.
+    fn parent(&mut self) -> Option<Arc<Mutex<Batch>>> {
+        let parent = self.up.as_ref()?.upgrade();
+        if parent.is_none() {
+            // That tree was dropped unclaimed: this set now heads what is left of it.
+            self.up = None;
+        }
+        parent
+    }
+
+    fn take(&mut self, config: &Arc<Config>) -> TakenTasks {
+        self.taken = Some(config.clone());
+        TakenTasks {
+            jobs: std::mem::take(&mut self.jobs),
+            group: self.group,
+            on_failure: self.on_failure.unwrap_or(if self.group {
+                OnFailure::Continue
+            } else {
+                OnFailure::Stop
+            }),
+            on_early_drop: self.on_early_drop,
+        }
+    }
 }
 
 impl Drop for Batch {
     fn drop(&mut self) {
-        if self.jobs.is_empty() {
-            return;
+        if !self.jobs.is_empty() {
+            // Tasks added after the take never stay here (`push_job`), so these never
+            // reached a layer.
+            let names: Vec<&str> = self.jobs.iter().map(|job| &*job.name).collect();
+            log_error(format_args!(
+                "{} background task(s) dropped without running, because the response they \
+                 were attached to never passed through BackgroundLayer: {names:?}",
+                names.len()
+            ));
+            for job in &mut self.jobs {
+                job.discard_work();
+            }
         }
-        let names: Vec<&str> = self.jobs.iter().map(|job| &*job.name).collect();
-        let why = if self.taken {
-            "they were added after the response's tasks had been taken to run"
-        } else {
-            "the response never passed through BackgroundLayer"
-        };
-        log_error(format_args!(
-            "{} background task(s) dropped without running, because {why}: {names:?}",
-            names.len()
-        ));
-        for job in &mut self.jobs {
-            job.discard_work();
+        // Unlink the rest of the list in a loop: dropping it link by link would recurse
+        // once per set.
+        let mut next = self.next.take();
+        while let Some(set) = next {
+            next = match Arc::try_unwrap(set.shared) {
+                Ok(batch) => batch
+                    .into_inner()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .next
+                    .take(),
+                Err(_) => None, // still held elsewhere: it heads the rest now
+            };
         }
     }
 }

@@ -149,6 +149,10 @@ struct Model<'a> {
     case: &'a Case,
     script: VecDeque<Step>,
     sent: u64,
+    /// The length hyper frames the body with, if any.
+    length: Option<u64>,
+    /// hyper refuses the response: it never completes.
+    refused: bool,
     /// Dropping now counts as complete.
     complete: bool,
     /// The response is over: complete, or failed with a body error.
@@ -157,23 +161,53 @@ struct Model<'a> {
 }
 
 impl<'a> Model<'a> {
+    /// hyper 1.x's HTTP/1.1 rules (the requests here are HTTP/1.1): a body already at its
+    /// end, or a bodiless status, is dropped unpolled; an exact size hint fixes the length
+    /// (a `Content-Length` header that disagrees makes the response a lie: refused);
+    /// otherwise the header does; the body must not end before that length.
     fn new(case: &'a Case) -> Self {
         let bodiless = case.kind != Kind::Plain;
         let at_end = case.eager_end && case.script.is_empty();
+        let total: u64 = case
+            .script
+            .iter()
+            .map(|step| match step {
+                Step::Data(n) => *n as u64,
+                _ => 0,
+            })
+            .sum();
+        let refused = !at_end
+            && case.exact_hint
+            && case.kind != Kind::Head
+            && case.content_length.is_some_and(|cl| cl != total);
+        // A bodiless response is never polled by hyper: only its end or its drop count.
+        let length = match (bodiless || at_end, case.exact_hint) {
+            (true, _) => None,
+            (false, true) => Some(total),
+            (false, false) => case.content_length,
+        };
         Model {
             case,
             script: case.script.iter().copied().collect(),
             sent: 0,
-            complete: bodiless || at_end || case.content_length == Some(0),
+            length,
+            refused: refused && !at_end,
+            complete: at_end || (!refused && (bodiless || length == Some(0))),
             over: false,
             early: false,
         }
     }
 
+    /// The body ended (`None`, trailers, or `is_end_stream` after a frame).
     fn finish(&mut self) {
         if !self.over {
             self.over = true;
-            self.complete = true;
+            let short = self.length.is_some_and(|length| self.sent < length);
+            if self.refused || short {
+                self.early = true;
+            } else {
+                self.complete = true;
+            }
         }
     }
 
@@ -190,7 +224,7 @@ impl<'a> Model<'a> {
             Some(step) => {
                 if let Step::Data(n) = step {
                     self.sent += n as u64;
-                    if self.case.content_length.is_some_and(|cl| self.sent >= cl) {
+                    if !self.refused && self.length.is_some_and(|length| self.sent >= length) {
                         self.finish();
                     }
                 } else {
