@@ -69,12 +69,29 @@ impl BackgroundHandle {
 
     /// Waits until every task of this layer has run, including the tasks of responses still
     /// being sent and tasks attached while the drain goes on, or until `timeout` has passed.
-    /// At the deadline, what is left is cancelled: running async tasks are dropped, queued
-    /// ones never start, and tasks of responses that complete later are not run; each is
-    /// reported (as [`CancelReason::Shutdown`](crate::CancelReason::Shutdown)) and counted.
+    /// At the deadline, what is left is cancelled: running async tasks are dropped and
+    /// reported as [`Cancelled(Shutdown)`](crate::CancelReason::Shutdown); tasks that have
+    /// not started (waiting for their response, their turn or a slot) never start, and are
+    /// reported as [`Skipped(Shutdown)`](crate::SkipReason::Shutdown), as are the tasks of
+    /// responses that complete later. Each is counted.
+    ///
+    /// The deadline is final for the layer: every task of a response that completes after
+    /// it is skipped, and a later drain has nothing to wait for.
     ///
     /// A blocking task cannot be cancelled: the drain waits for it up to the deadline, then
     /// reports it as cancelled and leaves its thread to finish.
+    ///
+    /// # When it returns
+    ///
+    /// At the deadline, the drain waits for each run it cancelled to report what it
+    /// cancelled, which a run does the next time it is polled. An async task that blocks
+    /// its worker thread (a blocking call inside `async` code) delays that until it yields:
+    /// the drain then returns later than `timeout`. On a current-thread runtime, the timer
+    /// itself cannot fire while such a task holds the thread. Keep blocking work in
+    /// [`Task::blocking`](crate::Task::blocking).
+    ///
+    /// The report says drained only if nothing was cancelled: two drains running at once
+    /// share one deadline, the shorter one's, and both report what it cancelled.
     ///
     /// The drain waits on notifications, never by polling in a loop.
     ///
@@ -100,7 +117,8 @@ impl BackgroundHandle {
             self.shared.runs.wait().await;
         }
         ShutdownReport {
-            drained,
+            // Another drain may have reached its deadline while this one waited.
+            drained: drained && !self.shared.cancel.is_cancelled(),
             elapsed: started.elapsed(),
             stats: self.stats(),
         }
@@ -127,8 +145,8 @@ pub struct ShutdownReport {
 }
 
 impl ShutdownReport {
-    /// `true` if everything finished before the deadline; `false` if the drain cancelled
-    /// what was left.
+    /// `true` if everything finished before the deadline; `false` if a deadline (this
+    /// drain's, or an earlier or concurrent drain's) cancelled what was left.
     ///
     /// ```
     /// # use std::time::Duration;

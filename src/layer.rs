@@ -160,8 +160,19 @@ impl BackgroundLayer {
     ///
     /// Those tasks run when the response is complete, before any the response itself
     /// carries, under the same contract: neither set is ever dropped in favour of the other.
-    /// If the inner service fails instead of answering, there is no response to wait for:
-    /// the tasks are not run, and are logged as dropped.
+    /// They run whatever the response's status: an error response (a 500 the handler
+    /// chose, a 408 from a timeout layer *inside* this one) still runs them. FastAPI drops
+    /// injected tasks when the endpoint raises; here, a task that must not run after an
+    /// error should be added only once the handler knows it succeeded.
+    ///
+    /// If there is no response to wait for (the inner service's future is dropped before it
+    /// answers: the client went away, a timeout layer *outside* this one answered instead;
+    /// or the inner service returns an error), the tasks never run: each is counted and
+    /// reported as [`Skipped(NoResponse)`](crate::SkipReason::NoResponse).
+    ///
+    /// A response that leaves the service with no task yet does not hold a
+    /// [drain](BackgroundHandle::shutdown) back (a long stream of server-sent events, say);
+    /// tasks added to it while it streams still run when it completes.
     ///
     /// ```
     /// use std::convert::Infallible;

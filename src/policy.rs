@@ -44,9 +44,12 @@ pub enum OnEarlyDrop {
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnFailure {
-    /// Sequential: skip the tasks after the failed one. Group: cancel the tasks still
-    /// running (a blocking task cannot be cancelled: it runs to its end, and its outcome is
-    /// not reported). Each task that does not run to its end is reported as skipped.
+    /// Sequential: skip the tasks after the failed one, each reported as
+    /// [`Skipped(EarlierFailure)`](crate::SkipReason::EarlierFailure). Group: cancel the
+    /// tasks still running, each reported as
+    /// [`Cancelled(GroupStopped)`](crate::CancelReason::GroupStopped) (a blocking task
+    /// cannot be stopped: it is reported so, and its thread runs on to its end), and skip
+    /// those still waiting for a slot.
     Stop,
     /// Run every other task regardless.
     Continue,

@@ -9,7 +9,7 @@ use common::*;
 use http::{Method, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::BodyExt;
-use tower_background::{BackgroundLayer, OnEarlyDrop, Task};
+use tower_background::{BackgroundLayer, OnEarlyDrop, SkipReason, Task, TaskErrorKind};
 
 /// The layer of these tests skips the tasks of responses dropped early, so that a task
 /// runs only if the layer saw its response complete: with the default (run them anyway),
@@ -267,5 +267,147 @@ async fn response_without_tasks_passes_through_unchanged() {
         assert_eq!(res.headers()["x-kept"], "yes");
         let body = within(res.into_body().collect()).await.unwrap().to_bytes();
         assert_eq!(body, Bytes::from_static(b"untouched"));
+    }
+}
+
+/// A body that knows its exact size but never says it is at its end: hyper's HTTP/1.1
+/// server writes `content-length` from the size hint and drops the body after the last
+/// byte, without polling it to its end (review case 1).
+struct SizedBody(Option<Bytes>);
+
+impl http_body::Body for SizedBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        std::task::Poll::Ready(self.0.take().map(|bytes| Ok(Frame::data(bytes))))
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.0.as_ref().map_or(0, |b| b.len() as u64))
+    }
+}
+
+#[tokio::test]
+async fn an_exact_size_hint_without_content_length_completes_the_response() {
+    for proto in BOTH {
+        assert_runs_once(proto, Method::GET, |probe| {
+            let body = SizedBody(Some(Bytes::from_static(b"sized, no header")));
+            with_task(probe, "ran", Response::builder(), body.boxed_unsync())
+        })
+        .await;
+        // http-body-util's own: a `Full` body with trailers keeps `is_end_stream` false.
+        assert_runs_once(proto, Method::GET, |probe| {
+            let body = http_body_util::Full::new(Bytes::from_static(b"with trailers"))
+                .with_trailers(async { None })
+                .map_err(|never| match never {});
+            with_task(probe, "ran", Response::builder(), body.boxed_unsync())
+        })
+        .await;
+    }
+}
+
+/// Sends a raw HTTP/1.1 CONNECT and returns the status line the server answered with.
+async fn raw_connect(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n\r\n")
+        .await
+        .unwrap();
+    let mut line = String::new();
+    within(BufReader::new(&mut stream).read_line(&mut line))
+        .await
+        .unwrap();
+    line
+}
+
+/// hyper treats a 2xx answer to CONNECT as the start of a tunnel: it sends the head and
+/// drops the body unpolled, however much it holds (review case 8).
+#[tokio::test]
+async fn a_2xx_answer_to_connect_is_complete_without_its_body() {
+    let probe = Probe::new();
+    let addr = {
+        let probe = probe.clone();
+        serve(strict_layer(), move |_req| {
+            let res = with_task(&probe, "ran", Response::builder(), full("not sent"));
+            async move { res }
+        })
+        .await
+    };
+    let status = raw_connect(addr).await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert_eq!(probe.next().await, "ran");
+    probe.assert_quiet("the task ran twice").await;
+}
+
+/// A response that hyper (or any conforming client) refuses is never complete: with the
+/// skip setting, its task is reported as skipped, never run (review case 9). What the client
+/// sees differs by protocol (hyper aborts the HTTP/1.1 message; the HTTP/2 client resets the
+/// stream); `tests/hyper_oracle.rs` checks that side.
+async fn assert_refused(
+    proto: Proto,
+    make: impl Fn() -> Response<BoxedBody> + Clone + Send + Sync + 'static,
+    what: &str,
+) {
+    let (layer, errors) = reporting_layer();
+    let background = layer.handle();
+    let probe = Probe::<&str>::new();
+    let addr = {
+        let probe = probe.clone();
+        serve(layer.on_early_drop(OnEarlyDrop::Skip), move |_req| {
+            let probe = probe.clone();
+            let mut res = make();
+            res.extensions_mut()
+                .insert(Task::new(async move { probe.send("ran") }));
+            async move { res }
+        })
+        .await
+    };
+    let client = client(proto);
+    if let Ok(res) = within(client.request(request(Method::GET, addr, "/"))).await {
+        let _ = within(res.into_body().collect()).await;
+    }
+    drop(client);
+    let report = errors.next().await;
+    assert!(
+        matches!(report.kind(), TaskErrorKind::Skipped(SkipReason::EarlyDrop)),
+        "{proto:?}, {what}: {report}"
+    );
+    probe.assert_quiet(what).await;
+    let stats = background.stats();
+    assert_eq!(stats.attached, stats.settled(), "{stats}");
+}
+
+/// A streamed body of `data` whose head declares `content-length` as `values`.
+fn declared(values: &'static [&'static str], data_: &'static str) -> Response<BoxedBody> {
+    let (tx, body) = channel_body();
+    tx.send(data(data_)).unwrap();
+    drop(tx);
+    let mut builder = Response::builder();
+    for value in values {
+        builder = builder.header("content-length", *value);
+    }
+    builder.body(body).unwrap()
+}
+
+#[tokio::test]
+async fn a_body_shorter_than_its_content_length_is_not_complete() {
+    for proto in BOTH {
+        assert_refused(proto, || declared(&["10"], "short"), "5 bytes of 10").await;
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_content_length_is_not_complete() {
+    let cases: [&'static [&'static str]; 4] = [&["+10"], &["10, 10"], &["ten"], &["10", "11"]];
+    for values in cases {
+        for proto in BOTH {
+            let what = format!("content-length {values:?}");
+            assert_refused(proto, move || declared(values, "0123456789"), &what).await;
+        }
     }
 }

@@ -316,3 +316,163 @@ async fn drain_returns_soon_after_the_last_task_ends() {
         "the drain returned {delay:?} after the last task"
     );
 }
+
+/// Review case 2: limit 1, one task running, one waiting for the slot. The deadline
+/// cancels the running one, which frees the slot; the waiting one must not take it and
+/// start: queued tasks never start after the deadline. Both runtimes: on a current-thread
+/// one the waiting run is polled right after the slot is freed.
+fn nothing_waiting_for_a_slot_starts_after_the_deadline(runtime: tokio::runtime::Runtime) {
+    runtime.block_on(async {
+        let (layer, errors) = reporting_layer();
+        let layer = layer.max_concurrent(1);
+        let background = layer.handle();
+        let started = Probe::<&str>::new();
+        let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let addr = {
+            let (started, ran) = (started.clone(), ran.clone());
+            serve(layer, move |req| {
+                let task = if req.uri().path() == "/running" {
+                    let started = started.clone();
+                    Task::new(async move {
+                        started.send("running");
+                        std::future::pending::<()>().await;
+                    })
+                    .named("running")
+                } else {
+                    let ran = ran.clone();
+                    Task::blocking(move || ran.store(true, std::sync::atomic::Ordering::SeqCst))
+                        .named("waiting")
+                };
+                let mut res = Response::new(full("ok"));
+                res.extensions_mut().insert(task);
+                async move { res }
+            })
+            .await
+        };
+        get(Proto::Http1, addr, "/running").await;
+        assert_eq!(started.next().await, "running");
+        get(Proto::Http1, addr, "/waiting").await;
+        until("the second task waits for the slot", || {
+            background.stats().queued == 1
+        })
+        .await;
+
+        let report = within(background.shutdown(Duration::from_millis(20))).await;
+        assert!(!report.is_drained(), "{report}");
+        let mut reports = errors.take(2).await;
+        reports.sort_by_key(|r| r.name().to_owned());
+        assert!(
+            matches!(
+                reports[0].kind(),
+                TaskErrorKind::Cancelled(CancelReason::Shutdown)
+            ),
+            "{}",
+            reports[0]
+        );
+        assert!(
+            matches!(
+                reports[1].kind(),
+                TaskErrorKind::Skipped(SkipReason::Shutdown)
+            ),
+            "{}",
+            reports[1]
+        );
+        errors.assert_quiet("a task was reported twice").await;
+        assert!(
+            !ran.load(std::sync::atomic::Ordering::SeqCst),
+            "the waiting task started after the deadline"
+        );
+        let stats = background.stats();
+        assert_eq!(
+            (stats.cancelled, stats.skipped, stats.succeeded),
+            (1, 1, 0),
+            "{stats}"
+        );
+        assert_eq!(stats.attached, stats.settled(), "{stats}");
+    });
+}
+
+#[test]
+fn drain_deadline_starts_nothing_waiting_for_a_slot_current_thread() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    nothing_waiting_for_a_slot_starts_after_the_deadline(runtime);
+}
+
+#[test]
+fn drain_deadline_starts_nothing_waiting_for_a_slot_multi_thread() {
+    for _ in 0..20 {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        nothing_waiting_for_a_slot_starts_after_the_deadline(runtime);
+    }
+}
+
+/// Two drains at once share the shorter one's deadline: neither may report drained once
+/// a task was cancelled.
+#[tokio::test]
+async fn a_drain_whose_tasks_another_drain_cancelled_is_not_drained() {
+    let layer = BackgroundLayer::new();
+    let background = layer.handle();
+    let started = Probe::<&str>::new();
+    let addr = {
+        let started = started.clone();
+        serve(layer, move |_req| {
+            let started = started.clone();
+            let mut res = Response::new(full("ok"));
+            res.extensions_mut().insert(Task::new(async move {
+                started.send("running");
+                std::future::pending::<()>().await;
+            }));
+            async move { res }
+        })
+        .await
+    };
+    get(Proto::Http1, addr, "/").await;
+    assert_eq!(started.next().await, "running");
+    let long = tokio::spawn({
+        let background = background.clone();
+        async move { background.shutdown(PATIENCE * 2).await }
+    });
+    let short = within(background.shutdown(Duration::from_millis(20))).await;
+    let long = within(long).await.unwrap();
+    assert!(!short.is_drained(), "{short}");
+    assert!(!long.is_drained(), "{long}");
+    assert_eq!(long.stats().cancelled, 1, "{long}");
+}
+
+/// With request-scoped tasks on, a long stream that never gets a task (server-sent
+/// events) must not hold a drain to its deadline.
+#[tokio::test]
+async fn a_stream_without_tasks_does_not_hold_the_drain() {
+    let layer = BackgroundLayer::new().with_request_tasks();
+    let background = layer.handle();
+    let chunks = Handoff::new();
+    let addr = {
+        let chunks = chunks.clone();
+        serve(layer, move |_req| {
+            let res = Response::new(chunks.take());
+            async move { res }
+        })
+        .await
+    };
+    let (tx, body) = channel_body();
+    chunks.put(body);
+    let client = client(Proto::Http2);
+    let res = within(client.request(request(Method::GET, addr, "/events")))
+        .await
+        .unwrap();
+    tx.send(data("event: tick\n\n")).unwrap();
+    let mut body = res.into_body();
+    within(body.frame()).await.unwrap().unwrap();
+
+    let report = within(background.shutdown(PATIENCE * 2)).await;
+    assert!(report.is_drained(), "{report}");
+    assert_eq!(report.stats().attached, 0, "{report}");
+    drop(tx);
+}

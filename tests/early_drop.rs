@@ -152,3 +152,138 @@ async fn body_error_counts_as_early_drop() {
             .await;
     }
 }
+
+/// How the handler's future gets dropped before it answers (review case 3).
+#[derive(Clone, Copy, Debug)]
+enum Abandon {
+    /// An HTTP/2 client resets the stream.
+    Http2Reset,
+    /// An HTTP/1.1 client closes the connection.
+    Http1Close,
+    /// A layer outside this one answers 408 instead (as tower-http's `TimeoutLayer` does),
+    /// dropping the inner future.
+    OuterTimeout,
+}
+
+/// A handler that adds a request-scoped task, says so, and never answers.
+async fn abandoned_handler(
+    req: http::Request<hyper::body::Incoming>,
+    ran: Probe<&'static str>,
+    added: Probe<&'static str>,
+    gate: std::sync::Arc<tokio::sync::Notify>,
+) -> Response<BoxedBody> {
+    let mut tasks = req.extensions().get::<Tasks>().unwrap().clone();
+    tasks.push(Task::new(async move { ran.send("ran") }).named("request-scoped"));
+    added.send("added");
+    gate.notify_one();
+    std::future::pending().await
+}
+
+async fn abandon(how: Abandon) {
+    use tower::Service;
+    let (layer, errors) = reporting_layer();
+    let layer = layer.with_request_tasks();
+    let background = layer.handle();
+    let (ran, added) = (Probe::new(), Probe::new());
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    let inner = {
+        let (ran, added, gate) = (ran.clone(), added.clone(), gate.clone());
+        layered(layer, move |req| {
+            abandoned_handler(req, ran.clone(), added.clone(), gate.clone())
+        })
+    };
+    let addr = serve_service(tower::service_fn(move |req| {
+        let (mut inner, gate) = (inner.clone(), gate.clone());
+        async move {
+            let call = inner.call(req);
+            match how {
+                Abandon::OuterTimeout => tokio::select! {
+                    res = call => res,
+                    () = gate.notified() => {
+                        let mut res = Response::new(tower_background::BackgroundBody::passthrough(empty()));
+                        *res.status_mut() = http::StatusCode::REQUEST_TIMEOUT;
+                        Ok(res)
+                    }
+                },
+                _ => call.await,
+            }
+        }
+    }))
+    .await;
+    match how {
+        Abandon::Http2Reset => {
+            let client = client(Proto::Http2);
+            let call =
+                tokio::spawn(async move { client.request(request(Method::GET, addr, "/")).await });
+            assert_eq!(added.next().await, "added");
+            call.abort();
+        }
+        Abandon::Http1Close => {
+            use tokio::io::AsyncWriteExt;
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream
+                .write_all(b"GET / HTTP/1.1\r\nhost: localhost\r\n\r\n")
+                .await
+                .unwrap();
+            assert_eq!(added.next().await, "added");
+            drop(stream);
+        }
+        Abandon::OuterTimeout => {
+            let (status, _) = get(Proto::Http1, addr, "/").await;
+            assert_eq!(status, http::StatusCode::REQUEST_TIMEOUT);
+        }
+    }
+    let report = errors.next().await;
+    assert_eq!(report.name(), "request-scoped", "{how:?}");
+    assert!(
+        matches!(
+            report.kind(),
+            TaskErrorKind::Skipped(SkipReason::NoResponse)
+        ),
+        "{how:?}: {report}"
+    );
+    ran.assert_quiet("the task of an abandoned handler ran")
+        .await;
+    let stats = background.stats();
+    assert_eq!((stats.attached, stats.skipped), (1, 1), "{how:?}: {stats}");
+}
+
+#[tokio::test]
+async fn request_tasks_of_a_handler_abandoned_by_an_http2_reset_are_counted_and_reported() {
+    abandon(Abandon::Http2Reset).await;
+}
+
+#[tokio::test]
+async fn request_tasks_of_a_handler_abandoned_by_an_http1_close_are_counted_and_reported() {
+    abandon(Abandon::Http1Close).await;
+}
+
+#[tokio::test]
+async fn request_tasks_of_a_handler_an_outer_timeout_abandoned_are_counted_and_reported() {
+    abandon(Abandon::OuterTimeout).await;
+}
+
+/// The inner service returns an error instead of a response: nothing to wait for.
+#[tokio::test]
+async fn request_tasks_of_a_failed_service_are_counted_and_reported() {
+    use tower::{Layer, ServiceExt};
+    let (layer, errors) = reporting_layer();
+    let layer = layer.with_request_tasks();
+    let background = layer.handle();
+    let svc = layer.layer(tower::service_fn(|req: http::Request<()>| async move {
+        let mut tasks = req.extensions().get::<Tasks>().unwrap().clone();
+        tasks.push(Task::new(async {}).named("request-scoped"));
+        Err::<Response<BoxedBody>, _>(io::Error::other("the service failed"))
+    }));
+    assert!(svc.oneshot(http::Request::new(())).await.is_err());
+    let report = errors.next().await;
+    assert!(
+        matches!(
+            report.kind(),
+            TaskErrorKind::Skipped(SkipReason::NoResponse)
+        ),
+        "{report}"
+    );
+    let stats = background.stats();
+    assert_eq!((stats.attached, stats.skipped), (1, 1), "{stats}");
+}

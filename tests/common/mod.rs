@@ -300,3 +300,16 @@ impl Drop for Watchdog {
         self.0.take();
     }
 }
+
+/// Waits until `condition` holds, checking it each millisecond, failing the test if it
+/// still does not after [`PATIENCE`]: for states that are only visible through counters.
+pub async fn until(what: &str, mut condition: impl FnMut() -> bool) {
+    let wait = async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    if tokio::time::timeout(PATIENCE, wait).await.is_err() {
+        panic!("timed out waiting until {what}");
+    }
+}
