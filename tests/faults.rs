@@ -287,3 +287,82 @@ async fn ten_thousand_tasks_on_one_response_all_run() {
         assert_eq!(report.stats().succeeded, 10_000, "{report}");
     }
 }
+
+/// A panic payload (or an error) whose own `Drop` panics.
+struct PayloadPanicsOnDrop;
+
+impl Drop for PayloadPanicsOnDrop {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            panic!("the payload panicked in Drop");
+        }
+    }
+}
+
+impl std::fmt::Debug for PayloadPanicsOnDrop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PayloadPanicsOnDrop")
+    }
+}
+
+impl std::fmt::Display for PayloadPanicsOnDrop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an error that panics when dropped")
+    }
+}
+
+impl std::error::Error for PayloadPanicsOnDrop {}
+
+/// Review case 7: a panic with a payload of any type (`panic_any`), or an `Err` whose own
+/// `Drop` panics, stays inside its task: it is reported as what it is, and the next task
+/// of the sequence (failure setting `Continue`) still runs. Served with the default
+/// reporter (a log line), which drops the error itself.
+#[tokio::test]
+async fn a_payload_or_error_that_panics_on_drop_stays_inside_its_task() {
+    let layer = BackgroundLayer::new();
+    let background = layer.handle();
+    let ran = Probe::<&str>::new();
+    let addr = {
+        let ran = ran.clone();
+        serve(layer, move |_req| {
+            let mut tasks = Tasks::new().on_failure(OnFailure::Continue);
+            // Unit-typed, not `!` (edition 2024's never-type fallback).
+            tasks.push(Task::new(async {
+                if true {
+                    std::panic::panic_any(PayloadPanicsOnDrop);
+                }
+            }));
+            tasks.push(Task::new(async { Err::<(), _>(PayloadPanicsOnDrop) }));
+            tasks.push(Task::blocking(|| {
+                if true {
+                    std::panic::panic_any(PayloadPanicsOnDrop);
+                }
+            }));
+            let ran = ran.clone();
+            tasks.push(Task::new(async move { ran.send("the next task ran") }));
+            let mut res = Response::new(full("ok"));
+            res.extensions_mut().insert(tasks);
+            async move { res }
+        })
+        .await
+    };
+    get(Proto::Http1, addr, "/").await;
+    assert_eq!(ran.next().await, "the next task ran");
+    until("every task is settled", || {
+        let stats = background.stats();
+        stats.settled() == 4
+    })
+    .await;
+    let stats = background.stats();
+    assert_eq!(
+        (
+            stats.panicked,
+            stats.failed,
+            stats.succeeded,
+            stats.cancelled,
+            stats.skipped
+        ),
+        (2, 1, 1, 0, 0),
+        "{stats}"
+    );
+}

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use common::*;
 use http::{Response, StatusCode};
 use tokio::sync::Barrier;
-use tower_background::{BackgroundLayer, Task, Tasks, WithTasks};
+use tower_background::{BackgroundLayer, SkipReason, Task, TaskErrorKind, Tasks, WithTasks};
 
 fn report(probe: &Probe<&'static str>, what: &'static str) -> Task {
     let probe = probe.clone();
@@ -96,4 +96,205 @@ async fn tasks_merged_both_ways_run_once() {
     .await;
     assert_eq!(probe.take(2).await, ["a", "b"]);
     probe.assert_quiet("a task ran twice").await;
+}
+
+/// Review case 4: a `Tasks` merged into one whose response is still streaming runs with
+/// it, as a task pushed at the same point does.
+#[tokio::test]
+async fn tasks_merged_while_the_response_streams_run_too() {
+    for proto in BOTH {
+        let probe = Probe::new();
+        let handles = Handoff::new();
+        let chunks = Handoff::new();
+        let addr = {
+            let (probe, handles, chunks) = (probe.clone(), handles.clone(), chunks.clone());
+            serve(BackgroundLayer::new(), move |_req| {
+                let mut tasks = Tasks::new();
+                tasks.push(report(&probe, "attached"));
+                handles.put(tasks.clone());
+                let res = Response::new(chunks.take()).with_tasks(tasks);
+                async move { res }
+            })
+            .await
+        };
+        let (tx, body) = channel_body();
+        chunks.put(body);
+        let res = within(client(proto).request(request(http::Method::GET, addr, "/")))
+            .await
+            .unwrap();
+        tx.send(data("first")).unwrap();
+        let mut body = res.into_body();
+        within(http_body_util::BodyExt::frame(&mut body))
+            .await
+            .unwrap()
+            .unwrap();
+        // The response is out and claimed, still streaming.
+        let mut claimed: Tasks = handles.take();
+        let mut pushed = Tasks::new();
+        pushed.push(report(&probe, "pushed"));
+        claimed.push(report(&probe, "pushed directly"));
+        claimed.merge(pushed);
+        drop(tx);
+        while within(http_body_util::BodyExt::frame(&mut body))
+            .await
+            .is_some()
+        {}
+        assert_eq!(
+            probe.take(3).await,
+            ["attached", "pushed directly", "pushed"],
+            "{proto:?}"
+        );
+        probe.assert_quiet("a task ran twice").await;
+    }
+}
+
+/// Drops a flag when dropped: shows that what a task captured was freed.
+struct Freed(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Freed {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Review case 5: a task that pushes a follow-up into its own `Tasks`, already taken, the
+/// follow-up holding that `Tasks`: the follow-up is reported as added too late and dropped
+/// at once, not kept where it would keep itself alive.
+#[tokio::test]
+async fn a_task_added_after_its_tasks_started_is_reported_and_freed() {
+    let (layer, errors) = reporting_layer();
+    let background = layer.handle();
+    let freed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let addr = {
+        let freed = freed.clone();
+        serve(layer, move |_req| {
+            let mut tasks = Tasks::new();
+            let mut own = tasks.clone();
+            let freed = freed.clone();
+            tasks.push(Task::new(async move {
+                let handle = own.clone();
+                let flag = Freed(freed);
+                own.push(
+                    Task::new(async move {
+                        let _keep = (handle, flag);
+                    })
+                    .named("follow-up"),
+                );
+            }));
+            let res = Response::new(full("Created")).with_tasks(tasks);
+            async move { res }
+        })
+        .await
+    };
+    get(Proto::Http1, addr, "/").await;
+    let report = errors.next().await;
+    assert_eq!(report.name(), "follow-up");
+    assert!(
+        matches!(
+            report.kind(),
+            TaskErrorKind::Skipped(SkipReason::AddedTooLate)
+        ),
+        "{report}"
+    );
+    until("the follow-up is freed", || {
+        freed.load(std::sync::atomic::Ordering::SeqCst)
+    })
+    .await;
+    let stats = background.stats();
+    assert_eq!(
+        (stats.attached, stats.succeeded, stats.skipped),
+        (2, 1, 1),
+        "{stats}"
+    );
+}
+
+/// Review case 6: `a.merge(b)` and `b.merge(a)` on two threads at once never form a cycle,
+/// whichever wins; thousands of tries, each checked.
+#[test]
+fn merges_in_opposite_directions_at_once_never_form_a_cycle() {
+    for _ in 0..5_000 {
+        let mut a = Tasks::new();
+        a.push(Task::new(async {}));
+        let mut b = Tasks::new();
+        b.push(Task::new(async {}));
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let other = {
+            let (mut b, a, barrier) = (b.clone(), a.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                b.merge(a);
+            })
+        };
+        barrier.wait();
+        a.merge(b.clone());
+        other.join().unwrap();
+        // A cycle would make these walk forever (or, before, overflow the stack).
+        assert_eq!((a.len(), b.len()), (2, 2));
+    }
+}
+
+/// Review case 6: long chains of merges, built either way, are walked in loops: served on
+/// a real server, every task runs once; dropped unserved, nothing overflows the stack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_of_100_000_merges_never_recurses() {
+    const LINKS: usize = 100_000;
+    let ran = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let task = |ran: &std::sync::Arc<std::sync::atomic::AtomicUsize>| {
+        let ran = ran.clone();
+        Task::new(async move {
+            ran.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        })
+    };
+    // Each new `Tasks` takes the chain so far (newest first)...
+    let newest_first = {
+        let mut chain = Tasks::new();
+        for _ in 0..LINKS {
+            let mut next = Tasks::new();
+            next.push(task(&ran));
+            next.merge(chain);
+            chain = next;
+        }
+        chain
+    };
+    // ...or the chain takes each new `Tasks` (oldest first).
+    let oldest_first = {
+        let mut chain = Tasks::new();
+        let mut last = chain.clone();
+        for _ in 0..LINKS {
+            let mut next = Tasks::new();
+            next.push(task(&ran));
+            last.merge(next.clone());
+            last = next;
+        }
+        chain.push(task(&ran));
+        chain
+    };
+    assert_eq!(newest_first.len(), LINKS);
+    assert_eq!(oldest_first.len(), LINKS + 1);
+    let chains = Handoff::new();
+    let addr = {
+        let chains = chains.clone();
+        serve(BackgroundLayer::new(), move |_req| {
+            let res = Response::new(full("ok")).with_tasks(chains.take());
+            async move { res }
+        })
+        .await
+    };
+    for chain in [newest_first, oldest_first] {
+        chains.put(chain);
+        get(Proto::Http1, addr, "/").await;
+    }
+    until("every task of both chains ran", || {
+        ran.load(std::sync::atomic::Ordering::SeqCst) == 2 * LINKS + 1
+    })
+    .await;
+
+    // Dropped without reaching a layer: logged, freed in a loop.
+    let mut chain = Tasks::new();
+    for _ in 0..LINKS {
+        let mut next = Tasks::new();
+        next.merge(chain);
+        chain = next;
+    }
+    drop(chain);
 }

@@ -239,3 +239,22 @@ fn tasks_that_never_reach_the_layer_are_logged_when_dropped() {
         "{events:?}"
     );
 }
+
+/// The same for a single `Task` on a response that never passes through the layer.
+#[test]
+fn a_task_that_never_reaches_the_layer_is_logged_when_dropped() {
+    let capture = capture();
+    let mut res = Response::new(());
+    res.extensions_mut()
+        .insert(Task::new(async {}).named("orphan_receipt"));
+    drop(res);
+    let events = capture.events.lock().unwrap().clone();
+    assert!(
+        events
+            .iter()
+            .any(|(fields, _)| fields.contains("dropped without running")
+                && fields.contains("never passed through BackgroundLayer")
+                && fields.contains("orphan_receipt")),
+        "{events:?}"
+    );
+}
