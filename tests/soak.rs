@@ -1,8 +1,14 @@
 //! A soak test against a real server on loopback: thousands of requests over HTTP/1.1 and
 //! HTTP/2 with a mix of body kinds, clients that leave mid-stream (connection closed or
-//! stream reset), tasks that fail, panic, block or time out. After a drain, every attached
-//! task is accounted for exactly once, the counters match what the tasks recorded
-//! themselves, and the process holds no more tasks, and not much more memory, than before.
+//! stream reset) or mid-handler (their request-scoped tasks never get a response), tasks
+//! merged into a response while it streams, tasks that fail, panic, block or time out.
+//! After a drain, every attached task is accounted for exactly once, the counters match
+//! what the tasks recorded themselves, and the process holds no more tasks, and not much
+//! more memory, than before. Then a second drain under the limit reaches its deadline with
+//! hundreds of tasks waiting for a slot: none of them starts after it.
+//!
+//! Nothing depends on how fast the machine is: the only timeout is on a task that never
+//! ends, and every wait is for an event, bounded only to fail instead of hanging.
 //!
 //! Bounded: a fixed count of requests and a time limit; it stops by itself. The default
 //! size runs in seconds; `SOAK_REQUESTS=200000 cargo test --release --test soak --
@@ -23,7 +29,9 @@ use futures_util::future::join_all;
 use http::{Method, Response};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
-use tower_background::{BackgroundLayer, OnEarlyDrop, OnFailure, Task, TaskErrorKind, Tasks};
+use tower_background::{
+    BackgroundLayer, OnEarlyDrop, OnFailure, SkipReason, Task, TaskErrorKind, Tasks,
+};
 
 /// What the tasks and the clients recorded themselves.
 #[derive(Default)]
@@ -33,15 +41,25 @@ struct Ledger {
     panicked: AtomicU64,
     timed_out: AtomicU64,
     reported_skipped: AtomicU64,
+    /// Request-scoped tasks of requests whose client left before the handler answered.
+    reported_no_response: AtomicU64,
     reported_other: AtomicU64,
+    /// Requests whose client left mid-handler.
+    left_mid_handler: AtomicU64,
     left_mid_stream: AtomicU64,
     responses: AtomicU64,
+    /// Tasks of `/hold` that started.
+    held_started: AtomicU64,
+    /// Requests to `/abandon` waiting for their handler to add its task.
+    waiting: std::sync::Mutex<std::collections::HashMap<u64, tokio::sync::oneshot::Sender<()>>>,
 }
 
-/// A streamed body of `chunks` chunks, yielding to the runtime between them.
+/// A streamed body of `chunks` chunks, yielding to the runtime between them. Half-way, it
+/// merges `late` into `tasks`, its own response's tasks, claimed by then.
 struct Trickle {
     chunks: u32,
     yielded: bool,
+    tasks: Option<(Tasks, Tasks)>,
 }
 
 impl Body for Trickle {
@@ -62,9 +80,19 @@ impl Body for Trickle {
         }
         self.yielded = false;
         self.chunks -= 1;
+        if self.chunks == 32 {
+            if let Some((mut tasks, late)) = self.tasks.take() {
+                tasks.merge(late);
+            }
+        }
         Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(&[b'x'; 512])))))
     }
 }
+
+type HandlerFuture = Pin<Box<dyn std::future::Future<Output = Response<BoxedBody>> + Send>>;
+
+/// How many requests to `/hold` the last drain finds: more than the limit of 64.
+const HELD: u64 = 200;
 
 fn boom() {
     panic!("an injected panic")
@@ -105,10 +133,14 @@ async fn every_task_is_accounted_for_exactly_once_under_a_mixed_load() {
     let layer = {
         let ledger = ledger.clone();
         BackgroundLayer::new()
-            .task_timeout(Duration::from_millis(20))
             .max_concurrent(64)
+            .with_request_tasks()
             .on_error(move |err| {
                 let counter = match err.kind() {
+                    TaskErrorKind::Skipped(SkipReason::NoResponse) => {
+                        ledger.reported_skipped.fetch_add(1, SeqCst);
+                        &ledger.reported_no_response
+                    }
                     TaskErrorKind::Skipped(_) => &ledger.reported_skipped,
                     TaskErrorKind::Failed(_)
                     | TaskErrorKind::Panicked(_)
@@ -161,26 +193,53 @@ async fn every_task_is_accounted_for_exactly_once_under_a_mixed_load() {
                 }
                 "/timeout" => {
                     let l2 = l.clone();
-                    tasks.push(Task::new(async move {
-                        l2.timed_out.fetch_add(1, SeqCst);
-                        std::future::pending::<()>().await;
-                    }));
+                    // The only timeout of the soak, on a task that never ends: it times out
+                    // at any speed.
+                    tasks.push(
+                        Task::new(async move {
+                            l2.timed_out.fetch_add(1, SeqCst);
+                            std::future::pending::<()>().await;
+                        })
+                        .timeout(Duration::from_millis(20)),
+                    );
                 }
                 "/stream" => {
                     tasks = Tasks::group().on_early_drop(OnEarlyDrop::Skip);
                     tasks.push(ok(l.clone()));
                     tasks.push(ok(l.clone()));
+                    let mut late = Tasks::new();
+                    late.push(ok(l.clone()));
                     body = Trickle {
                         chunks: 64,
                         yielded: false,
+                        tasks: Some((tasks.clone(), late)),
                     }
                     .boxed_unsync();
+                }
+                "/abandon" => {
+                    // A request-scoped task, then no answer until the client has left.
+                    let mut scoped = req.extensions().get::<Tasks>().unwrap().clone();
+                    scoped.push(ok(l.clone()));
+                    let id: u64 = req.headers()["x-id"].to_str().unwrap().parse().unwrap();
+                    let waiting = l.waiting.lock().unwrap().remove(&id);
+                    if let Some(added) = waiting {
+                        let _ = added.send(());
+                    }
+                    return Box::pin(std::future::pending()) as HandlerFuture;
+                }
+                "/hold" => {
+                    // For the last drain: runs until cancelled, holding a slot.
+                    let l2 = l.clone();
+                    tasks.push(Task::new(async move {
+                        l2.held_started.fetch_add(1, SeqCst);
+                        std::future::pending::<()>().await;
+                    }));
                 }
                 _ => {}
             }
             let mut res = Response::new(body);
             res.extensions_mut().insert(tasks);
-            async move { res }
+            Box::pin(async move { res }) as HandlerFuture
         })
         .await
     };
@@ -194,6 +253,7 @@ async fn every_task_is_accounted_for_exactly_once_under_a_mixed_load() {
         "/stream",
         "/stream-leave",
         "/none",
+        "/abandon",
     ];
     let workers = 16u64;
     let started = Instant::now();
@@ -210,6 +270,19 @@ async fn every_task_is_accounted_for_exactly_once_under_a_mixed_load() {
                 // A fixed, well-mixed sequence: no randomness, so a failure replays.
                 let path = paths[((n * 7 + n / 13) % paths.len() as u64) as usize];
                 async move {
+                    if path == "/abandon" {
+                        // Leave once the handler has added its request-scoped task.
+                        let (added, handler_added) = tokio::sync::oneshot::channel();
+                        ledger.waiting.lock().unwrap().insert(n, added);
+                        let mut req = request(Method::GET, addr, path);
+                        req.headers_mut().insert("x-id", n.into());
+                        let call = tokio::spawn(async move { client.request(req).await });
+                        handler_added.await.unwrap();
+                        call.abort();
+                        ledger.left_mid_handler.fetch_add(1, SeqCst);
+                        ledger.responses.fetch_add(1, SeqCst);
+                        return;
+                    }
                     let leave = path == "/stream-leave";
                     let uri_path = if leave { "/stream" } else { path };
                     let res = client
@@ -245,8 +318,9 @@ async fn every_task_is_accounted_for_exactly_once_under_a_mixed_load() {
     println!("soak: {requests} requests in {:?}", started.elapsed());
     println!("soak: {report}");
     println!(
-        "soak: {} clients left mid-stream; resident memory {} KiB after warm-up, {} KiB at the end",
+        "soak: {} clients left mid-stream, {} mid-handler; resident memory {} KiB after warm-up, {} KiB at the end",
         ledger.left_mid_stream.load(SeqCst),
+        ledger.left_mid_handler.load(SeqCst),
         resident_after_warm_up / 1024,
         resident_at_end / 1024
     );
@@ -268,6 +342,16 @@ async fn every_task_is_accounted_for_exactly_once_under_a_mixed_load() {
     );
     assert_eq!(stats.cancelled, 0, "{stats}");
     assert_eq!(ledger.reported_other.load(SeqCst), 0);
+    // Every client that left mid-handler had its request-scoped task reported as never
+    // run (the server notices the client leaving on its own time: wait for it).
+    let left_mid_handler = ledger.left_mid_handler.load(SeqCst);
+    until("every abandoned handler's task is reported", || {
+        ledger.reported_no_response.load(SeqCst) == left_mid_handler
+    })
+    .await;
+    assert!(left_mid_handler > 0);
+    let stats = background.stats();
+    assert_eq!(stats.attached, stats.settled(), "{stats}");
     // Each /fail skips one task, each early-left /stream skips two.
     assert!(stats.skipped >= stats.failed, "{stats}");
     // No task or memory held on to: our own counters are at zero (above), and the
@@ -290,6 +374,37 @@ async fn every_task_is_accounted_for_exactly_once_under_a_mixed_load() {
     assert!(
         resident_at_end < resident_after_warm_up + margin,
         "resident memory grew from {resident_after_warm_up} to {resident_at_end} bytes"
+    );
+
+    // A last drain under the limit reaches its deadline: 64 tasks running, the rest
+    // waiting for a slot. The deadline frees the slots; nothing waiting may take one.
+    let before = background.stats();
+    let client = client(Proto::Http2);
+    join_all((0..HELD).map(|_| {
+        let client = client.clone();
+        async move {
+            let res = client.request(request(Method::GET, addr, "/hold")).await;
+            res.unwrap().into_body().collect().await.unwrap();
+        }
+    }))
+    .await;
+    until("64 tasks run and the rest wait for a slot", || {
+        let stats = background.stats();
+        stats.running == 64 && stats.queued == HELD - 64
+    })
+    .await;
+    let report = within(background.shutdown(Duration::from_millis(10))).await;
+    let stats = report.stats();
+    println!("soak, last drain: {report}");
+    assert!(!report.is_drained(), "{report}");
+    assert_eq!(ledger.held_started.load(SeqCst), 64, "{report}");
+    assert_eq!(stats.cancelled - before.cancelled, 64, "{report}");
+    assert_eq!(stats.skipped - before.skipped, HELD - 64, "{report}");
+    assert_eq!(stats.attached, stats.settled(), "{report}");
+    assert_eq!(
+        ledger.held_started.load(SeqCst),
+        64,
+        "a task started after the deadline"
     );
 }
 
