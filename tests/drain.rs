@@ -279,14 +279,14 @@ where
     addr
 }
 
-/// The drain waits on a notification, not in a polling loop: it returns right after the
-/// last task ends. The bound here is generous on purpose (a shared, noisy machine); the
-/// precise figure comes from `benches/overhead.rs` ("drain wake-up after the last task").
+/// The drain waits for the last task, and returns once it ends (woken by a notification:
+/// how soon is a speed, measured by `benches/overhead.rs`, "drain wake-up after the last
+/// task", never asserted here, where the machine may be loaded).
 #[tokio::test]
-async fn drain_returns_soon_after_the_last_task_ends() {
+async fn drain_returns_once_the_last_task_ends() {
     let layer = BackgroundLayer::new();
     let background = layer.handle();
-    let finished = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let finished = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let release = std::sync::Arc::new(tokio::sync::Notify::new());
     let addr = {
         let (finished, release) = (finished.clone(), release.clone());
@@ -295,26 +295,26 @@ async fn drain_returns_soon_after_the_last_task_ends() {
             let mut res = Response::new(full("ok"));
             res.extensions_mut().insert(Task::new(async move {
                 release.notified().await;
-                *finished.lock().unwrap() = Some(std::time::Instant::now());
+                finished.store(true, std::sync::atomic::Ordering::SeqCst);
             }));
             async move { res }
         })
         .await
     };
     get(Proto::Http1, addr, "/").await;
-    let drain = tokio::spawn(async move {
-        background.shutdown(PATIENCE).await;
-        std::time::Instant::now()
-    });
+    let drain = {
+        let finished = finished.clone();
+        tokio::spawn(async move {
+            let report = background.shutdown(PATIENCE * 3).await;
+            (report, finished.load(std::sync::atomic::Ordering::SeqCst))
+        })
+    };
     tokio::time::sleep(QUIET).await;
+    assert!(!drain.is_finished(), "the drain returned before the last task ended");
     release.notify_one();
-    let returned = within(drain).await.unwrap();
-    let last = finished.lock().unwrap().expect("the task ran");
-    let delay = returned - last;
-    assert!(
-        delay < Duration::from_millis(200),
-        "the drain returned {delay:?} after the last task"
-    );
+    let (report, task_had_ended) = within(drain).await.unwrap();
+    assert!(task_had_ended, "the drain returned before the last task ended");
+    assert!(report.is_drained(), "{report}");
 }
 
 /// Review case 2: limit 1, one task running, one waiting for the slot. The deadline
