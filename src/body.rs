@@ -15,11 +15,18 @@ pin_project! {
     /// plus the fire-once state of the response's tasks, if it has any.
     ///
     /// It forwards every frame, `is_end_stream` and `size_hint` as they are, and starts the
-    /// tasks once the body is complete: `poll_frame` returned `None`, a trailers frame, a
-    /// data frame after which `is_end_stream()` is true, or the bytes sent reached the
-    /// `Content-Length` header. A body that hyper drops without polling (already at its end,
-    /// or a response to HEAD, or with status 1xx, 204 or 304) counts as complete when
-    /// dropped. Any other drop is an early drop; so is a body error.
+    /// tasks once the response is complete, as hyper sends it: `poll_frame` returned
+    /// `None`, a trailers frame, a data frame after which `is_end_stream()` is true, or,
+    /// over HTTP/1.1, the bytes sent reached the length hyper frames the body with (its
+    /// exact size hint, else its `Content-Length`). A body that hyper drops without
+    /// polling (already at its end; over HTTP/1.1 a response to HEAD, or with status 1xx,
+    /// 204 or 304; a 2xx answer to CONNECT) counts as complete when dropped. Any other drop
+    /// is an early drop; so is a body error, and so is any end of a response that hyper or
+    /// a conforming client refuses (a malformed or conflicting `Content-Length`, a body
+    /// shorter than it, or longer over HTTP/2).
+    ///
+    /// "Complete" means handed to the server in full: the client may still be receiving
+    /// it.
     ///
     /// A response without tasks gets a wrapper that does nothing but forward.
     ///
