@@ -7,12 +7,12 @@
 
 use std::sync::Arc;
 
-use http::header::CONTENT_LENGTH;
-use http::{Extensions, HeaderMap, StatusCode};
+use http::Extensions;
 use tokio::runtime::Handle;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::error::{SkipReason, TaskErrorKind};
+use crate::framing::{Framing, ResponseShape};
 use crate::layer::Config;
 use crate::runner::{Ledger, report_not_run};
 use crate::span::ParentSpan;
@@ -89,144 +89,6 @@ impl Attached {
         claimed.take(config, |set| jobs.extend(set.jobs));
         report_not_run(jobs, config, SkipReason::NoResponse);
     }
-}
-
-/// What the request and the response tell about how hyper will send the body.
-pub(crate) struct ResponseShape<'a> {
-    pub(crate) request: RequestKind,
-    pub(crate) status: StatusCode,
-    pub(crate) headers: &'a HeaderMap,
-    /// The body was already at its end when wrapped (`is_end_stream()`).
-    pub(crate) body_at_end: bool,
-    /// The body's exact size hint, if it has one.
-    pub(crate) exact_size: Option<u64>,
-}
-
-/// What the layer keeps of a request: three flags, nothing allocated.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct RequestKind {
-    pub(crate) is_head: bool,
-    pub(crate) is_connect: bool,
-    /// Served over HTTP/2 (else HTTP/1.x).
-    pub(crate) http2: bool,
-}
-
-/// How hyper will put the body on the wire, decided from the head when the response leaves
-/// the service. It follows hyper 1.x's own rules (`proto/h1/role.rs` and
-/// `proto/h2/server.rs`) and, for HTTP/2, what RFC 9113 §8.1.1 makes every client refuse;
-/// `tests/hyper_oracle.rs` checks it against a real hyper server and client.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
-    /// No body goes on the wire: hyper writes the head and drops the body without polling
-    /// it (HTTP/1: HEAD, 1xx, 204, 304, 2xx to CONNECT, a body already at its end; HTTP/2: 2xx to CONNECT, a body already at its end), or the head is all
-    /// the response is (HEAD over HTTP/2). Any drop counts as complete.
-    Bodiless,
-    /// Exactly this many bytes. HTTP/1: hyper stops polling once they are written (and
-    /// cuts what goes past them; with 0, it never polls the body); HTTP/2: the stream must end after exactly them, or the
-    /// client resets it.
-    Length(u64),
-    /// Up to the end of the stream (HTTP/1 chunked or close-delimited, HTTP/2 without a
-    /// length).
-    Stream,
-    /// hyper, or any conforming client, refuses this response: a malformed or conflicting
-    /// `Content-Length`, or one that contradicts the body's exact size hint. It never
-    /// counts as complete.
-    Refused,
-}
-
-impl Framing {
-    fn of(shape: &ResponseShape<'_>) -> Self {
-        let RequestKind {
-            is_head,
-            is_connect,
-            http2,
-        } = shape.request;
-        let status = shape.status;
-        let declared = declared_length(shape.headers);
-        if http2 {
-            if is_connect && status.is_success() {
-                // hyper resets a stream whose successful CONNECT answer declares a length,
-                // and otherwise turns it into a tunnel, dropping the body unpolled.
-                return match declared {
-                    Ok(None | Some(0)) => Framing::Bodiless,
-                    _ => Framing::Refused,
-                };
-            }
-            let Ok(declared) = declared else {
-                return Framing::Refused;
-            };
-            if shape.body_at_end {
-                // Sent as a HEADERS frame that ends the stream: malformed if it declares a
-                // length other than 0 (but for HEAD, 204 and 304).
-                let excused = is_head
-                    || status == StatusCode::NO_CONTENT
-                    || status == StatusCode::NOT_MODIFIED;
-                return match declared {
-                    Some(len) if len > 0 && !excused => Framing::Refused,
-                    _ => Framing::Bodiless,
-                };
-            }
-            if is_head {
-                // hyper sends the head, then whatever the body holds, which a client may
-                // refuse; a HEAD response is complete once its head is out, and it is out
-                // before the body is polled or dropped.
-                return Framing::Bodiless;
-            }
-            // hyper fills a missing `Content-Length` from the exact size hint.
-            return match declared.or(shape.exact_size) {
-                Some(len) => Framing::Length(len),
-                None => Framing::Stream,
-            };
-        }
-        if shape.body_at_end {
-            // hyper writes the head alone (turning a stray length into 0, but for HEAD).
-            return Framing::Bodiless;
-        }
-        let framed = match (shape.exact_size, declared) {
-            // hyper trusts the size hint and writes the header as it is: a header that
-            // disagrees makes a response that lies about its length (and trips a debug
-            // assertion inside hyper).
-            (Some(exact), Ok(Some(len))) if len != exact && !is_head => Framing::Refused,
-            (Some(_), Err(())) if !is_head => Framing::Refused,
-            (Some(exact), _) => Framing::Length(exact),
-            // Without a hint, hyper parses the header, and fails the response if it is
-            // malformed or if its values differ.
-            (None, Err(())) => Framing::Refused,
-            (None, Ok(Some(len))) => Framing::Length(len),
-            (None, Ok(None)) => Framing::Stream,
-        };
-        let bodiless = is_head
-            || status.is_informational()
-            || status == StatusCode::NO_CONTENT
-            || status == StatusCode::NOT_MODIFIED
-            || (is_connect && status.is_success());
-        match framed {
-            Framing::Refused => Framing::Refused,
-            _ if bodiless => Framing::Bodiless,
-            framed => framed,
-        }
-    }
-}
-
-/// The `Content-Length` the response declares: `Ok(None)` without one, `Err` if any value
-/// is not a plain decimal number (no sign, no list, no spaces: what both hyper's HTTP/1
-/// encoder and the h2 client accept) or two values differ.
-fn declared_length(headers: &HeaderMap) -> Result<Option<u64>, ()> {
-    let mut declared = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        let bytes = value.as_bytes();
-        if bytes.is_empty() || bytes.len() > 19 || !bytes.iter().all(u8::is_ascii_digit) {
-            return Err(());
-        }
-        let len = bytes
-            .iter()
-            .fold(0u64, |len, digit| len * 10 + u64::from(digit - b'0'));
-        match declared {
-            Some(previous) if previous != len => return Err(()),
-            _ => declared = Some(len),
-        }
-    }
-    Ok(declared)
 }
 
 /// Fires the attached tasks exactly once: on completion, or when dropped.

@@ -10,7 +10,8 @@ use http_body::Body;
 use pin_project_lite::pin_project;
 
 use crate::body::BackgroundBody;
-use crate::completion::{Attached, Completion, RequestKind, ResponseShape};
+use crate::completion::{Attached, Completion};
+use crate::framing::{RequestKind, ResponseShape};
 use crate::layer::Config;
 use crate::tasks::Tasks;
 

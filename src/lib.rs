@@ -81,6 +81,7 @@ mod body;
 mod completion;
 mod error;
 mod ext;
+mod framing;
 mod future;
 mod handle;
 mod layer;

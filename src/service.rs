@@ -7,7 +7,7 @@ use http::{Method, Request, Response, Version};
 use http_body::Body;
 use tower_service::Service;
 
-use crate::completion::RequestKind;
+use crate::framing::RequestKind;
 use crate::future::ResponseFuture;
 use crate::layer::Config;
 use crate::tasks::Tasks;

@@ -310,10 +310,16 @@ async fn drain_returns_once_the_last_task_ends() {
         })
     };
     tokio::time::sleep(QUIET).await;
-    assert!(!drain.is_finished(), "the drain returned before the last task ended");
+    assert!(
+        !drain.is_finished(),
+        "the drain returned before the last task ended"
+    );
     release.notify_one();
     let (report, task_had_ended) = within(drain).await.unwrap();
-    assert!(task_had_ended, "the drain returned before the last task ended");
+    assert!(
+        task_had_ended,
+        "the drain returned before the last task ended"
+    );
     assert!(report.is_drained(), "{report}");
 }
 

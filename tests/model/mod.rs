@@ -176,9 +176,11 @@ impl<'a> Model<'a> {
                 _ => 0,
             })
             .sum();
+        // hyper copies the header and frames by the hint: a client that reads a body then
+        // reads a lie. (A client that reads none, after HEAD, 204 or 304, ignores it.)
         let refused = !at_end
+            && !bodiless
             && case.exact_hint
-            && case.kind != Kind::Head
             && case.content_length.is_some_and(|cl| cl != total);
         // A bodiless response is never polled by hyper: only its end or its drop count.
         let length = match (bodiless || at_end, case.exact_hint) {

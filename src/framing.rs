@@ -1,0 +1,206 @@
+//! [`Framing`]: how hyper will put a response's body on the wire, decided from the head
+//! when the response leaves the service.
+//!
+//! The rules transcribe hyper 1.x's own (`proto/h1/role.rs`, the HTTP/1 encoder;
+//! `proto/h2/server.rs`) and what hyper's and h2's clients accept on the receiving side
+//! (RFC 9113 §8.1.1 for HTTP/2). They are ours, and so may be wrong: `tests/hyper_oracle.rs`
+//! checks them against a real hyper server and client, over both protocols.
+
+use http::header::CONTENT_LENGTH;
+use http::{HeaderMap, HeaderValue, StatusCode};
+
+/// What the request and the response tell about how hyper will send the body.
+pub(crate) struct ResponseShape<'a> {
+    pub(crate) request: RequestKind,
+    pub(crate) status: StatusCode,
+    pub(crate) headers: &'a HeaderMap,
+    /// The body was already at its end when wrapped (`is_end_stream()`).
+    pub(crate) body_at_end: bool,
+    /// The body's exact size hint, if it has one.
+    pub(crate) exact_size: Option<u64>,
+}
+
+/// What the layer keeps of a request: three flags, nothing allocated.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RequestKind {
+    pub(crate) is_head: bool,
+    pub(crate) is_connect: bool,
+    /// Served over HTTP/2 (else HTTP/1.x).
+    pub(crate) http2: bool,
+}
+
+/// How hyper will put the body on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Framing {
+    /// No body goes on the wire, or none the client reads: hyper writes the head and drops
+    /// the body without polling it (HTTP/1: HEAD, 204, 304, 2xx to CONNECT, a body already
+    /// at its end; HTTP/2: 2xx to CONNECT, a body already at its end), or the head is all
+    /// the response is (HEAD over HTTP/2). Any drop counts as complete.
+    Bodiless,
+    /// Exactly this many bytes. HTTP/1: hyper stops polling once they are written (and
+    /// cuts what goes past them; with 0, it never polls the body); HTTP/2: the stream must
+    /// end after exactly them, or the client resets it.
+    Length(u64),
+    /// Up to the end of the stream (HTTP/1 chunked or close-delimited, HTTP/2 without a
+    /// length the client checks).
+    Stream,
+    /// hyper, or its client, refuses this response: a malformed, conflicting or forbidden
+    /// `Content-Length`, or one that contradicts the body's exact size hint. It never counts
+    /// as complete.
+    Refused,
+}
+
+impl Framing {
+    pub(crate) fn of(shape: &ResponseShape<'_>) -> Self {
+        if shape.request.http2 {
+            Framing::http2(shape)
+        } else {
+            Framing::http1(shape)
+        }
+    }
+
+    /// hyper's HTTP/1 encoder (`Server::encode`), then what hyper's client reads.
+    fn http1(shape: &ResponseShape<'_>) -> Self {
+        let RequestKind {
+            is_head,
+            is_connect,
+            ..
+        } = shape.request;
+        let status = shape.status;
+        if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+            // hyper cannot send 1xx as a final response: it answers 500 instead.
+            return Framing::Refused;
+        }
+        let connect_2xx = is_connect && status.is_success();
+        let values = shape.headers.get_all(CONTENT_LENGTH);
+        let mut values = values.iter();
+        // The encoder walks the `Content-Length` values; a length already written (always,
+        // for a 2xx answer to CONNECT) makes another one an error.
+        let first = values.next();
+        let mut framed = None;
+        if let Some(first) = first {
+            if connect_2xx {
+                return Framing::Refused;
+            }
+            if shape.body_at_end {
+                // Skipped, but for HEAD, where the first is written and a second refused.
+                if is_head && values.next().is_some() {
+                    return Framing::Refused;
+                }
+            } else if shape.exact_size.is_none() {
+                // Parsed: each value a plain number, all equal.
+                let Some(len) = strict(first) else {
+                    return Framing::Refused;
+                };
+                if !values.all(|value| strict(value) == Some(len)) {
+                    return Framing::Refused;
+                }
+                framed = Some(len);
+            }
+            // With an exact size hint, the first value is written as it is, the others
+            // dropped: the client judges it (below).
+        }
+        let bodiless = is_head
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+            || connect_2xx
+            || shape.body_at_end;
+        if bodiless {
+            // The client reads no body, whatever a length says.
+            return Framing::Bodiless;
+        }
+        match (shape.exact_size, first) {
+            // hyper trusts the hint; the client reads the header hyper copied.
+            (Some(exact), Some(written)) => match lenient(written) {
+                Some(len) if len == exact => Framing::Length(exact),
+                _ => Framing::Refused,
+            },
+            (Some(exact), None) => Framing::Length(exact),
+            (None, _) => framed.map_or(Framing::Stream, Framing::Length),
+        }
+    }
+
+    /// hyper's HTTP/2 server (`H2Stream::poll2`), then what h2's client accepts.
+    fn http2(shape: &ResponseShape<'_>) -> Self {
+        let RequestKind {
+            is_head,
+            is_connect,
+            ..
+        } = shape.request;
+        let status = shape.status;
+        let values = shape.headers.get_all(CONTENT_LENGTH);
+        if is_connect && status.is_success() {
+            // hyper resets the stream if the length reads as a number other than 0, and
+            // otherwise strips it and makes the stream a tunnel, dropping the body unpolled.
+            let mut lens = values.iter().map(lenient);
+            let declared = match lens.next() {
+                Some(Some(len)) if lens.all(|other| other == Some(len)) => Some(len),
+                _ => None,
+            };
+            return match declared {
+                Some(len) if len != 0 => Framing::Refused,
+                _ => Framing::Bodiless,
+            };
+        }
+        // h2's client parses every value strictly and refuses values that differ.
+        let mut declared = None;
+        for value in values {
+            match (strict(value), declared) {
+                (None, _) => return Framing::Refused,
+                (Some(len), Some(previous)) if len != previous => return Framing::Refused,
+                (len, _) => declared = len,
+            }
+        }
+        if shape.body_at_end {
+            // Sent as a HEADERS frame that ends the stream: malformed if it declares a
+            // length other than 0 (but for HEAD, 204 and 304).
+            let excused =
+                is_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+            return match declared {
+                Some(len) if len > 0 && !excused => Framing::Refused,
+                _ => Framing::Bodiless,
+            };
+        }
+        if is_head {
+            // hyper sends the head, then whatever the body holds, which the client
+            // refuses; a HEAD response is complete once its head is out, and it is out
+            // before the body is polled or dropped.
+            return Framing::Bodiless;
+        }
+        if is_connect {
+            // hyper's client does not hold a non-2xx answer to CONNECT to its length.
+            return Framing::Stream;
+        }
+        // hyper fills a missing `Content-Length` from the exact size hint.
+        match declared.or(shape.exact_size) {
+            Some(len) => Framing::Length(len),
+            None => Framing::Stream,
+        }
+    }
+}
+
+/// A `Content-Length` value as hyper's HTTP/1 encoder and h2's client read it: a plain
+/// decimal number (no sign, no list, no spaces) that fits in a `u64`.
+fn strict(value: &HeaderValue) -> Option<u64> {
+    digits(value.as_bytes())
+}
+
+/// A `Content-Length` value as hyper's HTTP/1 client (and its HTTP/2 server, for CONNECT)
+/// reads it: a comma-separated list of plain numbers, all equal.
+fn lenient(value: &HeaderValue) -> Option<u64> {
+    let text = value.to_str().ok()?;
+    let mut lens = text.split(',').map(|part| digits(part.trim().as_bytes()));
+    let first = lens.next()??;
+    lens.all(|len| len == Some(first)).then_some(first)
+}
+
+fn digits(bytes: &[u8]) -> Option<u64> {
+    if bytes.is_empty() {
+        return None;
+    }
+    bytes.iter().try_fold(0u64, |len, &byte| {
+        let digit = byte.checked_sub(b'0').filter(|digit| *digit <= 9)?;
+        len.checked_mul(10)?.checked_add(u64::from(digit))
+    })
+}
