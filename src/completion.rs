@@ -14,7 +14,8 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 use crate::error::{SkipReason, TaskErrorKind};
 use crate::framing::{Framing, ResponseShape};
 use crate::layer::Config;
-use crate::runner::{Ledger, report_not_run};
+use crate::not_run::report_not_run;
+use crate::runner::Ledger;
 use crate::span::ParentSpan;
 use crate::task::{Job, Stage, Task};
 use crate::tasks::{Claimed, TakenTasks, Tasks};
@@ -87,7 +88,7 @@ impl Attached {
         };
         let mut jobs = Vec::new();
         claimed.take(config, |set| jobs.extend(set.jobs));
-        report_not_run(jobs, config, SkipReason::NoResponse);
+        report_not_run(jobs, &Arc::downgrade(config), SkipReason::NoResponse);
     }
 }
 

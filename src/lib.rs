@@ -85,6 +85,7 @@ mod framing;
 mod future;
 mod handle;
 mod layer;
+mod not_run;
 mod policy;
 mod report;
 mod runner;

@@ -1,5 +1,7 @@
 //! Where [`TaskError`]s go: the layer's callback, or a log line by default.
 
+use std::any::Any;
+use std::cell::Cell;
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -25,26 +27,67 @@ impl Reporter {
     pub(crate) fn report(&self, error: TaskError) {
         match &self.callback {
             Some(callback) => {
-                if catch_unwind(AssertUnwindSafe(|| callback(error))).is_err() {
+                let outer = IN_CALLBACK
+                    .try_with(|flag| flag.replace(true))
+                    .unwrap_or(false);
+                if contain(|| callback(error)) {
                     log_error(format_args!(
                         "the on_error callback of BackgroundLayer panicked"
                     ));
                 }
+                let _ = IN_CALLBACK.try_with(|flag| flag.set(outer));
             }
-            None => {
-                // The error is user data: its `Display` or its `Drop` may panic.
-                let logged = catch_unwind(AssertUnwindSafe(move || {
-                    log_task_error(&error);
-                    drop(error);
-                }));
-                if logged.is_err() {
-                    log_error(format_args!(
-                        "a background task's error panicked while being logged or dropped"
-                    ));
-                }
-            }
+            None => self.log(error),
         }
     }
+
+    /// The default report, whatever the callback: for reports made inside the callback.
+    pub(crate) fn log(&self, error: TaskError) {
+        // The error is user data: its `Display` or its `Drop` may panic.
+        if contain(move || {
+            log_task_error(&error);
+            drop(error);
+        }) {
+            log_error(format_args!(
+                "a background task's error panicked while being logged or dropped"
+            ));
+        }
+    }
+}
+
+thread_local! {
+    /// The `on_error` callback is running on this thread.
+    static IN_CALLBACK: Cell<bool> = const { Cell::new(false) };
+}
+
+/// `true` while the `on_error` callback runs on this thread.
+pub(crate) fn in_callback() -> bool {
+    IN_CALLBACK.try_with(Cell::get).unwrap_or(false)
+}
+
+/// Runs `f` (user code, or code that drops user data), catching a panic; returns `true` if
+/// it panicked. The caught payload is user data too (`std::panic::panic_any` takes any
+/// value), and its own `Drop` may panic: it is dropped the same way, a few levels deep,
+/// then leaked.
+pub(crate) fn contain(f: impl FnOnce()) -> bool {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(()) => false,
+        Err(payload) => {
+            drop_payload(payload);
+            true
+        }
+    }
+}
+
+/// Drops a caught panic payload without letting a panic out.
+pub(crate) fn drop_payload(mut payload: Box<dyn Any + Send>) {
+    for _ in 0..8 {
+        match catch_unwind(AssertUnwindSafe(move || drop(payload))) {
+            Ok(()) => return,
+            Err(next) => payload = next,
+        }
+    }
+    std::mem::forget(payload);
 }
 
 impl fmt::Debug for Reporter {

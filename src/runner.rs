@@ -463,21 +463,3 @@ fn panic_message(panic: Box<dyn Any + Send>) -> String {
     discard(panic, "a background task's panic payload");
     message
 }
-
-/// Counts `jobs` as attached to `config`'s layer and reports each as skipped for `reason`,
-/// dropping their work: for tasks that can never run (added too late, or request-scoped
-/// tasks of a request that got no response).
-pub(crate) fn report_not_run(jobs: Vec<Job>, config: &Arc<Config>, reason: SkipReason) {
-    if jobs.is_empty() {
-        return;
-    }
-    let counters = &config.shared.counters;
-    counters.attach(jobs.len());
-    counters.response_done(jobs.len(), jobs.len());
-    let mut ledger = Ledger::new(
-        TakenTasks::sequence(jobs),
-        config.clone(),
-        ParentSpan::current(),
-    );
-    ledger.settle_all(Stage::Queued, || TaskErrorKind::Skipped(reason));
-}

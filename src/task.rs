@@ -7,10 +7,8 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
-
 use crate::BoxError;
-use crate::report::log_error;
+use crate::report::{contain, log_error};
 use crate::task_fn::TaskFn;
 
 /// What a task's work returns once it has run: `Ok(())`, or the error it failed with.
@@ -65,7 +63,7 @@ pub(crate) enum Work {
 /// Drops `value` (user code), catching and logging a panic in its `Drop`. `what` says
 /// which task it was, for the log.
 pub(crate) fn discard<T>(value: T, what: &str) {
-    if catch_unwind(AssertUnwindSafe(|| drop(value))).is_err() {
+    if contain(|| drop(value)) {
         log_error(format_args!(
             "{what}: its future or closure panicked while being dropped"
         ));

@@ -1,13 +1,14 @@
 //! [`Tasks`]: several tasks for one response, run one after another or all at once.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use crate::error::SkipReason;
 use crate::layer::Config;
+use crate::not_run::report_not_run;
 use crate::policy::{OnEarlyDrop, OnFailure};
 use crate::report::log_error;
-use crate::runner::report_not_run;
 use crate::task::{Job, Task};
 use crate::task_fn::TaskFn;
 
@@ -49,36 +50,52 @@ use crate::task_fn::TaskFn;
 /// ```
 #[derive(Clone)]
 pub struct Tasks {
-    shared: Arc<Mutex<Batch>>,
+    node: Arc<Node>,
 }
 
-/// The storage behind every clone of one [`Tasks`]: one *set* of tasks with its own
-/// settings.
+/// One `Tasks` and all its clones. Every node starts out owning a *tree* of one set, its
+/// own; merging two trees moves the smaller one's sets into the larger one's owner (before
+/// or after its own, to keep their order) and leaves the smaller owner pointing at the
+/// larger, with the shift of its logical positions. So a set moves at most log₂(n) times
+/// over any number of merges, a node reaches its tree's owner in at most log₂(n) steps
+/// (each lookup shortens its own path), a merge locks two owners and nothing else, and no
+/// pointer ever goes back to where it came from: there are no reference cycles, and
+/// every walk is a loop.
 ///
-/// Sets merged together form a *tree*: a singly linked list of sets in the order they
-/// run, owned by its first set, the *root*. Every set points towards the root with a weak
-/// link (a union-find parent, so that no merge ever walks or copies a whole tree, and
-/// nothing forms a reference cycle). Every walk over a tree is a loop, never a recursion:
-/// trees are built by user code and may be as long as it likes.
-///
-/// Locks are taken root first, then one member at a time; a set's own lock guards its
-/// jobs. User code (a job's `Drop`) never runs under a lock.
-struct Batch {
+/// Locks: one per node; an owner's lock guards its whole tree. Two owners are locked in
+/// address order; a node that is no longer an owner is only read, to step on. User code (a
+/// job's `Drop`, the `on_error` callback) never runs under a lock.
+struct Node {
+    state: Mutex<State>,
+}
+
+enum State {
+    /// This node owns the tree its set belongs to.
+    Owner(Tree),
+    /// Its tree was merged into the one `into` leads to; logical positions here are
+    /// positions there minus `shift`.
+    Merged { into: Arc<Node>, shift: i64 },
+}
+
+/// The sets of one tree, in the order they run.
+struct Tree {
+    sets: VecDeque<Set>,
+    /// The logical position of `sets[0]`. A node's own set is at 0 in its own positions,
+    /// and stays there: sets merged in front of it lower `first`.
+    first: i64,
+    /// A response has carried this tree to the layer: no other response runs it.
+    claimed: bool,
+    /// The tasks have been taken out to run, by this layer: tasks added now are reported
+    /// to it as not run, and dropped at once.
+    taken: Option<Weak<Config>>,
+}
+
+/// One `Tasks`' own tasks and settings.
+struct Set {
     jobs: Vec<Job>,
     group: bool,
     on_failure: Option<OnFailure>,
     on_early_drop: Option<OnEarlyDrop>,
-    /// The next set of the tree, in run order.
-    next: Option<Tasks>,
-    /// Towards the root of the tree this set was merged into; `None` for a root.
-    up: Option<Weak<Mutex<Batch>>>,
-    /// Root only: the last set of its list, if it is not the root itself.
-    tail: Option<Weak<Mutex<Batch>>>,
-    /// Root only: a response has carried this tree to the layer; no other response runs it.
-    claimed: bool,
-    /// The tasks have been taken out to run, by the layer with these settings: tasks added
-    /// now are reported to that layer as not run, and dropped at once.
-    taken: Option<Arc<Config>>,
 }
 
 /// What the layer takes out of a [`Tasks`] to run it.
@@ -91,7 +108,7 @@ pub(crate) struct TakenTasks {
 
 /// A tree of sets claimed by one response: taken out when the response is done.
 pub(crate) struct Claimed {
-    root: Tasks,
+    tasks: Tasks,
     /// How many tasks the tree held when claimed.
     pub(crate) count: usize,
 }
@@ -135,7 +152,7 @@ impl Tasks {
     /// assert!(tasks.is_group());
     /// ```
     pub fn as_group(self) -> Self {
-        self.lock().group = true;
+        self.with_set(|set| set.group = true);
         self
     }
 
@@ -148,7 +165,7 @@ impl Tasks {
     /// let tasks = Tasks::new().on_failure(OnFailure::Continue);
     /// ```
     pub fn on_failure(self, policy: OnFailure) -> Self {
-        self.lock().on_failure = Some(policy);
+        self.with_set(|set| set.on_failure = Some(policy));
         self
     }
 
@@ -162,7 +179,7 @@ impl Tasks {
     /// let tasks = Tasks::new().on_early_drop(OnEarlyDrop::Skip);
     /// ```
     pub fn on_early_drop(self, policy: OnEarlyDrop) -> Self {
-        self.lock().on_early_drop = Some(policy);
+        self.with_set(|set| set.on_early_drop = Some(policy));
         self
     }
 
@@ -235,99 +252,103 @@ impl Tasks {
     /// ```
     pub fn merge(&mut self, other: Tasks) {
         let late = loop {
-            let (root, other_root) = (self.root(), other.root());
-            if root.same(&other_root) {
-                return;
+            let (this_owner, other_owner) = (self.owner(), other.owner());
+            if Arc::ptr_eq(&this_owner, &other_owner) {
+                return; // already joined
             }
-            // Both roots locked, in address order, so that two threads merging the same two
-            // trees in opposite directions cannot both succeed (a cycle) or deadlock.
-            let (mut this, mut that) = lock_pair(&root, &other_root);
-            if this.parent().is_some() || that.parent().is_some() {
-                continue; // merged elsewhere meanwhile: find the roots again
-            }
-            if that.claimed {
+            let (mut this, mut that) = lock_pair(&this_owner, &other_owner);
+            let (State::Owner(this_tree), State::Owner(that_tree)) = (&mut *this, &mut *that)
+            else {
+                continue; // merged elsewhere meanwhile: find the owners again
+            };
+            if that_tree.claimed {
                 return; // `other` belongs to a response already
             }
-            that.up = Some(Arc::downgrade(&root.shared));
-            if let Some(config) = this.taken.clone() {
-                // These tasks have started: `other`'s tree can only be reported.
-                let mut jobs = std::mem::take(&mut that.jobs);
-                that.taken = Some(config.clone());
-                let mut next = that.next.clone();
-                drop((this, that));
-                while let Some(set) = next {
-                    let mut batch = set.lock();
-                    jobs.append(&mut batch.jobs);
-                    batch.taken = Some(config.clone());
-                    next = batch.next.clone();
-                }
-                break Some((jobs, config));
+            if let Some(layer) = this_tree.taken.clone() {
+                // These tasks have started: `other`'s can only be reported, and its handles
+                // join a taken tree, so that what is added to them later is reported too.
+                let jobs: Vec<Job> = that_tree
+                    .sets
+                    .iter_mut()
+                    .flat_map(|set| std::mem::take(&mut set.jobs))
+                    .collect();
+                append(this_tree, &mut that, &this_owner);
+                break Some((jobs, layer));
             }
-            let other_tail = that.tail.take();
-            let last = match this.tail.as_ref().and_then(Weak::upgrade) {
-                Some(last) => Tasks { shared: last },
-                None => {
-                    // The root is its own tail, unless it outlived the root it was merged
-                    // into: find its last set.
-                    let mut last = match this.next.clone() {
-                        Some(next) => next,
-                        None => {
-                            this.next = Some(other_root.clone());
-                            this.tail = Some(tail_of(&other_root, other_tail));
-                            break None;
-                        }
-                    };
-                    loop {
-                        let next = last.lock().next.clone();
-                        match next {
-                            Some(next) => last = next,
-                            None => break last,
-                        }
+            if this_tree.sets.len() >= that_tree.sets.len() {
+                append(this_tree, &mut that, &this_owner);
+            } else {
+                prepend(&mut this, that_tree, &other_owner);
+            }
+            break None;
+        };
+        if let Some((jobs, layer)) = late {
+            report_not_run(jobs, &layer, SkipReason::AddedTooLate);
+        }
+    }
+
+    /// Adds one job, or reports it at once if these tasks have already been taken to run:
+    /// stored, it could only be dropped later, and a job that holds this `Tasks` would keep
+    /// itself alive forever.
+    fn push_job(&mut self, job: Job) {
+        let late = self.with_tree(|tree, position| match &tree.taken {
+            None => {
+                tree.sets[position].push_job(job);
+                None
+            }
+            Some(layer) => Some((job, layer.clone())),
+        });
+        if let Some((job, layer)) = late {
+            report_not_run(vec![job], &layer, SkipReason::AddedTooLate);
+        }
+    }
+
+    /// Runs `f` on this `Tasks`' own set, its tree locked.
+    fn with_set<R>(&self, f: impl FnOnce(&mut Set) -> R) -> R {
+        self.with_tree(|tree, position| f(&mut tree.sets[position]))
+    }
+
+    /// Runs `f` on the tree this `Tasks` belongs to, locked, with the index of its own set.
+    fn with_tree<R>(&self, f: impl FnOnce(&mut Tree, usize) -> R) -> R {
+        let mut node = self.node.clone();
+        let mut shift = 0;
+        loop {
+            let next = {
+                let mut state = node.lock();
+                match &mut *state {
+                    State::Owner(tree) => {
+                        let index = usize::try_from(shift - tree.first)
+                            .expect("a set lies inside its tree");
+                        return f(tree, index);
+                    }
+                    State::Merged { into, shift: step } => {
+                        shift += *step;
+                        into.clone()
                     }
                 }
             };
-            last.lock().next = Some(other_root.clone());
-            this.tail = Some(tail_of(&other_root, other_tail));
-            break None;
-        };
-        if let Some((jobs, config)) = late {
-            report_not_run(jobs, &config, SkipReason::AddedTooLate);
+            node = next;
+            // Path compression: the next lookup from here goes straight to `node`.
+            *self.node.lock() = State::Merged {
+                into: node.clone(),
+                shift,
+            };
         }
     }
 
-    /// Adds one job, or reports it at once if this set's tasks have already been taken to
-    /// run: stored, it could only be dropped later, and a job that holds this `Tasks` would
-    /// keep itself alive forever.
-    fn push_job(&mut self, job: Job) {
-        let mut batch = self.lock();
-        match batch.taken.clone() {
-            None => batch.push_job(job),
-            Some(config) => {
-                drop(batch);
-                report_not_run(vec![job], &config, SkipReason::AddedTooLate);
-            }
-        }
-    }
-
-    /// The root of the tree these tasks belong to (this `Tasks` if none was merged into).
-    fn root(&self) -> Tasks {
-        let mut set = self.clone();
+    /// The node that owns this `Tasks`' tree now (it may change as soon as it is returned).
+    fn owner(&self) -> Arc<Node> {
+        let mut node = self.node.clone();
         loop {
-            let up = set.lock().parent();
-            match up {
-                Some(up) => set = Tasks { shared: up },
-                None => break,
+            let next = match &*node.lock() {
+                State::Owner(_) => None,
+                State::Merged { into, .. } => Some(into.clone()),
+            };
+            match next {
+                Some(next) => node = next,
+                None => return node,
             }
         }
-        // Path compression: the next search from here is one step.
-        if !set.same(self) {
-            self.lock().up = Some(Arc::downgrade(&set.shared));
-        }
-        set
-    }
-
-    fn same(&self, other: &Tasks) -> bool {
-        Arc::ptr_eq(&self.shared, &other.shared)
     }
 
     /// How many tasks are waiting to run with these: their own, and those of every `Tasks`
@@ -340,14 +361,7 @@ impl Tasks {
     /// assert_eq!(tasks.len(), 3);
     /// ```
     pub fn len(&self) -> usize {
-        let mut count = 0;
-        let mut next = Some(self.root());
-        while let Some(set) = next {
-            let batch = set.lock();
-            count += batch.jobs.len();
-            next = batch.next.clone();
-        }
-        count
+        self.with_tree(|tree, _| tree.sets.iter().map(|set| set.jobs.len()).sum())
     }
 
     /// `true` if there is no task waiting to run.
@@ -369,22 +383,26 @@ impl Tasks {
     /// assert!(Tasks::group().is_group());
     /// ```
     pub fn is_group(&self) -> bool {
-        self.lock().group
+        self.with_set(|set| set.group)
     }
 
     fn with_mode(group: bool) -> Self {
+        let mut sets = VecDeque::with_capacity(1);
+        sets.push_back(Set {
+            jobs: Vec::new(),
+            group,
+            on_failure: None,
+            on_early_drop: None,
+        });
         Tasks {
-            shared: Arc::new(Mutex::new(Batch {
-                jobs: Vec::new(),
-                group,
-                on_failure: None,
-                on_early_drop: None,
-                next: None,
-                up: None,
-                tail: None,
-                claimed: false,
-                taken: None,
-            })),
+            node: Arc::new(Node {
+                state: Mutex::new(State::Owner(Tree {
+                    sets,
+                    first: 0,
+                    claimed: false,
+                    taken: None,
+                })),
+            }),
         }
     }
 
@@ -392,38 +410,34 @@ impl Tasks {
     /// claimed (through any of its sets, any clone) gives `None`. More tasks may be added
     /// until [`Claimed::take`].
     pub(crate) fn claim(&self) -> Option<Claimed> {
-        loop {
-            let root = self.root();
-            let mut batch = root.lock();
-            if batch.parent().is_some() {
-                continue; // merged elsewhere meanwhile
-            }
-            if batch.claimed {
+        let count = self.with_tree(|tree, _| {
+            if tree.claimed {
                 return None;
             }
-            batch.claimed = true;
-            let mut count = batch.jobs.len();
-            let mut next = batch.next.clone();
-            drop(batch);
-            while let Some(set) = next {
-                let batch = set.lock();
-                count += batch.jobs.len();
-                next = batch.next.clone();
-            }
-            return Some(Claimed { root, count });
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Batch> {
-        // The lock is only held to move jobs in or out, never across user code, so a
-        // poisoned lock still holds consistent data.
-        self.shared.lock().unwrap_or_else(PoisonError::into_inner)
+            tree.claimed = true;
+            Some(tree.sets.iter().map(|set| set.jobs.len()).sum())
+        })?;
+        Some(Claimed {
+            tasks: self.clone(),
+            count,
+        })
     }
 }
 
-/// Locks two distinct sets in a fixed (address) order.
-fn lock_pair<'a>(a: &'a Tasks, b: &'a Tasks) -> (MutexGuard<'a, Batch>, MutexGuard<'a, Batch>) {
-    if Arc::as_ptr(&a.shared) < Arc::as_ptr(&b.shared) {
+impl Node {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The lock is only held to move jobs and sets in or out, never across user code, so
+        // a poisoned lock still holds consistent data.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Locks two distinct nodes in a fixed (address) order.
+fn lock_pair<'a>(
+    a: &'a Arc<Node>,
+    b: &'a Arc<Node>,
+) -> (MutexGuard<'a, State>, MutexGuard<'a, State>) {
+    if Arc::as_ptr(a) < Arc::as_ptr(b) {
         let first = a.lock();
         (first, b.lock())
     } else {
@@ -432,10 +446,49 @@ fn lock_pair<'a>(a: &'a Tasks, b: &'a Tasks) -> (MutexGuard<'a, Batch>, MutexGua
     }
 }
 
-/// The tail link of a tree whose root is `root` and whose own tail link was `tail`.
-fn tail_of(root: &Tasks, tail: Option<Weak<Mutex<Batch>>>) -> Weak<Mutex<Batch>> {
-    tail.filter(|tail| tail.strong_count() > 0)
-        .unwrap_or_else(|| Arc::downgrade(&root.shared))
+/// Moves the tree in `that` after `this`, whose owner is `owner`.
+fn append(this: &mut Tree, that: &mut State, owner: &Arc<Node>) {
+    let shift = this.first + this.sets.len() as i64;
+    let moved = std::mem::replace(
+        that,
+        State::Merged {
+            into: owner.clone(),
+            shift: 0,
+        },
+    );
+    let State::Owner(moved) = moved else {
+        unreachable!("only owners are merged")
+    };
+    *that = State::Merged {
+        into: owner.clone(),
+        shift: shift - moved.first,
+    };
+    this.sets.extend(moved.sets);
+}
+
+/// Moves the tree in `this` before `that`, whose owner is `owner`: the larger tree keeps
+/// its sets where they are.
+fn prepend(this: &mut State, that: &mut Tree, owner: &Arc<Node>) {
+    let moved = std::mem::replace(
+        this,
+        State::Merged {
+            into: owner.clone(),
+            shift: 0,
+        },
+    );
+    let State::Owner(moved) = moved else {
+        unreachable!("only owners are merged")
+    };
+    let first = that.first - moved.sets.len() as i64;
+    *this = State::Merged {
+        into: owner.clone(),
+        shift: first - moved.first,
+    };
+    that.first = first;
+    that.claimed |= moved.claimed;
+    for set in moved.sets.into_iter().rev() {
+        that.sets.push_front(set);
+    }
 }
 
 impl Claimed {
@@ -443,15 +496,12 @@ impl Claimed {
     /// from now on, tasks added to any of them are reported to `config`'s layer as not run.
     /// Only the response that claimed them calls this, once.
     pub(crate) fn take(self, config: &Arc<Config>, mut each: impl FnMut(TakenTasks)) {
-        // The root stays locked throughout, so that no merge slips in behind the walk.
-        let mut root = self.root.lock();
-        each(root.take(config));
-        let mut next = root.next.clone();
-        while let Some(set) = next {
-            let mut batch = set.lock();
-            each(batch.take(config));
-            next = batch.next.clone();
-        }
+        self.tasks.with_tree(|tree, _| {
+            tree.taken = Some(Arc::downgrade(config));
+            for set in &mut tree.sets {
+                each(set.take());
+            }
+        });
     }
 }
 
@@ -500,19 +550,30 @@ impl Extend<Task> for Tasks {
 
 impl fmt::Debug for Tasks {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let batch = self.lock();
+        let (own, group, on_failure, on_early_drop, sets, taken) =
+            self.with_tree(|tree, position| {
+                let set = &tree.sets[position];
+                (
+                    set.jobs.len(),
+                    set.group,
+                    set.on_failure,
+                    set.on_early_drop,
+                    tree.sets.len(),
+                    tree.taken.is_some(),
+                )
+            });
         f.debug_struct("Tasks")
-            .field("own", &batch.jobs.len())
-            .field("group", &batch.group)
-            .field("on_failure", &batch.on_failure)
-            .field("on_early_drop", &batch.on_early_drop)
-            .field("merged", &(batch.up.is_some() || batch.next.is_some()))
-            .field("taken", &batch.taken.is_some())
+            .field("own", &own)
+            .field("group", &group)
+            .field("on_failure", &on_failure)
+            .field("on_early_drop", &on_early_drop)
+            .field("merged_sets", &sets)
+            .field("taken", &taken)
             .finish()
     }
 }
 
-impl Batch {
+impl Set {
     fn push_job(&mut self, job: Job) {
         // Most responses carry one task: don't let the first push reserve room for four.
         if self.jobs.capacity() == 0 {
@@ -521,18 +582,7 @@ impl Batch {
         self.jobs.push(job);
     }
 
-    /// The set this one was merged into, if it is still alive.
-    fn parent(&mut self) -> Option<Arc<Mutex<Batch>>> {
-        let parent = self.up.as_ref()?.upgrade();
-        if parent.is_none() {
-            // That tree was dropped unclaimed: this set now heads what is left of it.
-            self.up = None;
-        }
-        parent
-    }
-
-    fn take(&mut self, config: &Arc<Config>) -> TakenTasks {
-        self.taken = Some(config.clone());
+    fn take(&mut self) -> TakenTasks {
         TakenTasks {
             jobs: std::mem::take(&mut self.jobs),
             group: self.group,
@@ -546,33 +596,30 @@ impl Batch {
     }
 }
 
-impl Drop for Batch {
+impl Drop for Node {
     fn drop(&mut self) {
-        if !self.jobs.is_empty() {
-            // Tasks added after the take never stay here (`push_job`), so these never
-            // reached a layer.
-            let names: Vec<&str> = self.jobs.iter().map(|job| &*job.name).collect();
-            log_error(format_args!(
-                "{} background task(s) dropped without running, because the response they \
-                 were attached to never passed through BackgroundLayer: {names:?}",
-                names.len()
-            ));
-            for job in &mut self.jobs {
-                job.discard_work();
-            }
+        let state = self.state.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let State::Owner(tree) = state else {
+            return;
+        };
+        // Tasks added after the take never stay here (`push_job`), and a claimed tree is
+        // held by its response until taken: these never reached a layer.
+        let mut jobs: Vec<Job> = tree
+            .sets
+            .iter_mut()
+            .flat_map(|set| std::mem::take(&mut set.jobs))
+            .collect();
+        if jobs.is_empty() {
+            return;
         }
-        // Unlink the rest of the list in a loop: dropping it link by link would recurse
-        // once per set.
-        let mut next = self.next.take();
-        while let Some(set) = next {
-            next = match Arc::try_unwrap(set.shared) {
-                Ok(batch) => batch
-                    .into_inner()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .next
-                    .take(),
-                Err(_) => None, // still held elsewhere: it heads the rest now
-            };
+        let names: Vec<&str> = jobs.iter().map(|job| &*job.name).collect();
+        log_error(format_args!(
+            "{} background task(s) dropped without running, because the response they \
+             were attached to never passed through BackgroundLayer: {names:?}",
+            names.len()
+        ));
+        for job in &mut jobs {
+            job.discard_work();
         }
     }
 }

@@ -136,9 +136,11 @@ fn shared_tasks_under_contention_settle_every_task_exactly_once() {
             let res = svc.clone().oneshot(Request::new(all)).await.unwrap();
             res.into_body().collect().await.unwrap();
             let pushed = pushed.load(SeqCst);
-            until("every task pushed ran or was reported", || {
+            // A task records its run before the layer settles it: wait for both.
+            until("every task pushed ran or was reported, and settled", || {
                 let ran: u64 = runs.iter().map(|cell| u64::from(cell.load(SeqCst))).sum();
-                ran + reported.load(SeqCst) == pushed
+                let stats = background.stats();
+                ran + reported.load(SeqCst) == pushed && stats.attached == stats.settled()
             })
             .await;
         });

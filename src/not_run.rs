@@ -1,0 +1,126 @@
+//! Tasks that can never run: added to a `Tasks` after its tasks started, or request-scoped
+//! tasks of a request that got no response. Each is counted, reported and dropped at once.
+//!
+//! Dropping a task runs user code, and so does reporting it (`on_error`); either may add
+//! more tasks too late, which lands here again. On one thread, that is handled in a loop,
+//! never by recursion: a nested call queues its batch for the outer one. A task added too
+//! late from inside `on_error` is logged rather than passed to `on_error` again, so a
+//! callback that adds tasks cannot feed itself. And work that re-adds itself each time it
+//! is dropped is looped on [`ROUNDS`] times at most, then leaked with a log line: a leak is
+//! bounded, a hung server thread is not.
+
+use std::cell::{Cell, RefCell};
+use std::sync::Weak;
+
+use crate::error::{SkipReason, TaskError, TaskErrorKind};
+use crate::layer::Config;
+use crate::report::{in_callback, log_error};
+use crate::task::{Job, Stage};
+
+/// How many batches one outer call settles before it leaks the rest.
+const ROUNDS: usize = 1024;
+
+thread_local! {
+    /// A call is settling batches on this thread.
+    static ACTIVE: Cell<bool> = const { Cell::new(false) };
+    /// Batches that nested calls left for it.
+    static PENDING: RefCell<Vec<NotRun>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Counts `jobs` as attached to `layer` and reports each as skipped for `reason`, dropping
+/// their work.
+pub(crate) fn report_not_run(jobs: Vec<Job>, layer: &Weak<Config>, reason: SkipReason) {
+    if jobs.is_empty() {
+        return;
+    }
+    let batch = NotRun {
+        jobs,
+        layer: layer.clone(),
+        reason,
+        to_callback: !in_callback(),
+    };
+    // Without thread-locals (a thread being torn down), settle at once.
+    let Ok(nested) = ACTIVE.try_with(|active| active.replace(true)) else {
+        batch.settle();
+        return;
+    };
+    if nested {
+        PENDING.with(|pending| pending.borrow_mut().push(batch));
+        return;
+    }
+    let mut next = Some(batch);
+    let mut rounds = 0;
+    while let Some(batch) = next {
+        if rounds < ROUNDS {
+            batch.settle();
+        } else {
+            batch.leak();
+        }
+        rounds += 1;
+        next = PENDING.with(|pending| pending.borrow_mut().pop());
+    }
+    ACTIVE.with(|active| active.set(false));
+}
+
+/// One batch of tasks that will not run.
+struct NotRun {
+    jobs: Vec<Job>,
+    layer: Weak<Config>,
+    reason: SkipReason,
+    /// Report to `on_error` (else to the log: the batch was made inside `on_error`).
+    to_callback: bool,
+}
+
+impl NotRun {
+    fn settle(self) {
+        let Some(config) = self.layer.upgrade() else {
+            let names: Vec<&str> = self.jobs.iter().map(|job| &*job.name).collect();
+            log_error(format_args!(
+                "{} background task(s) dropped without running ({}), and their layer is \
+                 gone: {names:?}",
+                names.len(),
+                self.reason
+            ));
+            for mut job in self.jobs {
+                job.discard_work();
+            }
+            return;
+        };
+        let counters = &config.shared.counters;
+        counters.attach(self.jobs.len());
+        counters.response_done(self.jobs.len(), self.jobs.len());
+        for (position, mut job) in self.jobs.into_iter().enumerate() {
+            job.discard_work();
+            let kind = TaskErrorKind::Skipped(self.reason);
+            counters.settled(Stage::Queued, Err(&kind));
+            let error = TaskError::new(position, job.name.clone(), kind);
+            if self.to_callback {
+                config.reporter.report(error);
+            } else {
+                config.reporter.log(error);
+            }
+        }
+    }
+
+    /// Counts and logs the batch, and leaks its work: dropping it would add more.
+    fn leak(self) {
+        let names: Vec<&str> = self.jobs.iter().map(|job| &*job.name).collect();
+        log_error(format_args!(
+            "{} background task(s) leaked without running: dropping them kept adding more \
+             tasks too late ({} rounds): {names:?}",
+            names.len(),
+            ROUNDS
+        ));
+        if let Some(config) = self.layer.upgrade() {
+            let counters = &config.shared.counters;
+            counters.attach(self.jobs.len());
+            counters.response_done(self.jobs.len(), self.jobs.len());
+            for _ in &self.jobs {
+                counters.settled(Stage::Queued, Err(&TaskErrorKind::Skipped(self.reason)));
+            }
+        }
+        for mut job in self.jobs {
+            std::mem::forget(job.work.take());
+        }
+    }
+}
