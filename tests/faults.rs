@@ -21,7 +21,7 @@ use http_body_util::BodyExt;
 use tower::ServiceExt;
 use tower_background::{
     BackgroundLayer, CancelReason, OnEarlyDrop, OnFailure, SkipReason, Task, TaskError,
-    TaskErrorKind, Tasks,
+    TaskErrorKind, Tasks, WithTasks,
 };
 
 /// A body that panics when polled.
@@ -365,4 +365,193 @@ async fn a_payload_or_error_that_panics_on_drop_stays_inside_its_task() {
         (2, 1, 1, 0, 0),
         "{stats}"
     );
+}
+
+/// Attack review, break 5: an `on_error` callback that adds a task to a `Tasks` whose tasks
+/// have already run. That task is too late, and its report, made inside `on_error`, goes
+/// to the log rather than back into `on_error`: nothing recurses.
+#[tokio::test]
+async fn on_error_that_adds_tasks_too_late_cannot_recurse() {
+    let alerts = Tasks::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layer = {
+        let (alerts, calls) = (alerts.clone(), calls.clone());
+        BackgroundLayer::new().on_error(move |_err| {
+            calls.fetch_add(1, SeqCst);
+            let mut alerts = alerts.clone();
+            alerts.push(Task::new(async { /* page someone */ }).named("alert"));
+        })
+    };
+    let background = layer.handle();
+    let sets = Handoff::new();
+    let addr = {
+        let sets = sets.clone();
+        serve(layer, move |_req| {
+            let mut res = Response::new(full("ok"));
+            res.extensions_mut().insert::<Tasks>(sets.take());
+            async move { res }
+        })
+        .await
+    };
+    let mut first = alerts.clone();
+    first.push(Task::new(async {}));
+    sets.put(first);
+    get(Proto::Http1, addr, "/").await;
+    until("the alerts' own task ran", || {
+        background.stats().succeeded == 1
+    })
+    .await;
+    let mut failing = Tasks::new();
+    failing.push(Task::new(async { Err::<(), _>("the card was declined") }));
+    sets.put(failing);
+    get(Proto::Http2, addr, "/").await;
+    until("every task settled", || {
+        let stats = background.stats();
+        stats.attached == 3 && stats.attached == stats.settled()
+    })
+    .await;
+    let stats = background.stats();
+    assert_eq!(
+        (stats.succeeded, stats.failed, stats.skipped),
+        (1, 1, 1),
+        "{stats}"
+    );
+    assert_eq!(
+        calls.load(SeqCst),
+        1,
+        "on_error was called for its own report"
+    );
+}
+
+/// Puts a task holding another of itself into `tasks` when dropped: work that re-adds
+/// itself forever.
+struct Requeue(Tasks);
+
+impl Drop for Requeue {
+    fn drop(&mut self) {
+        let mut tasks = self.0.clone();
+        let again = Requeue(tasks.clone());
+        tasks.push(Task::new(async move { drop(again) }).named("requeued"));
+    }
+}
+
+/// Attack review, break 5: a task whose `Drop` puts a copy of itself back into its own
+/// `Tasks` after they started. Each copy is too late and dropped, which adds another: the
+/// layer loops on it a bounded number of times on one thread, never recursing, then leaks
+/// the last one with a log line. Every copy is counted.
+#[tokio::test]
+async fn a_task_that_requeues_itself_when_dropped_cannot_recurse() {
+    let layer = BackgroundLayer::new();
+    let background = layer.handle();
+    let addr = serve(layer, move |_req| {
+        let tasks = Tasks::new();
+        let mut own = tasks.clone();
+        let guard = Requeue(tasks.clone());
+        own.push(
+            Task::new(async move {
+                let _guard = guard;
+                std::future::pending::<()>().await;
+            })
+            .timeout(Duration::from_millis(1)),
+        );
+        let res = Response::new(full("ok")).with_tasks(tasks);
+        async move { res }
+    })
+    .await;
+    get(Proto::Http1, addr, "/").await;
+    until("the task timed out and its copies settled", || {
+        let stats = background.stats();
+        stats.timed_out == 1 && stats.skipped > 1000 && stats.attached == stats.settled()
+    })
+    .await;
+    // The server is still there.
+    assert_eq!(get(Proto::Http2, addr, "/").await.0, StatusCode::OK);
+}
+
+/// A panic payload whose own `Drop` panics, thrown by a task's `Drop`.
+struct Outer;
+
+impl Drop for Outer {
+    fn drop(&mut self) {
+        std::panic::panic_any(PayloadPanicsOnDrop);
+    }
+}
+
+struct DropBomb;
+
+impl Drop for DropBomb {
+    fn drop(&mut self) {
+        std::panic::panic_any(Outer);
+    }
+}
+
+/// Attack review, break 7: a task whose `Drop` panics with a payload whose `Drop` panics
+/// with another. Dropped at its timeout, it is reported as timed out (not as a runtime
+/// shutdown), and dropped unrun on an early drop, as skipped; the server goes on.
+#[tokio::test]
+async fn a_panic_payload_that_panics_again_is_contained_at_every_level() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let (layer, errors) = reporting_layer();
+    let background = layer.on_early_drop(OnEarlyDrop::Skip);
+    let handle = background.handle();
+    let chunks = Handoff::new();
+    let addr = {
+        let chunks = chunks.clone();
+        serve(background, move |req| {
+            let bomb = DropBomb;
+            let res = if req.uri().path() == "/timeout" {
+                let mut res = Response::new(full("ok"));
+                res.extensions_mut().insert(
+                    Task::new(async move {
+                        let _bomb = bomb;
+                        std::future::pending::<()>().await;
+                    })
+                    .timeout(Duration::from_millis(1)),
+                );
+                res
+            } else {
+                let mut res = Response::new(chunks.take());
+                res.extensions_mut().insert(Task::new(async move {
+                    let _bomb = bomb;
+                }));
+                res
+            };
+            async move { res }
+        })
+        .await
+    };
+    get(Proto::Http1, addr, "/timeout").await;
+    let report = errors.next().await;
+    assert!(
+        matches!(report.kind(), TaskErrorKind::TimedOut(_)),
+        "{report}"
+    );
+
+    let (tx, body) = channel_body();
+    chunks.put(body);
+    let client = client(Proto::Http2);
+    let res = within(client.request(request(Method::GET, addr, "/left")))
+        .await
+        .unwrap();
+    tx.send(data("first")).unwrap();
+    let mut body = res.into_body();
+    within(body.frame()).await.unwrap().unwrap();
+    drop(body);
+    let report = errors.next().await;
+    assert!(
+        matches!(report.kind(), TaskErrorKind::Skipped(SkipReason::EarlyDrop)),
+        "{report}"
+    );
+    drop(tx);
+    // The server goes on.
+    assert_eq!(get(Proto::Http1, addr, "/timeout").await.0, StatusCode::OK);
+    until("every task settled", || {
+        let stats = handle.stats();
+        stats.attached == 3 && stats.attached == stats.settled()
+    })
+    .await;
+    std::panic::set_hook(default_hook);
+    let stats = handle.stats();
+    assert_eq!((stats.timed_out, stats.skipped), (2, 1), "{stats}");
 }

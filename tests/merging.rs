@@ -298,3 +298,78 @@ async fn a_chain_of_100_000_merges_never_recurses() {
     }
     drop(chain);
 }
+
+/// Attack review, break 1: the first set of a merged tree is dropped while later sets are
+/// still held. The rest stays one tree: merging two of them again does nothing (it used to
+/// deadlock, or close a cycle that `len` then walked forever), and served on two responses
+/// at once, the tree runs once, on the response that claimed it first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_first_set_of_a_merged_tree_keeps_the_rest_one_tree() {
+    let _watchdog = watchdog("a merge deadlocked or looped");
+    let probe = Probe::new();
+    let (mut q, mut p, mut r) = (Tasks::new(), Tasks::new(), Tasks::new());
+    p.push(report(&probe, "p"));
+    r.push(report(&probe, "r"));
+    q.merge(p.clone());
+    q.merge(r.clone());
+    drop(q);
+    p.merge(r.clone());
+    r.merge(p.clone());
+    assert_eq!((p.len(), r.len()), (2, 2));
+
+    let (layer, errors) = reporting_layer();
+    let background = layer.handle();
+    let sets = Handoff::new();
+    let chunks = Handoff::new();
+    let addr = {
+        let (sets, chunks) = (sets.clone(), chunks.clone());
+        serve(layer, move |req| {
+            let body = if req.uri().path() == "/streaming" {
+                chunks.take()
+            } else {
+                full("ok")
+            };
+            let res = Response::new(body).with_tasks(sets.take());
+            async move { res }
+        })
+        .await
+    };
+    // `p`'s response claims the tree and streams; `r`'s finds it claimed.
+    let (tx, body) = channel_body();
+    chunks.put(body);
+    sets.put(p);
+    let streaming =
+        within(client(Proto::Http1).request(request(http::Method::GET, addr, "/streaming")))
+            .await
+            .unwrap();
+    sets.put(r);
+    get(Proto::Http1, addr, "/").await;
+    probe
+        .assert_quiet("a task ran before its response was complete")
+        .await;
+    drop(tx);
+    within(http_body_util::BodyExt::collect(streaming.into_body()))
+        .await
+        .unwrap();
+    let mut ran = probe.take(2).await;
+    ran.sort();
+    assert_eq!(ran, ["p", "r"]);
+    probe.assert_quiet("a task ran twice").await;
+    errors.assert_quiet("a task was reported").await;
+    let stats = background.stats();
+    assert_eq!((stats.attached, stats.succeeded), (2, 2), "{stats}");
+}
+
+/// Attack review, break 1, the chain variant: `a.merge(b); b.merge(c); drop(a);
+/// b.merge(c)` must not deadlock.
+#[test]
+fn merging_again_after_the_first_set_is_gone_does_nothing() {
+    let _watchdog = watchdog("a merge deadlocked");
+    let (mut a, mut b, c) = (Tasks::new(), Tasks::new(), Tasks::new());
+    b.push(Task::new(async {}));
+    a.merge(b.clone());
+    b.merge(c.clone());
+    drop(a);
+    b.merge(c.clone());
+    assert_eq!((b.len(), c.len()), (1, 1));
+}
