@@ -120,6 +120,18 @@ impl Completion {
         }
     }
 
+    /// Settles `attached` as if its response had been dropped before it was complete: it
+    /// never left the layer.
+    pub(crate) fn dropped_early(attached: Attached) {
+        drop(Completion {
+            attached: Some(attached),
+            framing: Framing::Refused,
+            http2: false,
+            sent: 0,
+            may_drop: false,
+        });
+    }
+
     /// The body handed `len` bytes of data to the server.
     pub(crate) fn on_data(&mut self, len: usize) {
         self.sent = self.sent.saturating_add(len as u64);

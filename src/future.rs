@@ -1,6 +1,7 @@
 //! [`ResponseFuture`]: the response future of [`Background`](crate::Background).
 
 use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -96,13 +97,25 @@ where
         else {
             return Poll::Ready(Ok(res.map(BackgroundBody::passthrough)));
         };
+        // The body's own methods are user code: if one panics, the response never leaves,
+        // which is an early drop for the tasks already counted.
         let body = res.body();
+        let asked = catch_unwind(AssertUnwindSafe(|| {
+            (body.is_end_stream(), body.size_hint().exact())
+        }));
+        let (body_at_end, exact_size) = match asked {
+            Ok(answers) => answers,
+            Err(panic) => {
+                Completion::dropped_early(attached);
+                resume_unwind(panic)
+            }
+        };
         let shape = ResponseShape {
             request: *this.request,
             status: res.status(),
             headers: res.headers(),
-            body_at_end: body.is_end_stream(),
-            exact_size: body.size_hint().exact(),
+            body_at_end,
+            exact_size,
         };
         let completion = Completion::new(attached, shape);
         Poll::Ready(Ok(

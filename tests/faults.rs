@@ -555,3 +555,58 @@ async fn a_panic_payload_that_panics_again_is_contained_at_every_level() {
     let stats = handle.stats();
     assert_eq!((stats.timed_out, stats.skipped), (2, 1), "{stats}");
 }
+
+/// A body whose `size_hint` panics.
+struct HintPanics;
+
+impl Body for HintPanics {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        Poll::Ready(None)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        panic!("the body's size_hint panicked")
+    }
+}
+
+/// Attack review, break 6: a body whose `size_hint` panics as the layer wraps it. Its
+/// tasks, already counted, are settled as those of a response dropped early (skipped under
+/// `OnEarlyDrop::Skip`), never left pending; the server goes on.
+#[tokio::test]
+async fn a_body_whose_size_hint_panics_leaves_no_task_unsettled() {
+    let (layer, errors) = reporting_layer();
+    let layer = layer.on_early_drop(OnEarlyDrop::Skip);
+    let background = layer.handle();
+    let addr = serve(layer, |req| {
+        let body = if req.uri().path() == "/panics" {
+            HintPanics.boxed_unsync()
+        } else {
+            full("ok")
+        };
+        let mut res = Response::new(body);
+        res.extensions_mut()
+            .insert(Task::new(async {}).named("after"));
+        async move { res }
+    })
+    .await;
+    for proto in BOTH {
+        let _ = within(client(proto).request(request(Method::GET, addr, "/panics"))).await;
+        let report = errors.next().await;
+        assert!(
+            matches!(report.kind(), TaskErrorKind::Skipped(SkipReason::EarlyDrop)),
+            "{proto:?}: {report}"
+        );
+        assert_eq!(get(proto, addr, "/").await.0, StatusCode::OK);
+    }
+    until("every task settled", || {
+        let stats = background.stats();
+        stats.attached == 4 && stats.attached == stats.settled()
+    })
+    .await;
+}
