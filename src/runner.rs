@@ -8,6 +8,7 @@ use std::ops::Range;
 use std::panic::AssertUnwindSafe;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering::AcqRel, Ordering::Acquire};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -291,10 +292,13 @@ impl Ledger {
         job.stage = Stage::Running;
         self.config.shared.counters.started();
         let blocking = matches!(work, Work::Blocking(_));
+        let gate = blocking.then(|| Arc::new(Gate::default()));
+        job.gate.clone_from(&gate);
         Some(Started {
             work,
             timeout: job.timeout.or(self.config.task_timeout),
             token: blocking.then(|| self.config.shared.tracker.token()),
+            gate,
             #[cfg(feature = "tracing")]
             span: self.parent.task_span(&job.name, position),
         })
@@ -314,6 +318,18 @@ impl Ledger {
         if stage == Stage::Settled {
             return;
         }
+        // A blocking task stopped from here may still be queued in tokio's pool: if no
+        // thread has started it, none will, and it never started.
+        let outcome = match (outcome, &job.gate) {
+            (Err(TaskErrorKind::Cancelled(reason)), Some(gate)) if gate.abandon() => {
+                Err(TaskErrorKind::Skipped(match reason {
+                    CancelReason::GroupStopped => SkipReason::EarlierFailure,
+                    CancelReason::Shutdown => SkipReason::Shutdown,
+                    CancelReason::RuntimeShutdown => SkipReason::NoRuntime,
+                }))
+            }
+            (outcome, _) => outcome,
+        };
         // A task that never started still holds its work: drop it now, before reporting.
         job.discard_work();
         let counters = &self.config.shared.counters;
@@ -358,6 +374,8 @@ struct Started {
     timeout: Option<Duration>,
     /// For a blocking task: keeps a drain waiting for its thread, which outlives a timeout.
     token: Option<TaskTrackerToken>,
+    /// For a blocking task: whether its thread has started it.
+    gate: Option<Arc<Gate>>,
     #[cfg(feature = "tracing")]
     span: tracing::Span,
 }
@@ -373,54 +391,123 @@ fn execute(
     started: Started,
     permit: Option<OwnedSemaphorePermit>,
 ) -> impl Future<Output = Result<(), TaskErrorKind>> {
-    let work = run_work(started.work, permit, started.token);
+    let Started {
+        work,
+        timeout,
+        token,
+        gate,
+        #[cfg(feature = "tracing")]
+        span,
+    } = started;
+    let work = match work {
+        Work::Async(future) => Either::Left(run_async(future, permit, timeout)),
+        // Boxed: waiting for a thread takes more state than polling a future, and most
+        // tasks are async.
+        Work::Blocking(f) => {
+            let gate = gate.unwrap_or_default();
+            Either::Right(Box::pin(run_blocking(f, permit, token, gate, timeout)))
+        }
+    };
     #[cfg(feature = "tracing")]
-    let work = tracing::Instrument::instrument(work, started.span);
-    match started.timeout {
+    let work = tracing::Instrument::instrument(work, span);
+    work
+}
+
+/// Polls an async task to its end, or drops it at its timeout.
+async fn run_async(
+    future: Pin<Box<dyn Future<Output = TaskResult> + Send>>,
+    permit: Option<OwnedSemaphorePermit>,
+    timeout: Option<Duration>,
+) -> Result<(), TaskErrorKind> {
+    let run = AssertUnwindSafe(Guarded(Some(future))).catch_unwind();
+    let outcome = match timeout {
         // Boxed: a timer's state is large, and most tasks have no timeout.
-        Some(limit) => Either::Left(
-            Box::pin(tokio::time::timeout(limit, work))
-                .map(move |outcome| outcome.unwrap_or(Err(TaskErrorKind::TimedOut(limit)))),
-        ),
-        None => Either::Right(work),
+        Some(limit) => Box::pin(tokio::time::timeout(limit, run))
+            .await
+            .map_err(|_| TaskErrorKind::TimedOut(limit)),
+        None => Ok(run.await),
+    };
+    drop(permit);
+    match outcome? {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(TaskErrorKind::Failed(error)),
+        Err(panic) => Err(TaskErrorKind::Panicked(panic_message(panic))),
     }
 }
 
-async fn run_work(
-    work: Work,
+/// Runs a blocking task on tokio's blocking pool. It counts as started (and its timeout
+/// runs) only once a thread has taken it: tokio queues blocking work when its pool is
+/// busy, and a task abandoned there (a drain's deadline, a stopped group) never starts.
+async fn run_blocking(
+    f: Box<dyn FnOnce() -> TaskResult + Send>,
     permit: Option<OwnedSemaphorePermit>,
     token: Option<TaskTrackerToken>,
+    gate: Arc<Gate>,
+    timeout: Option<Duration>,
 ) -> Result<(), TaskErrorKind> {
-    match work {
-        Work::Async(future) => {
-            let outcome = AssertUnwindSafe(Guarded(Some(future))).catch_unwind().await;
-            drop(permit);
-            match outcome {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(error)) => Err(TaskErrorKind::Failed(error)),
-                Err(panic) => Err(TaskErrorKind::Panicked(panic_message(panic))),
+    // The task's span is current here (`execute` instruments this future): carry it to the
+    // thread.
+    #[cfg(feature = "tracing")]
+    let span = tracing::Span::current();
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let thread = {
+        let gate = gate.clone();
+        move || {
+            let (_permit, _token) = (permit, token);
+            if !gate.start() {
+                return None;
             }
-        }
-        Work::Blocking(f) => {
-            // The task's span is current here (`execute` instruments this future): carry
-            // it to the thread.
+            let _ = started_tx.send(());
             #[cfg(feature = "tracing")]
-            let span = tracing::Span::current();
-            let thread = move || {
-                let (_permit, _token) = (permit, token);
-                #[cfg(feature = "tracing")]
-                let _entered = span.enter();
-                f()
-            };
-            match tokio::task::spawn_blocking(thread).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(error)) => Err(TaskErrorKind::Failed(error)),
-                Err(join) if join.is_panic() => {
-                    Err(TaskErrorKind::Panicked(panic_message(join.into_panic())))
-                }
-                Err(_) => Err(TaskErrorKind::Cancelled(CancelReason::RuntimeShutdown)),
-            }
+            let _entered = span.enter();
+            Some(f())
         }
+    };
+    let handle = tokio::task::spawn_blocking(thread);
+    // Err if the closure ended without starting, or was dropped unrun: the join says which.
+    let _ = started_rx.await;
+    let joined = match timeout {
+        Some(limit) => Box::pin(tokio::time::timeout(limit, handle))
+            .await
+            .map_err(|_| TaskErrorKind::TimedOut(limit))?,
+        None => handle.await,
+    };
+    match joined {
+        Ok(Some(Ok(()))) => Ok(()),
+        Ok(Some(Err(error))) => Err(TaskErrorKind::Failed(error)),
+        Ok(None) => Err(TaskErrorKind::Skipped(SkipReason::Shutdown)),
+        Err(join) if join.is_panic() => {
+            Err(TaskErrorKind::Panicked(panic_message(join.into_panic())))
+        }
+        // The runtime shut down: tokio drops blocking work it has not started.
+        Err(_) if gate.abandon() => Err(TaskErrorKind::Skipped(SkipReason::NoRuntime)),
+        Err(_) => Err(TaskErrorKind::Cancelled(CancelReason::RuntimeShutdown)),
+    }
+}
+
+/// Whether a blocking task's thread has started it: decided once, by whichever comes first,
+/// the thread ([`Gate::start`]) or the runner giving up on it ([`Gate::abandon`]).
+#[derive(Debug, Default)]
+pub(crate) struct Gate(AtomicU8);
+
+impl Gate {
+    const WAITING: u8 = 0;
+    const STARTED: u8 = 1;
+    const ABANDONED: u8 = 2;
+
+    /// The thread is about to run the task: `false` if it was abandoned first.
+    fn start(&self) -> bool {
+        self.0
+            .compare_exchange(Self::WAITING, Self::STARTED, AcqRel, Acquire)
+            .is_ok()
+    }
+
+    /// The runner gives up on the task: `true` if no thread had started it (and none
+    /// will).
+    fn abandon(&self) -> bool {
+        self.0
+            .compare_exchange(Self::WAITING, Self::ABANDONED, AcqRel, Acquire)
+            .is_ok()
     }
 }
 

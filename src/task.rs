@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::BoxError;
 use crate::report::{contain, log_error};
+use crate::runner::Gate;
 use crate::task_fn::TaskFn;
 
 /// What a task's work returns once it has run: `Ok(())`, or the error it failed with.
@@ -82,6 +83,8 @@ pub struct Job {
     /// Where the task stands once a run holds it. Kept here rather than beside, so that a
     /// run reuses the `Tasks`' own list of jobs and allocates none of its own.
     pub(crate) stage: Stage,
+    /// For a blocking task handed to tokio's pool: whether a thread has started it.
+    pub(crate) gate: Option<Arc<Gate>>,
 }
 
 /// Where a task stands in its run.
@@ -107,6 +110,7 @@ impl Job {
                 async move { future.await.into_result() },
             ))),
             stage: Stage::Queued,
+            gate: None,
         }
     }
 
@@ -120,6 +124,7 @@ impl Job {
             timeout: None,
             work: Some(Work::Blocking(Box::new(move || f().into_result()))),
             stage: Stage::Queued,
+            gate: None,
         }
     }
 
