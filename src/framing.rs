@@ -6,7 +6,7 @@
 //! (RFC 9113 §8.1.1 for HTTP/2). They are ours, and so may be wrong: `tests/hyper_oracle.rs`
 //! checks them against a real hyper server and client, over both protocols.
 
-use http::header::CONTENT_LENGTH;
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderValue, StatusCode};
 
 /// What the request and the response tell about how hyper will send the body.
@@ -20,13 +20,15 @@ pub(crate) struct ResponseShape<'a> {
     pub(crate) exact_size: Option<u64>,
 }
 
-/// What the layer keeps of a request: three flags, nothing allocated.
+/// What the layer keeps of a request: four flags, nothing allocated.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct RequestKind {
     pub(crate) is_head: bool,
     pub(crate) is_connect: bool,
     /// Served over HTTP/2 (else HTTP/1.x).
     pub(crate) http2: bool,
+    /// Served over HTTP/1.0: no chunked encoding.
+    pub(crate) http10: bool,
 }
 
 /// How hyper will put the body on the wire.
@@ -59,11 +61,12 @@ impl Framing {
         }
     }
 
-    /// hyper's HTTP/1 encoder (`Server::encode`), then what hyper's client reads.
+    /// hyper's HTTP/1 encoder (`Server::encode_headers`), then what hyper's client reads.
     fn http1(shape: &ResponseShape<'_>) -> Self {
         let RequestKind {
             is_head,
             is_connect,
+            http10,
             ..
         } = shape.request;
         let status = shape.status;
@@ -72,52 +75,77 @@ impl Framing {
             return Framing::Refused;
         }
         let connect_2xx = is_connect && status.is_success();
-        let values = shape.headers.get_all(CONTENT_LENGTH);
-        let mut values = values.iter();
-        // The encoder walks the `Content-Length` values; a length already written (always,
-        // for a 2xx answer to CONNECT) makes another one an error.
-        let first = values.next();
-        let mut framed = None;
-        if let Some(first) = first {
-            if connect_2xx {
-                return Framing::Refused;
-            }
-            if shape.body_at_end {
-                // Skipped, but for HEAD, where the first is written and a second refused.
-                if is_head && values.next().is_some() {
-                    return Framing::Refused;
-                }
-            } else if shape.exact_size.is_none() {
-                // Parsed: each value a plain number, all equal.
-                let Some(len) = strict(first) else {
-                    return Framing::Refused;
-                };
-                if !values.all(|value| strict(value) == Some(len)) {
-                    return Framing::Refused;
-                }
-                framed = Some(len);
-            }
-            // With an exact size hint, the first value is written as it is, the others
-            // dropped: the client judges it (below).
-        }
         let bodiless = is_head
             || status.is_informational()
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED
-            || connect_2xx
-            || shape.body_at_end;
-        if bodiless {
+            || connect_2xx;
+        let body = match (shape.body_at_end, shape.exact_size) {
+            (true, _) => Body::None,
+            (false, Some(exact)) => Body::Known(exact),
+            (false, None) => Body::Unknown,
+        };
+        // The encoder walks the headers in order; a length or an encoding already written
+        // (always, for a 2xx answer to CONNECT) makes another one cancel the response.
+        let mut wrote_len = connect_2xx;
+        let mut written = None; // the `Content-Length` copied as it is (exact size hint)
+        let mut framed = None; // the `Content-Length` parsed (no size hint)
+        let mut chunked = false;
+        for name in shape.headers.keys() {
+            let length = *name == CONTENT_LENGTH;
+            if !length && *name != TRANSFER_ENCODING {
+                continue;
+            }
+            let mut name_written = false;
+            for value in shape.headers.get_all(name) {
+                if wrote_len && !name_written {
+                    return Framing::Refused;
+                }
+                if !length {
+                    if http10 || bodiless {
+                        break; // skipped: no chunked encoding here
+                    }
+                    (wrote_len, name_written, chunked) = (true, true, true);
+                    continue;
+                }
+                match body {
+                    Body::Known(_) => {
+                        if !name_written {
+                            written = Some(value);
+                            (wrote_len, name_written) = (true, true);
+                        }
+                    }
+                    Body::Unknown => match (strict(value), framed) {
+                        (None, _) => return Framing::Refused,
+                        (Some(len), Some(previous)) if len != previous => {
+                            return Framing::Refused;
+                        }
+                        (Some(len), _) => {
+                            framed = Some(len);
+                            (wrote_len, name_written) = (true, true);
+                        }
+                    },
+                    // Written as an ordinary header after HEAD, skipped otherwise.
+                    Body::None if is_head => wrote_len = true,
+                    Body::None => break,
+                }
+            }
+        }
+        if bodiless || body == Body::None {
             // The client reads no body, whatever a length says.
             return Framing::Bodiless;
         }
-        match (shape.exact_size, first) {
+        if chunked {
+            return Framing::Stream;
+        }
+        match (body, written) {
             // hyper trusts the hint; the client reads the header hyper copied.
-            (Some(exact), Some(written)) => match lenient(written) {
+            (Body::Known(exact), Some(written)) => match lenient(written) {
                 Some(len) if len == exact => Framing::Length(exact),
                 _ => Framing::Refused,
             },
-            (Some(exact), None) => Framing::Length(exact),
-            (None, _) => framed.map_or(Framing::Stream, Framing::Length),
+            (Body::Known(exact), None) => Framing::Length(exact),
+            _ => framed.map_or(Framing::Stream, Framing::Length),
         }
     }
 
@@ -178,6 +206,16 @@ impl Framing {
             None => Framing::Stream,
         }
     }
+}
+
+/// What hyper's HTTP/1 encoder knows of a body's length when it writes the head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Body {
+    /// At its end already: nothing to send.
+    None,
+    /// An exact size hint.
+    Known(u64),
+    Unknown,
 }
 
 /// A `Content-Length` value as hyper's HTTP/1 encoder and h2's client read it: a plain

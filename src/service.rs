@@ -95,6 +95,7 @@ where
             is_head: req.method() == Method::HEAD,
             is_connect: req.method() == Method::CONNECT,
             http2: req.version() == Version::HTTP_2,
+            http10: req.version() == Version::HTTP_10,
         };
         let request_tasks = self.config.request_tasks.then(|| {
             let tasks = Tasks::new();

@@ -411,3 +411,83 @@ async fn a_malformed_content_length_is_not_complete() {
         }
     }
 }
+
+/// `body` with an exact size hint of `len`, whatever it holds.
+struct Hinted(BoxedBody, u64);
+
+impl http_body::Body for Hinted {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        std::pin::Pin::new(&mut self.0).poll_frame(cx)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.1)
+    }
+}
+
+/// Attack review: over HTTP/1.1, `Transfer-Encoding: chunked` makes hyper send the body
+/// chunked whatever its size hint says, so the hint's length is not the end: the end of
+/// the stream is.
+#[tokio::test]
+async fn transfer_encoding_chunked_frames_the_body_to_its_end() {
+    let probe = Probe::new();
+    let chunks = Handoff::new();
+    let addr = {
+        let (probe, chunks) = (probe.clone(), chunks.clone());
+        serve(strict_layer(), move |_req| {
+            let builder = Response::builder().header("transfer-encoding", "chunked");
+            let body = Hinted(chunks.take(), 5).boxed_unsync();
+            let res = with_task(&probe, "ran", builder, body);
+            async move { res }
+        })
+        .await
+    };
+    let (tx, body) = channel_body();
+    chunks.put(body);
+    let res = within(client(Proto::Http1).request(request(Method::GET, addr, "/")))
+        .await
+        .unwrap();
+    let mut body = res.into_body();
+    tx.send(data("hello")).unwrap();
+    within(body.frame()).await.unwrap().unwrap();
+    probe
+        .assert_quiet("the task ran at the hint's length, before the last chunk")
+        .await;
+    tx.send(data(", world")).unwrap();
+    drop(tx);
+    while within(body.frame()).await.is_some() {}
+    assert_eq!(probe.next().await, "ran");
+}
+
+/// Attack review: a `Content-Length` beside `Transfer-Encoding` makes hyper's HTTP/1
+/// encoder cancel the response; so does either on a 2xx answer to CONNECT.
+#[tokio::test]
+async fn content_length_beside_transfer_encoding_is_not_complete() {
+    for te_first in [true, false] {
+        assert_refused(
+            Proto::Http1,
+            move || {
+                let (tx, body) = channel_body();
+                tx.send(data("hello")).unwrap();
+                drop(tx);
+                let mut builder = Response::builder();
+                if te_first {
+                    builder = builder.header("transfer-encoding", "chunked");
+                }
+                builder = builder.header("content-length", "5");
+                if !te_first {
+                    builder = builder.header("transfer-encoding", "chunked");
+                }
+                builder.body(body).unwrap()
+            },
+            "content-length and transfer-encoding",
+        )
+        .await;
+    }
+}

@@ -13,7 +13,8 @@
 //!   turns true, turns true after the last data frame, or once nothing is left. It never
 //!   returns `Pending`, counts the bytes it yields, and notes whether it returned `None`.
 //! - A `Content-Length` header: right, missing, too small, too large, two equal lines, two
-//!   differing lines, or malformed (`+10`, `10, 10`, `abc`).
+//!   differing lines, or malformed (`+10`, `10, 10`, `abc`); and sometimes a
+//!   `Transfer-Encoding: chunked` header, before or after it.
 //! - A status (200, 204, 304) and a method (GET, HEAD, CONNECT): so also a 2xx answer to
 //!   CONNECT. CONNECT goes out as hyper's clients send it in each protocol: an
 //!   authority-form target over HTTP/1.1, `:method` and `:authority` alone over HTTP/2
@@ -99,7 +100,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::{PATIENCE, Proto, serve};
-use http::header::{CONTENT_LENGTH, HOST, TE, TRAILER};
+use http::header::{CONTENT_LENGTH, HOST, TE, TRAILER, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Empty};
@@ -124,12 +125,24 @@ struct Shape {
     status: u16,
     /// The `Content-Length` header lines the handler sets, verbatim.
     content_length: Vec<String>,
+    /// A `Transfer-Encoding: chunked` header, and whether it comes before the length.
+    transfer_encoding: TransferEncoding,
     /// The body the handler means to send, one data frame per entry (0-byte frames too).
     frames: Vec<usize>,
     ending: Ending,
     hint: Hint,
     end_stream: EndStream,
     client: ClientDoes,
+}
+
+/// A `Transfer-Encoding: chunked` header on the response (hyper strips it over HTTP/2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TransferEncoding {
+    None,
+    /// Set before any `Content-Length`.
+    Before,
+    /// Set after the `Content-Length` lines.
+    After,
 }
 
 /// What follows the data frames.
@@ -209,11 +222,12 @@ impl fmt::Debug for Shape {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{} -> {} content-length: {:?}, frames {:?} ({} bytes), {:?}, size_hint {:?}, \
-             is_end_stream {:?}, client {:?}",
+            "{} -> {} content-length: {:?}, transfer-encoding {:?}, frames {:?} ({} bytes), \
+             {:?}, size_hint {:?}, is_end_stream {:?}, client {:?}",
             self.method,
             self.status,
             self.content_length,
+            self.transfer_encoding,
             self.frames,
             self.intended_len(),
             self.ending,
@@ -350,9 +364,16 @@ fn respond(shape: &Shape, side: &ServerSide) -> Response<common::BoxedBody> {
     };
     let mut res = Response::new(body.boxed_unsync());
     *res.status_mut() = StatusCode::from_u16(shape.status).unwrap();
+    let chunked = HeaderValue::from_static("chunked");
+    if shape.transfer_encoding == TransferEncoding::Before {
+        res.headers_mut().insert(TRANSFER_ENCODING, chunked.clone());
+    }
     for value in &shape.content_length {
         res.headers_mut()
             .append(CONTENT_LENGTH, HeaderValue::from_str(value).unwrap());
+    }
+    if shape.transfer_encoding == TransferEncoding::After {
+        res.headers_mut().insert(TRANSFER_ENCODING, chunked);
     }
     if shape.ending == Ending::Trailers {
         res.headers_mut()
@@ -888,6 +909,11 @@ fn shape() -> impl Strategy<Value = Shape> {
         1 => Just(Method::CONNECT),
     ];
     let status = prop_oneof![4 => Just(200u16), 1 => Just(204u16), 1 => Just(304u16)];
+    let transfer_encoding = prop_oneof![
+        6 => Just(TransferEncoding::None),
+        1 => Just(TransferEncoding::Before),
+        1 => Just(TransferEncoding::After),
+    ];
     let client = prop_oneof![
         4 => Just(ClientDoes::ReadAll),
         1 => (1u64..64).prop_map(ClientDoes::StopAfter),
@@ -901,10 +927,19 @@ fn shape() -> impl Strategy<Value = Shape> {
         ending,
         hint,
         end_stream,
-        client,
+        (client, transfer_encoding),
     )
         .prop_map(
-            |(method, status, length_header, frames, ending, hint, end_stream, client)| {
+            |(
+                method,
+                status,
+                length_header,
+                frames,
+                ending,
+                hint,
+                end_stream,
+                (client, transfer_encoding),
+            )| {
                 let len: u64 = frames.iter().map(|&n| n as u64).sum();
                 let ending = match ending {
                     Ending::ErrorAfter(k) => Ending::ErrorAfter(k % (frames.len() + 1)),
@@ -923,6 +958,7 @@ fn shape() -> impl Strategy<Value = Shape> {
                     method,
                     status,
                     content_length: length_header.values(len),
+                    transfer_encoding,
                     frames,
                     ending,
                     hint,
