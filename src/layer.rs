@@ -40,6 +40,19 @@ use crate::service::Background;
 ///     .layer(BackgroundLayer::new().on_error(|err| eprintln!("{err}")))
 ///     .service_fn(register);
 /// ```
+///
+/// # Where to put it
+///
+/// The layer sees the body it hands to whatever is outside it, and judges completion
+/// there. Put it outside every layer that buffers or transforms response bodies, so that
+/// what is outside it is the server (or layers that pass frames through as they come, like
+/// tower-http's `TraceLayer`): a middleware outside it that collects the whole body
+/// (`to_bytes`, a logger that buffers) makes the tasks start when that middleware has read
+/// the body, before the server has been handed a byte. Layers that answer without calling
+/// the inner service, or drop its response (timeouts, load shedding), may sit either
+/// side: inside, their answer is the response whose end starts the tasks; outside, the
+/// dropped response is an early drop, and request-scoped tasks of a handler they abandon
+/// are reported as [`Skipped(NoResponse)`](crate::SkipReason::NoResponse).
 #[derive(Clone, Debug, Default)]
 pub struct BackgroundLayer {
     config: Arc<Config>,
