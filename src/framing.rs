@@ -6,8 +6,9 @@
 //! (RFC 9113 §8.1.1 for HTTP/2). They are ours, and so may be wrong: `tests/hyper_oracle.rs`
 //! checks them against a real hyper server and client, over both protocols.
 
+use http::header::CONNECTION;
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderValue, StatusCode};
+use http::{HeaderMap, HeaderValue, StatusCode, Version};
 
 /// What the request and the response tell about how hyper will send the body.
 pub(crate) struct ResponseShape<'a> {
@@ -18,6 +19,9 @@ pub(crate) struct ResponseShape<'a> {
     pub(crate) body_at_end: bool,
     /// The body's exact size hint, if it has one.
     pub(crate) exact_size: Option<u64>,
+    /// The response's own version (a handler may set HTTP/1.0, as a proxy passing an
+    /// upstream response through does).
+    pub(crate) version: Version,
 }
 
 /// What the layer keeps of a request: four flags, nothing allocated.
@@ -69,6 +73,8 @@ impl Framing {
             http10,
             ..
         } = shape.request;
+        // hyper answers an HTTP/1.0 request in HTTP/1.0, and keeps a version the handler set.
+        let http10 = http10 || shape.version == Version::HTTP_10;
         let status = shape.status;
         if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
             // hyper cannot send 1xx as a final response: it answers 500 instead.
@@ -157,7 +163,27 @@ impl Framing {
             ..
         } = shape.request;
         let status = shape.status;
-        let values = shape.headers.get_all(CONTENT_LENGTH);
+        if status.is_informational() {
+            // Not a final status: the client fails the connection.
+            return Framing::Refused;
+        }
+        // hyper removes the headers that the (first) `Connection` header names, then the
+        // `Connection` header itself, before it reads the length.
+        let stripped = shape
+            .headers
+            .get(CONNECTION)
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|names| {
+                names
+                    .split(',')
+                    .any(|name| name.trim().eq_ignore_ascii_case(CONTENT_LENGTH.as_str()))
+            });
+        let empty = HeaderMap::new();
+        let values = if stripped {
+            empty.get_all(CONTENT_LENGTH)
+        } else {
+            shape.headers.get_all(CONTENT_LENGTH)
+        };
         if is_connect && status.is_success() {
             // hyper resets the stream if the length reads as a number other than 0, and
             // otherwise strips it and makes the stream a tunnel, dropping the body unpolled.
@@ -174,7 +200,7 @@ impl Framing {
         // h2's client parses every value strictly and refuses values that differ.
         let mut declared = None;
         for value in values {
-            match (strict(value), declared) {
+            match (h2_strict(value), declared) {
                 (None, _) => return Framing::Refused,
                 (Some(len), Some(previous)) if len != previous => return Framing::Refused,
                 (len, _) => declared = len,
@@ -218,10 +244,16 @@ enum Body {
     Unknown,
 }
 
-/// A `Content-Length` value as hyper's HTTP/1 encoder and h2's client read it: a plain
-/// decimal number (no sign, no list, no spaces) that fits in a `u64`.
+/// A `Content-Length` value as hyper's HTTP/1 encoder reads it: a plain decimal number (no
+/// sign, no list, no spaces) that fits in a `u64`.
 fn strict(value: &HeaderValue) -> Option<u64> {
     digits(value.as_bytes())
+}
+
+/// A `Content-Length` value as h2's client reads it: as [`strict`], in 19 bytes at most
+/// (leading zeros count).
+fn h2_strict(value: &HeaderValue) -> Option<u64> {
+    (value.len() <= 19).then(|| strict(value)).flatten()
 }
 
 /// A `Content-Length` value as hyper's HTTP/1 client (and its HTTP/2 server, for CONNECT)

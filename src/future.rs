@@ -116,6 +116,7 @@ where
             headers: res.headers(),
             body_at_end,
             exact_size,
+            version: res.version(),
         };
         let completion = Completion::new(attached, shape);
         Poll::Ready(Ok(

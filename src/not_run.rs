@@ -6,7 +6,8 @@
 //! never by recursion: a nested call queues its batch for the outer one. A task added too
 //! late from inside `on_error` is logged rather than passed to `on_error` again, so a
 //! callback that adds tasks cannot feed itself. And work that re-adds itself each time it
-//! is dropped is looped on [`ROUNDS`] times at most, then leaked with a log line: a leak is
+//! is dropped is followed for [`ROUNDS`] generations at most (a generation being all that
+//! dropping the previous one added, however much), then leaked with a log line: a leak is
 //! bounded, a hung server thread is not.
 
 use std::cell::{Cell, RefCell};
@@ -17,7 +18,7 @@ use crate::layer::Config;
 use crate::report::{in_callback, log_error};
 use crate::task::{Job, Stage};
 
-/// How many batches one outer call settles before it leaks the rest.
+/// How many generations of re-added work one outer call settles before it leaks the rest.
 const ROUNDS: usize = 1024;
 
 thread_local! {
@@ -48,16 +49,21 @@ pub(crate) fn report_not_run(jobs: Vec<Job>, layer: &Weak<Config>, reason: SkipR
         PENDING.with(|pending| pending.borrow_mut().push(batch));
         return;
     }
-    let mut next = Some(batch);
+    // Generation by generation: the batches that settling one generation added make the
+    // next. Work that re-adds itself makes one generation per round, however many tasks
+    // each adds.
+    let mut generation = vec![batch];
     let mut rounds = 0;
-    while let Some(batch) = next {
-        if rounds < ROUNDS {
-            batch.settle();
-        } else {
-            batch.leak();
+    while !generation.is_empty() {
+        for batch in generation {
+            if rounds < ROUNDS {
+                batch.settle();
+            } else {
+                batch.leak();
+            }
         }
         rounds += 1;
-        next = PENDING.with(|pending| pending.borrow_mut().pop());
+        generation = PENDING.with(|pending| std::mem::take(&mut *pending.borrow_mut()));
     }
     ACTIVE.with(|active| active.set(false));
 }
@@ -106,8 +112,8 @@ impl NotRun {
     fn leak(self) {
         let names: Vec<&str> = self.jobs.iter().map(|job| &*job.name).collect();
         log_error(format_args!(
-            "{} background task(s) leaked without running: dropping them kept adding more \
-             tasks too late ({} rounds): {names:?}",
+            "{} background task(s) leaked without running: dropping them would go on adding \
+             tasks too late, as {} generations of dropped tasks did: {names:?}",
             names.len(),
             ROUNDS
         ));

@@ -20,6 +20,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::error::{CancelReason, SkipReason, TaskError, TaskErrorKind};
+use crate::handle::Shared;
 use crate::layer::Config;
 use crate::policy::{OnEarlyDrop, OnFailure};
 use crate::span::ParentSpan;
@@ -290,14 +291,18 @@ impl Ledger {
         let job = &mut self.jobs[position];
         let work = job.work.take()?;
         job.stage = Stage::Running;
-        self.config.shared.counters.started();
         let blocking = matches!(work, Work::Blocking(_));
+        // A blocking task is counted as started by the thread that starts it.
+        if !blocking {
+            self.config.shared.counters.started();
+        }
         let gate = blocking.then(|| Arc::new(Gate::default()));
         job.gate.clone_from(&gate);
         Some(Started {
             work,
             timeout: job.timeout.or(self.config.task_timeout),
             token: blocking.then(|| self.config.shared.tracker.token()),
+            shared: blocking.then(|| self.config.shared.clone()),
             gate,
             #[cfg(feature = "tracing")]
             span: self.parent.task_span(&job.name, position),
@@ -329,6 +334,10 @@ impl Ledger {
                 }))
             }
             (outcome, _) => outcome,
+        };
+        let stage = match &job.gate {
+            Some(gate) if !gate.started() => Stage::Queued,
+            _ => stage,
         };
         // A task that never started still holds its work: drop it now, before reporting.
         job.discard_work();
@@ -374,8 +383,10 @@ struct Started {
     timeout: Option<Duration>,
     /// For a blocking task: keeps a drain waiting for its thread, which outlives a timeout.
     token: Option<TaskTrackerToken>,
-    /// For a blocking task: whether its thread has started it.
+    /// For a blocking task: whether its thread has started it, and the counters it counts
+    /// itself as started in.
     gate: Option<Arc<Gate>>,
+    shared: Option<Arc<Shared>>,
     #[cfg(feature = "tracing")]
     span: tracing::Span,
 }
@@ -396,6 +407,7 @@ fn execute(
         timeout,
         token,
         gate,
+        shared,
         #[cfg(feature = "tracing")]
         span,
     } = started;
@@ -404,8 +416,10 @@ fn execute(
         // Boxed: waiting for a thread takes more state than polling a future, and most
         // tasks are async.
         Work::Blocking(f) => {
-            let gate = gate.unwrap_or_default();
-            Either::Right(Box::pin(run_blocking(f, permit, token, gate, timeout)))
+            let (gate, shared) = (gate.unwrap_or_default(), shared.unwrap_or_default());
+            Either::Right(Box::pin(run_blocking(
+                f, permit, token, gate, shared, timeout,
+            )))
         }
     };
     #[cfg(feature = "tracing")]
@@ -443,6 +457,7 @@ async fn run_blocking(
     permit: Option<OwnedSemaphorePermit>,
     token: Option<TaskTrackerToken>,
     gate: Arc<Gate>,
+    shared: Arc<Shared>,
     timeout: Option<Duration>,
 ) -> Result<(), TaskErrorKind> {
     // The task's span is current here (`execute` instruments this future): carry it to the
@@ -457,6 +472,7 @@ async fn run_blocking(
             if !gate.start() {
                 return None;
             }
+            shared.counters.started();
             let _ = started_tx.send(());
             #[cfg(feature = "tracing")]
             let _entered = span.enter();
@@ -500,6 +516,11 @@ impl Gate {
         self.0
             .compare_exchange(Self::WAITING, Self::STARTED, AcqRel, Acquire)
             .is_ok()
+    }
+
+    /// `true` once a thread has started the task.
+    fn started(&self) -> bool {
+        self.0.load(Acquire) == Self::STARTED
     }
 
     /// The runner gives up on the task: `true` if no thread had started it (and none

@@ -491,3 +491,57 @@ async fn content_length_beside_transfer_encoding_is_not_complete() {
         .await;
     }
 }
+
+/// Second attack review: the framing of heads that hyper rewrites before it sends them.
+/// A response the client receives whole is complete; one it refuses is not.
+#[tokio::test]
+async fn heads_hyper_rewrites_are_judged_as_sent() {
+    // HTTP/2: hyper drops the headers that `Connection` names, a length among them, and
+    // fills the length from the exact size hint.
+    assert_runs_once(Proto::Http2, Method::GET, |probe| {
+        let builder = Response::builder()
+            .header("connection", "content-length")
+            .header("content-length", "100");
+        with_task(probe, "ran", builder, full("hello"))
+    })
+    .await;
+    assert_runs_once(Proto::Http2, Method::GET, |probe| {
+        let builder = Response::builder()
+            .header("connection", "x-trace, Content-Length")
+            .header("content-length", "abc");
+        with_task(probe, "ran", builder, full("hello"))
+    })
+    .await;
+    // HTTP/1.1 request, HTTP/1.0 response (a proxy passing one through): no chunked
+    // encoding, so hyper skips `Transfer-Encoding` and frames by the length.
+    assert_runs_once(Proto::Http1, Method::GET, |probe| {
+        let builder = Response::builder()
+            .version(http::Version::HTTP_10)
+            .header("transfer-encoding", "chunked")
+            .header("content-length", "5");
+        with_task(probe, "ran", builder, full("hello"))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn heads_the_http2_client_refuses_are_not_complete() {
+    // h2 reads at most 19 digits, leading zeros included.
+    assert_refused(
+        Proto::Http2,
+        || declared(&["00000000000000000005"], "hello"),
+        "a 20-digit length",
+    )
+    .await;
+    // A 1xx status is not a final one: the client fails the connection.
+    assert_refused(
+        Proto::Http2,
+        || {
+            let mut res = declared(&[], "hello");
+            *res.status_mut() = StatusCode::from_u16(103).unwrap();
+            res
+        },
+        "103 as a final status",
+    )
+    .await;
+}

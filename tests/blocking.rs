@@ -243,3 +243,36 @@ fn a_blocking_tasks_timeout_starts_when_its_thread_does() {
         assert_eq!(background.stats().succeeded, 2);
     });
 }
+
+/// Second attack review: a blocking task waiting for a thread of tokio's pool counts as
+/// queued, not running: `Stats::running` is what runs now.
+#[test]
+fn a_blocking_task_waiting_for_a_thread_counts_as_queued() {
+    one_blocking_thread().block_on(async {
+        let layer = BackgroundLayer::new();
+        let background = layer.handle();
+        let holding = Probe::new();
+        let release = Arc::new(Barrier::new(2));
+        let holder = {
+            let (holding, release) = (holding.clone(), release.clone());
+            Task::blocking(move || {
+                holding.send("holding the thread");
+                release.wait();
+            })
+        };
+        hold_the_pool(layer, holder, Task::blocking(|| ()), &holding).await;
+        until("the waiting task is counted as queued", || {
+            let stats = background.stats();
+            (stats.running, stats.queued) == (1, 1)
+        })
+        .await;
+        std::thread::spawn(move || release.wait());
+        until("both ran", || background.stats().succeeded == 2).await;
+        let stats = background.stats();
+        assert_eq!(
+            (stats.running, stats.queued, stats.pending()),
+            (0, 0, 0),
+            "{stats}"
+        );
+    });
+}

@@ -610,3 +610,64 @@ async fn a_body_whose_size_hint_panics_leaves_no_task_unsettled() {
     })
     .await;
 }
+
+/// Adds `n` distinct tasks to `tasks` when dropped, each holding a receiver's sender: a
+/// cleanup that fans out, not work that re-adds itself.
+struct FanOut(Tasks, Vec<tokio::sync::oneshot::Sender<()>>);
+
+impl Drop for FanOut {
+    fn drop(&mut self) {
+        for tx in self.1.drain(..) {
+            self.0
+                .push(Task::new(async move { drop(tx) }).named("cleanup"));
+        }
+    }
+}
+
+/// Second attack review: a `Drop` that adds many distinct tasks too late (more than the
+/// bound on self-re-adding work) has every one of them reported to `on_error` and dropped:
+/// the bound counts generations of re-added work, not tasks.
+#[tokio::test]
+async fn a_drop_that_adds_many_tasks_too_late_has_each_reported_and_dropped() {
+    const CLEANUPS: usize = 1100;
+    let (layer, errors) = reporting_layer();
+    let background = layer.handle();
+    let receivers = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let addr = {
+        let receivers = receivers.clone();
+        serve(layer, move |_req| {
+            let tasks = Tasks::new();
+            let (senders, rx): (Vec<_>, Vec<_>) = (0..CLEANUPS)
+                .map(|_| tokio::sync::oneshot::channel())
+                .unzip();
+            receivers.lock().unwrap().extend(rx);
+            let fan_out = FanOut(tasks.clone(), senders);
+            let mut own = tasks.clone();
+            own.push(
+                Task::new(async move {
+                    let _fan_out = fan_out;
+                    std::future::pending::<()>().await;
+                })
+                .timeout(Duration::from_millis(1)),
+            );
+            let res = Response::new(full("ok")).with_tasks(tasks);
+            async move { res }
+        })
+        .await
+    };
+    get(Proto::Http1, addr, "/").await;
+    // Each cleanup's work was dropped: its receiver sees the sender gone.
+    let receivers = std::mem::take(&mut *receivers.lock().unwrap());
+    for rx in receivers {
+        assert!(within(rx).await.is_err());
+    }
+    let reports = errors.take(1 + CLEANUPS).await;
+    let late = reports
+        .iter()
+        .filter(|r| matches!(r.kind(), TaskErrorKind::Skipped(SkipReason::AddedTooLate)))
+        .count();
+    assert_eq!(late, CLEANUPS);
+    let stats = background.stats();
+    assert_eq!(stats.attached, 1 + CLEANUPS as u64, "{stats}");
+    assert_eq!(stats.attached, stats.settled(), "{stats}");
+}
