@@ -73,7 +73,13 @@ impl Framing {
             http10,
             ..
         } = shape.request;
-        // hyper answers an HTTP/1.0 request in HTTP/1.0, and keeps a version the handler set.
+        // hyper answers an HTTP/1.0 request in HTTP/1.0, and keeps a version the handler set;
+        // it sends HTTP/2 as HTTP/1.1, and panics on any other.
+        // (Over an HTTP/1.0 connection it writes HTTP/1.0 whatever the handler set.)
+        let known = [Version::HTTP_10, Version::HTTP_11, Version::HTTP_2];
+        if !http10 && !known.contains(&shape.version) {
+            return Framing::Refused;
+        }
         let http10 = http10 || shape.version == Version::HTTP_10;
         let status = shape.status;
         if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {

@@ -40,15 +40,19 @@ pub(crate) fn report_not_run(jobs: Vec<Job>, layer: &Weak<Config>, reason: SkipR
         reason,
         to_callback: !in_callback(),
     };
-    // Without thread-locals (a thread being torn down), settle at once.
+    // A thread being torn down may have lost its thread-locals (or be losing them): then
+    // the batch is settled at once, as the last thing that thread does.
     let Ok(nested) = ACTIVE.try_with(|active| active.replace(true)) else {
         batch.settle();
         return;
     };
     if nested {
-        PENDING.with(|pending| pending.borrow_mut().push(batch));
+        if let Err(batch) = queue(batch) {
+            batch.settle();
+        }
         return;
     }
+    let _active = Active;
     // Generation by generation: the batches that settling one generation added make the
     // next. Work that re-adds itself makes one generation per round, however many tasks
     // each adds.
@@ -63,9 +67,35 @@ pub(crate) fn report_not_run(jobs: Vec<Job>, layer: &Weak<Config>, reason: SkipR
             }
         }
         rounds += 1;
-        generation = PENDING.with(|pending| std::mem::take(&mut *pending.borrow_mut()));
+        generation = PENDING
+            .try_with(|pending| std::mem::take(&mut *pending.borrow_mut()))
+            .unwrap_or_default();
     }
-    ACTIVE.with(|active| active.set(false));
+}
+
+/// Leaves a batch for the outer call on this thread, or gives it back if this thread's
+/// queue is gone.
+fn queue(batch: NotRun) -> Result<(), NotRun> {
+    let mut batch = Some(batch);
+    let queued = PENDING.try_with(|pending| {
+        if let Some(batch) = batch.take() {
+            pending.borrow_mut().push(batch);
+        }
+    });
+    match (queued, batch) {
+        (Ok(()), None) => Ok(()),
+        (_, Some(batch)) => Err(batch),
+        (Err(_), None) => Ok(()),
+    }
+}
+
+/// Marks the end of the outer call, however it ends.
+struct Active;
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        let _ = ACTIVE.try_with(|active| active.set(false));
+    }
 }
 
 /// One batch of tasks that will not run.

@@ -113,10 +113,11 @@ fn log_task_error(error: &TaskError) {
     log_error(format_args!("{error}"));
 }
 
-/// Logs a line about background work that has no task report of its own.
+/// Logs a line about background work that has no task report of its own. A `tracing`
+/// subscriber is user code too: a panic in it stays here.
 pub(crate) fn log_error(message: fmt::Arguments<'_>) {
     #[cfg(feature = "tracing")]
-    tracing::error!("{message}");
+    let _ = contain(|| tracing::error!("{message}"));
     #[cfg(not(feature = "tracing"))]
     {
         use std::io::Write;

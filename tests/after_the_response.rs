@@ -545,3 +545,22 @@ async fn heads_the_http2_client_refuses_are_not_complete() {
     )
     .await;
 }
+
+/// Third attack review: hyper's HTTP/1.1 encoder panics on a response version other than
+/// HTTP/1.0, 1.1 or 2 (a proxy copying an HTTP/3 upstream's): the client gets no head, so
+/// the response is not complete, even when it carries no body.
+#[tokio::test]
+async fn a_response_version_hyper_cannot_write_is_not_complete() {
+    for version in [http::Version::HTTP_3, http::Version::HTTP_09] {
+        assert_refused(
+            Proto::Http1,
+            move || {
+                let mut res = Response::new(empty());
+                *res.version_mut() = version;
+                res
+            },
+            "an HTTP/3 response version over HTTP/1.1",
+        )
+        .await;
+    }
+}

@@ -671,3 +671,73 @@ async fn a_drop_that_adds_many_tasks_too_late_has_each_reported_and_dropped() {
     assert_eq!(stats.attached, 1 + CLEANUPS as u64, "{stats}");
     assert_eq!(stats.attached, stats.settled(), "{stats}");
 }
+
+/// Adds a task to `tasks` when dropped.
+struct AddOnDrop(Tasks, &'static str);
+
+impl Drop for AddOnDrop {
+    fn drop(&mut self) {
+        self.0.push(Task::new(async {}).named(self.1));
+    }
+}
+
+thread_local! {
+    static FLUSH_AT_EXIT: std::cell::RefCell<Option<AddOnDrop>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Third attack review: a thread-local whose destructor adds a task too late, on a thread
+/// that has already settled late tasks (and whose own bookkeeping may be destroyed first).
+/// The task is reported and counted; nothing panics, and the process goes on.
+#[test]
+fn a_task_added_too_late_while_a_thread_exits_is_reported() {
+    let (layer, errors) = {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let layer = BackgroundLayer::new().on_error(move |err: TaskError| {
+            let _ = tx.send(err.name().to_owned());
+        });
+        (layer, rx)
+    };
+    let background = layer.handle();
+    let handle = background.clone();
+    // The server's layer outlives the thread, as it does in a server.
+    let _layer = layer.clone();
+    let thread = std::thread::spawn(move || {
+        let tasks = Tasks::new();
+        // Registered first, so destroyed after the layer's own thread-locals.
+        FLUSH_AT_EXIT.with(|flush| *flush.borrow_mut() = Some(AddOnDrop(tasks.clone(), "at exit")));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let (mut first, mut own) = (tasks.clone(), tasks.clone());
+            // Runs on this thread: adds a task too late whose drop adds another (a nested
+            // report, which uses the layer's thread-locals here).
+            let late = AddOnDrop(tasks.clone(), "nested");
+            first.push(Task::new(async move {
+                own.push(Task::new(async move { drop(late) }).named("late"));
+            }));
+            let svc = layered(layer, move |_req: Request<()>| {
+                let res = Response::new(full("ok")).with_tasks(tasks.clone());
+                async move { res }
+            });
+            let res = svc.oneshot(Request::new(())).await.unwrap();
+            res.into_body().collect().await.unwrap();
+            until("the late tasks are reported", || {
+                background_settled(&background, 3)
+            })
+            .await;
+        });
+    });
+    thread.join().expect("the thread panicked");
+    assert!(background_settled(&handle, 4), "{}", handle.stats());
+    let mut names: Vec<String> = errors.try_iter().collect();
+    names.sort();
+    assert_eq!(names, ["at exit", "late", "nested"]);
+}
+
+fn background_settled(background: &tower_background::BackgroundHandle, attached: u64) -> bool {
+    let stats = background.stats();
+    stats.attached == attached && stats.attached == stats.settled()
+}
