@@ -3,7 +3,9 @@
 //! A hyper server on localhost whose `POST /register` answers `201 Created` and attaches two
 //! background tasks: an `async fn` that sends the e-mail, and a plain `fn` that appends a
 //! line to a log file (it runs on tokio's blocking pool). The example then sends itself one
-//! request and prints a timeline: the client has its response before the tasks start.
+//! request and prints a timeline: the tasks start once the response has been handed to the
+//! server in full, which may be a moment before the client has read it; the slow part, the
+//! e-mail, is never in the client's way.
 //!
 //! ```text
 //! cargo run --example register             # one request, the timeline, then exit
@@ -149,8 +151,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!("\nbackground tasks {report}");
     println!(
-        "The tasks started once the response had been handed to the server in full; the \
-         client had its 201 long before the e-mail went out."
+        "The tasks started once the response had been handed to the server in full (the \
+         client may still have been reading it then); the client had its 201 long before \
+         the e-mail went out."
     );
     Ok(())
 }

@@ -1,4 +1,5 @@
-//! [`BackgroundBody`]: the response body, wrapped to see when it has been sent.
+//! [`BackgroundBody`]: the response body, wrapped to see when it has been handed to the
+//! server in full.
 
 use std::fmt;
 use std::pin::Pin;

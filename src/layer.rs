@@ -14,7 +14,8 @@ use crate::report::Reporter;
 use crate::service::Background;
 
 /// A [`Layer`] that runs the [`Tasks`](crate::Tasks) (or the single
-/// [`Task`](crate::Task)) found in a response's extensions once the response has been sent.
+/// [`Task`](crate::Task)) found in a response's extensions once the response has been
+/// handed to the server in full.
 ///
 /// # Example
 ///

@@ -1,5 +1,6 @@
 //! Background tasks for tower, hyper and axum: work that a handler attaches to its
-//! response, and that starts only once the response has been sent.
+//! response, and that starts only once the whole response has been handed to the server
+//! (the client may still be receiving it).
 //!
 //! This is what Lilya, Starlette and FastAPI call *background tasks*: "register the user,
 //! answer 201 at once, send the confirmation e-mail after".
@@ -10,7 +11,8 @@
 //!   ([`Tasks::group`]); [`Tasks::add_task`] takes an `async fn` or a plain `fn` with its
 //!   arguments and tells the two apart.
 //! - [`BackgroundLayer`]: the [`tower_layer::Layer`] that takes the tasks out of each
-//!   response's extensions and starts them once its body has been sent.
+//!   response's extensions and starts them once its body has been handed to the server
+//!   in full.
 //!
 //! # Example
 //!

@@ -151,7 +151,8 @@ impl Job {
 /// pool.
 ///
 /// Put a `Task` in a response's extensions (or into [`Tasks`](crate::Tasks)), and
-/// [`BackgroundLayer`](crate::BackgroundLayer) starts it once the response has been sent.
+/// [`BackgroundLayer`](crate::BackgroundLayer) starts it once the response has been
+/// handed to the server in full.
 ///
 /// A `Task` is a cheap handle: `http::Extensions` requires `Clone + Send + Sync`, which a
 /// boxed future is not, so the work sits behind an `Arc<Mutex<..>>`. Clones share that one

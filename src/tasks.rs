@@ -16,7 +16,7 @@ use crate::task_fn::TaskFn;
 /// ([`Tasks::new`]), or all at once ([`Tasks::group`], Lilya's `as_group=True`).
 ///
 /// Insert it into the response's extensions; [`BackgroundLayer`](crate::BackgroundLayer)
-/// takes it out and runs it once the response has been sent.
+/// takes it out and runs it once the response has been handed to the server in full.
 ///
 /// `Tasks` is a cheap handle to shared storage, because `http::Extensions` requires
 /// `Clone + Send + Sync`: clones see the same tasks, and the layer takes them out once, so
