@@ -10,6 +10,7 @@ use http::StatusCode;
 use http::request::Parts;
 
 use crate::ext::{attach_task, attach_tasks};
+use crate::report::log_error;
 use crate::task::Task;
 use crate::tasks::Tasks;
 
@@ -54,7 +55,8 @@ impl<S: Send + Sync> FromRequestParts<S> for Tasks {
 /// The rejection of the [`Tasks`] extractor when the route has no
 /// [`BackgroundLayer`](crate::BackgroundLayer) with
 /// [`with_request_tasks`](crate::BackgroundLayer::with_request_tasks): a server
-/// misconfiguration, answered with `500 Internal Server Error`.
+/// misconfiguration, logged on the server and answered with a plain
+/// `500 Internal Server Error`.
 ///
 /// ```
 /// use axum_core::response::IntoResponse;
@@ -78,7 +80,11 @@ impl fmt::Display for MissingRequestTasks {
 impl std::error::Error for MissingRequestTasks {}
 
 impl IntoResponse for MissingRequestTasks {
+    /// Logs the misconfiguration on the server (a `tracing` error, or a line on stderr) and
+    /// answers a plain `500 Internal Server Error`: the client learns nothing of the
+    /// server's setup.
     fn into_response(self) -> Response {
-        (StatusCode::INTERNAL_SERVER_ERROR, self.to_string()).into_response()
+        log_error(format_args!("{self}"));
+        StatusCode::INTERNAL_SERVER_ERROR.into_response()
     }
 }

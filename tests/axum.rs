@@ -208,12 +208,13 @@ async fn head_request_through_axum_runs_its_tasks_once() {
 }
 
 #[tokio::test]
-async fn extractor_without_request_tasks_answers_a_clear_500() {
+async fn extractor_without_request_tasks_answers_a_plain_500() {
     let app = Router::new()
         .route("/", get(|_tasks: Tasks| async { "unreachable" }))
         .layer(BackgroundLayer::new());
     let addr = serve_router(app).await;
     let (status, body) = send(Proto::Http1, Method::GET, addr, "/").await;
     assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
-    assert!(body.contains("with_request_tasks()"), "{body}");
+    // The misconfiguration is the server's business (it is logged there), not the client's.
+    assert!(body.is_empty(), "{body}");
 }
