@@ -14,7 +14,7 @@ use crate::report::log_error;
 use crate::task::Task;
 use crate::tasks::Tasks;
 
-/// Returns `Tasks` from a handler, in a tuple: `(tasks, StatusCode::CREATED, Json(body))`.
+/// Returns `Tasks` from a handler, in a tuple: `(StatusCode::CREATED, tasks, Json(body))`.
 /// Merges with tasks already on the response.
 impl IntoResponseParts for Tasks {
     type Error = Infallible;
@@ -25,7 +25,7 @@ impl IntoResponseParts for Tasks {
     }
 }
 
-/// Returns a `Task` from a handler, in a tuple: `(task, StatusCode::ACCEPTED, "queued")`.
+/// Returns a `Task` from a handler, in a tuple: `(StatusCode::ACCEPTED, task, "queued")`.
 /// Merges with tasks already on the response.
 impl IntoResponseParts for Task {
     type Error = Infallible;

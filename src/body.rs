@@ -81,6 +81,20 @@ impl<B> BackgroundBody<B> {
     }
 }
 
+impl<B: Default> Default for BackgroundBody<B> {
+    /// An empty body that carries no tasks: what layers such as tower-http's `CorsLayer`
+    /// and `TimeoutLayer` answer with when they answer themselves.
+    ///
+    /// ```
+    /// use tower_background::BackgroundBody;
+    ///
+    /// let body: BackgroundBody<http_body_util::Empty<bytes::Bytes>> = Default::default();
+    /// ```
+    fn default() -> Self {
+        BackgroundBody::passthrough(B::default())
+    }
+}
+
 impl<B: Body> Body for BackgroundBody<B> {
     type Data = B::Data;
     type Error = B::Error;

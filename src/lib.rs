@@ -70,7 +70,7 @@
 //!
 //! - `tracing` (default): task errors are logged as `tracing` events; without it, as one
 //!   line on stderr. Each task runs in a span whose parent is its request's.
-//! - `axum`: `Tasks` and `Task` are axum response parts (`(tasks, StatusCode::CREATED,
+//! - `axum`: `Tasks` and `Task` are axum response parts (`(StatusCode::CREATED, tasks,
 //!   body)`), and `Tasks` is an extractor of the request-scoped tasks
 //!   ([`BackgroundLayer::with_request_tasks`]).
 #![deny(missing_docs)]
