@@ -61,7 +61,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let background = layer.handle();
     let svc = ServiceBuilder::new().layer(layer).service_fn(handle);
 
-    // Ctrl-C, or, with --self-test, a few requests of our own.
+    // Ctrl-C or SIGTERM, or, with --self-test, a few requests of our own.
     let (stop_tx, stop) = tokio::sync::oneshot::channel::<()>();
     if self_test {
         tokio::spawn(async move {
@@ -78,10 +78,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         });
     } else {
         tokio::spawn(async move {
-            let _ = tokio::signal::ctrl_c().await;
+            shutdown_signal().await;
             let _ = stop_tx.send(());
         });
-        println!("serving on http://{addr}; Ctrl-C to stop");
+        println!("serving on http://{addr}; Ctrl-C or SIGTERM to stop");
     }
 
     let graceful = GracefulShutdown::new();
@@ -106,4 +106,27 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let report = background.shutdown(Duration::from_secs(10)).await;
     println!("server: background tasks {report}");
     Ok(())
+}
+
+/// Resolves on Ctrl-C (SIGINT), or on SIGTERM, which is what containers (`docker stop`,
+/// Kubernetes) and systemd send to stop a service.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sigterm) => {
+                sigterm.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
 }
