@@ -7,9 +7,9 @@
 
 use std::sync::Arc;
 
+use crate::tracker::Token;
 use http::Extensions;
 use tokio::runtime::Handle;
-use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::error::{SkipReason, TaskErrorKind};
 use crate::framing::{Framing, ResponseShape};
@@ -38,7 +38,7 @@ pub(crate) struct Attached {
     /// Keeps a drain waiting for this response; only if it had tasks when it left the
     /// service, so that a long stream that may never get any (server-sent events with
     /// request-scoped tasks on) does not hold every drain to its deadline.
-    token: Option<TaskTrackerToken>,
+    token: Option<Token>,
 }
 
 impl Attached {

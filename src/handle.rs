@@ -5,19 +5,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::stats::{Counters, Stats};
+use crate::tracker::Tracker;
 
 /// What every response of one layer shares with its handle.
 #[derive(Debug, Default)]
 pub(crate) struct Shared {
     /// Everything a drain waits for: each response body that carries tasks, each run of
     /// tasks, each blocking task's thread.
-    pub(crate) tracker: TaskTracker,
+    pub(crate) tracker: Tracker,
     /// The runs alone: after the deadline, the drain waits for them to report their
     /// cancelled tasks (which they do at once), not for bodies or threads.
-    pub(crate) runs: TaskTracker,
+    pub(crate) runs: Tracker,
     /// Cancelled when a drain reaches its deadline.
     pub(crate) cancel: CancellationToken,
     pub(crate) counters: Counters,

@@ -97,6 +97,7 @@ mod stats;
 mod task;
 pub mod task_fn;
 mod tasks;
+mod tracker;
 
 #[cfg(feature = "axum")]
 pub use axum::MissingRequestTasks;

@@ -12,12 +12,12 @@ use std::sync::atomic::{AtomicU8, Ordering::AcqRel, Ordering::Acquire};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use crate::tracker::Token;
 use futures_util::FutureExt;
 use futures_util::future::{Either, select};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::runtime::Handle;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::error::{CancelReason, SkipReason, TaskError, TaskErrorKind};
 use crate::handle::Shared;
@@ -145,7 +145,7 @@ impl Ledger {
     /// `token` is the response's token of the drain's tracker, if it held one: the run
     /// carries it on, so that the drain never sees a gap between the response and its
     /// tasks.
-    pub(crate) fn start(self, runtime: Option<&Handle>, token: Option<TaskTrackerToken>) {
+    pub(crate) fn start(self, runtime: Option<&Handle>, token: Option<Token>) {
         if self.jobs.iter().all(|job| job.stage == Stage::Settled) {
             return;
         }
@@ -174,10 +174,7 @@ impl Ledger {
     // borrowed `run` future), 128 bytes more in every run's spawned task (measured by
     // `tests/allocations.rs`).
     #[allow(clippy::manual_async_fn)]
-    fn run_until_cancelled(
-        mut self,
-        tokens: (TaskTrackerToken, TaskTrackerToken),
-    ) -> impl Future<Output = ()> + Send {
+    fn run_until_cancelled(mut self, tokens: (Token, Token)) -> impl Future<Output = ()> + Send {
         async move {
             let _tokens = &tokens;
             // An `Arc` of the settings, not a clone of the token: cloning a
@@ -382,7 +379,7 @@ struct Started {
     work: Work,
     timeout: Option<Duration>,
     /// For a blocking task: keeps a drain waiting for its thread, which outlives a timeout.
-    token: Option<TaskTrackerToken>,
+    token: Option<Token>,
     /// For a blocking task: whether its thread has started it, and the counters it counts
     /// itself as started in.
     gate: Option<Arc<Gate>>,
@@ -455,7 +452,7 @@ async fn run_async(
 async fn run_blocking(
     f: Box<dyn FnOnce() -> TaskResult + Send>,
     permit: Option<OwnedSemaphorePermit>,
-    token: Option<TaskTrackerToken>,
+    token: Option<Token>,
     gate: Arc<Gate>,
     shared: Arc<Shared>,
     timeout: Option<Duration>,
