@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, Barrier};
 
 use common::*;
@@ -123,14 +124,29 @@ fn one_blocking_thread() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// Serves a group of two blocking tasks, `holder` and `queued`; returns once `holder` runs
-/// (and so holds the only thread).
-async fn hold_the_pool(
-    layer: BackgroundLayer,
-    holder: Task,
-    queued: Task,
-    holding: &Probe<&'static str>,
-) {
+/// Frees the thread that [`hold_the_pool`]'s first task holds.
+struct Release(Arc<Barrier>);
+
+impl Release {
+    /// From a thread of our own: the pool's only one is held.
+    fn now(self) {
+        std::thread::spawn(move || self.0.wait());
+    }
+}
+
+/// Serves a group of two blocking tasks: `holder`, which holds the pool's only thread until
+/// released, and `queued`, which then waits for it. Returns once `holder` runs.
+async fn hold_the_pool(layer: BackgroundLayer, queued: Task) -> Release {
+    let holding = Probe::new();
+    let release = Arc::new(Barrier::new(2));
+    let holder = {
+        let (holding, release) = (holding.clone(), release.clone());
+        Task::blocking(move || {
+            holding.send("holding the thread");
+            release.wait();
+        })
+        .named("holder")
+    };
     let sets = Handoff::new();
     let mut group = Tasks::group();
     group.push(holder);
@@ -147,6 +163,7 @@ async fn hold_the_pool(
     };
     get(Proto::Http1, addr, "/").await;
     assert_eq!(holding.next().await, "holding the thread");
+    Release(release)
 }
 
 /// Attack review, break 4: a blocking task still queued in tokio's pool at the drain's
@@ -157,23 +174,12 @@ fn a_blocking_task_queued_for_a_thread_at_the_deadline_never_starts() {
     one_blocking_thread().block_on(async {
         let (layer, errors) = reporting_layer();
         let background = layer.handle();
-        let holding = Probe::new();
-        let release = Arc::new(Barrier::new(2));
-        let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let holder = {
-            let (holding, release) = (holding.clone(), release.clone());
-            Task::blocking(move || {
-                holding.send("holding the thread");
-                release.wait();
-            })
-            .named("holder")
-        };
+        let started = Arc::new(AtomicBool::new(false));
         let queued = {
             let started = started.clone();
-            Task::blocking(move || started.store(true, std::sync::atomic::Ordering::SeqCst))
-                .named("queued")
+            Task::blocking(move || started.store(true, SeqCst)).named("queued")
         };
-        hold_the_pool(layer, holder, queued, &holding).await;
+        let release = hold_the_pool(layer, queued).await;
 
         let report = within(background.shutdown(std::time::Duration::from_millis(20))).await;
         assert!(!report.is_drained(), "{report}");
@@ -195,13 +201,12 @@ fn a_blocking_task_queued_for_a_thread_at_the_deadline_never_starts() {
             "{}",
             reports[1]
         );
-        // Free the thread (from a thread of our own: the pool's only one is held); once a
-        // later blocking job has run, tokio's queue (first in, first out) has handed the
-        // queued task its turn.
-        std::thread::spawn(move || release.wait());
+        // Once a later blocking job has run, tokio's queue (first in, first out) has handed
+        // the queued task its turn.
+        release.now();
         within(tokio::task::spawn_blocking(|| ())).await.unwrap();
         assert!(
-            !started.load(std::sync::atomic::Ordering::SeqCst),
+            !started.load(SeqCst),
             "the queued task started after the deadline"
         );
         let stats = background.stats();
@@ -211,36 +216,51 @@ fn a_blocking_task_queued_for_a_thread_at_the_deadline_never_starts() {
 }
 
 /// Attack review, break 4: a blocking task's timeout runs from when a thread starts it,
-/// not from when it was queued for one.
+/// not from when it was queued for one. The queued task's timeout is short and its work
+/// never ends on its own, so it times out; its report must come after the holder was
+/// released, since only then can it start. (Had its clock started while it was queued,
+/// the report would come while the holder still holds the thread: the pause before the
+/// release gives that clock time to run out; a slow machine can only make that pause
+/// too short to show the old fault, never fail this test.)
 #[test]
 fn a_blocking_tasks_timeout_starts_when_its_thread_does() {
     one_blocking_thread().block_on(async {
-        let (layer, errors) = reporting_layer();
-        let background = layer.handle();
-        let holding = Probe::new();
-        let release = Arc::new(Barrier::new(2));
-        let holder = {
-            let (holding, release) = (holding.clone(), release.clone());
-            Task::blocking(move || {
-                holding.send("holding the thread");
-                release.wait();
+        let released = Arc::new(AtomicBool::new(false));
+        let (reports, errors) = tokio::sync::mpsc::unbounded_channel();
+        let layer = {
+            let released = released.clone();
+            BackgroundLayer::new().on_error(move |err| {
+                let _ = reports.send((err, released.load(SeqCst)));
             })
         };
-        let ran = Probe::new();
+        let background = layer.handle();
+        let finish = Arc::new(Barrier::new(2));
         let queued = {
-            let ran = ran.clone();
-            Task::blocking(move || ran.send("ran"))
-                .named("queued")
-                .timeout(std::time::Duration::from_secs(1))
+            let finish = finish.clone();
+            Task::blocking(move || {
+                finish.wait();
+            })
+            .named("queued")
+            .timeout(std::time::Duration::from_millis(50))
         };
-        hold_the_pool(layer, holder, queued, &holding).await;
-        // Longer than the queued task's timeout: had its clock started, it would be out.
-        tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
-        std::thread::spawn(move || release.wait());
-        assert_eq!(ran.next().await, "ran");
+        let release = hold_the_pool(layer, queued).await;
+        tokio::time::sleep(QUIET).await;
+        released.store(true, SeqCst);
+        release.now();
+        let mut errors = errors;
+        let (report, after_release) = within(errors.recv()).await.unwrap();
+        assert!(
+            matches!(report.kind(), TaskErrorKind::TimedOut(_)),
+            "{report}"
+        );
+        assert!(
+            after_release,
+            "the queued task timed out before a thread could start it"
+        );
+        std::thread::spawn(move || finish.wait());
         until("both tasks settled", || background.stats().settled() == 2).await;
-        errors.assert_quiet("a task was reported").await;
-        assert_eq!(background.stats().succeeded, 2);
+        let stats = background.stats();
+        assert_eq!((stats.succeeded, stats.timed_out), (1, 1), "{stats}");
     });
 }
 
@@ -251,22 +271,13 @@ fn a_blocking_task_waiting_for_a_thread_counts_as_queued() {
     one_blocking_thread().block_on(async {
         let layer = BackgroundLayer::new();
         let background = layer.handle();
-        let holding = Probe::new();
-        let release = Arc::new(Barrier::new(2));
-        let holder = {
-            let (holding, release) = (holding.clone(), release.clone());
-            Task::blocking(move || {
-                holding.send("holding the thread");
-                release.wait();
-            })
-        };
-        hold_the_pool(layer, holder, Task::blocking(|| ()), &holding).await;
+        let release = hold_the_pool(layer, Task::blocking(|| ())).await;
         until("the waiting task is counted as queued", || {
             let stats = background.stats();
             (stats.running, stats.queued) == (1, 1)
         })
         .await;
-        std::thread::spawn(move || release.wait());
+        release.now();
         until("both ran", || background.stats().succeeded == 2).await;
         let stats = background.stats();
         assert_eq!(
