@@ -181,11 +181,16 @@ impl Completion {
             parent,
             token,
         } = attached;
+        // The span moves into the ledger: cloning it would call into the subscriber.
+        let mut parent = Some(parent);
         let mut ledger: Option<Ledger> = None;
         for claimed in tasks.into_iter().flatten() {
-            claimed.take(&config, |set| match &mut ledger {
-                Some(ledger) => ledger.add_set(set),
-                None => ledger = Some(Ledger::new(set, config.clone(), parent.clone())),
+            claimed.take(&config, |set| match (&mut ledger, parent.take()) {
+                (Some(ledger), _) => ledger.add_set(set),
+                (None, parent) => {
+                    let parent = parent.unwrap_or_else(ParentSpan::current);
+                    ledger = Some(Ledger::new(set, config.clone(), parent));
+                }
             });
         }
         let mut ledger = match ledger {
@@ -198,7 +203,7 @@ impl Completion {
             None => Ledger::new(
                 TakenTasks::sequence(single.into_iter().collect()),
                 config,
-                parent,
+                parent.unwrap_or_else(ParentSpan::current),
             ),
         };
         let shared = &ledger.config().shared;

@@ -103,11 +103,22 @@ impl Framing {
         let mut written = None; // the `Content-Length` copied as it is (exact size hint)
         let mut framed = None; // the `Content-Length` parsed (no size hint)
         let mut chunked = false;
-        for name in shape.headers.keys() {
+        // In the order they come in the head; only when both are there does it matter
+        // (and is worth a walk over the header names).
+        let encoding_first = shape.headers.contains_key(TRANSFER_ENCODING)
+            && shape.headers.contains_key(CONTENT_LENGTH)
+            && shape
+                .headers
+                .keys()
+                .find(|name| **name == CONTENT_LENGTH || **name == TRANSFER_ENCODING)
+                .is_some_and(|name| *name == TRANSFER_ENCODING);
+        let names = if encoding_first {
+            [TRANSFER_ENCODING, CONTENT_LENGTH]
+        } else {
+            [CONTENT_LENGTH, TRANSFER_ENCODING]
+        };
+        for name in &names {
             let length = *name == CONTENT_LENGTH;
-            if !length && *name != TRANSFER_ENCODING {
-                continue;
-            }
             let mut name_written = false;
             for value in shape.headers.get_all(name) {
                 if wrote_len && !name_written {

@@ -310,6 +310,14 @@ impl Tasks {
 
     /// Runs `f` on the tree this `Tasks` belongs to, locked, with the index of its own set.
     fn with_tree<R>(&self, f: impl FnOnce(&mut Tree, usize) -> R) -> R {
+        // Most `Tasks` were never merged away: their own node owns their tree.
+        {
+            let mut state = self.node.lock();
+            if let State::Owner(tree) = &mut *state {
+                let index = usize::try_from(-tree.first).expect("a set lies inside its tree");
+                return f(tree, index);
+            }
+        }
         let mut node = self.node.clone();
         let mut shift = 0;
         loop {
