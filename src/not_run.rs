@@ -77,16 +77,8 @@ pub(crate) fn report_not_run(jobs: Vec<Job>, layer: &Weak<Config>, reason: SkipR
 /// queue is gone.
 fn queue(batch: NotRun) -> Result<(), NotRun> {
     let mut batch = Some(batch);
-    let queued = PENDING.try_with(|pending| {
-        if let Some(batch) = batch.take() {
-            pending.borrow_mut().push(batch);
-        }
-    });
-    match (queued, batch) {
-        (Ok(()), None) => Ok(()),
-        (_, Some(batch)) => Err(batch),
-        (Err(_), None) => Ok(()),
-    }
+    let _ = PENDING.try_with(|pending| pending.borrow_mut().extend(batch.take()));
+    batch.map_or(Ok(()), Err)
 }
 
 /// Marks the end of the outer call, however it ends.

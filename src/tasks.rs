@@ -456,43 +456,35 @@ fn lock_pair<'a>(
 
 /// Moves the tree in `that` after `this`, whose owner is `owner`.
 fn append(this: &mut Tree, that: &mut State, owner: &Arc<Node>) {
-    let shift = this.first + this.sets.len() as i64;
-    let moved = std::mem::replace(
-        that,
-        State::Merged {
-            into: owner.clone(),
-            shift: 0,
-        },
-    );
-    let State::Owner(moved) = moved else {
+    let moved = forward(that, owner, |moved| {
+        this.first + this.sets.len() as i64 - moved.first
+    });
+    this.sets.extend(moved.sets);
+}
+
+/// Turns the owner `state` into a pointer to `owner`, with the shift `shift` works out from
+/// the tree it held; returns that tree.
+fn forward(state: &mut State, owner: &Arc<Node>, shift: impl FnOnce(&Tree) -> i64) -> Tree {
+    let State::Owner(tree) = &*state else {
         unreachable!("only owners are merged")
     };
-    *that = State::Merged {
+    let shift = shift(tree);
+    let forwarded = State::Merged {
         into: owner.clone(),
-        shift: shift - moved.first,
+        shift,
     };
-    this.sets.extend(moved.sets);
+    match std::mem::replace(state, forwarded) {
+        State::Owner(tree) => tree,
+        State::Merged { .. } => unreachable!("only owners are merged"),
+    }
 }
 
 /// Moves the tree in `this` before `that`, whose owner is `owner`: the larger tree keeps
 /// its sets where they are.
 fn prepend(this: &mut State, that: &mut Tree, owner: &Arc<Node>) {
-    let moved = std::mem::replace(
-        this,
-        State::Merged {
-            into: owner.clone(),
-            shift: 0,
-        },
-    );
-    let State::Owner(moved) = moved else {
-        unreachable!("only owners are merged")
-    };
-    let first = that.first - moved.sets.len() as i64;
-    *this = State::Merged {
-        into: owner.clone(),
-        shift: first - moved.first,
-    };
-    that.first = first;
+    let first = |moved: &Tree| that.first - moved.sets.len() as i64;
+    let moved = forward(this, owner, |moved| first(moved) - moved.first);
+    that.first = first(&moved);
     that.claimed |= moved.claimed;
     for set in moved.sets.into_iter().rev() {
         that.sets.push_front(set);

@@ -373,3 +373,35 @@ fn merging_again_after_the_first_set_is_gone_does_nothing() {
     b.merge(c.clone());
     assert_eq!((b.len(), c.len()), (1, 1));
 }
+
+/// Merging a larger tree into a smaller one moves the smaller's sets in front of the
+/// larger's (the larger keeps its storage): the order stays "everything joined with `a`,
+/// then everything joined with `b`", and settings stay with their sets.
+#[tokio::test]
+async fn merging_a_larger_tree_into_a_smaller_one_keeps_the_order() {
+    let probe = Probe::new();
+    let p = probe.clone();
+    request_once(move || {
+        let mut a = Tasks::new();
+        a.push(report(&p, "a"));
+        let mut b = Tasks::new();
+        b.push(report(&p, "b"));
+        for name in ["c", "d"] {
+            let mut next = Tasks::new();
+            next.push(report(&p, name));
+            b.merge(next);
+        }
+        let grouped = Tasks::group();
+        a.merge(b); // a: one set; b: three
+        a.merge(grouped.clone());
+        let mut grouped = grouped;
+        grouped.push(report(&p, "e"));
+        assert!(grouped.is_group() && !a.is_group());
+        assert_eq!(a.len(), 5);
+        let mut res = Response::new(full("Created"));
+        *res.status_mut() = StatusCode::CREATED;
+        res.with_tasks(a)
+    })
+    .await;
+    assert_eq!(probe.take(5).await, ["a", "b", "c", "d", "e"]);
+}
