@@ -63,8 +63,9 @@
 //!   request-scoped tasks with [`BackgroundLayer::with_request_tasks`]); each keeps its
 //!   own settings and none is dropped.
 //!
-//! The full contract, with the test behind each guarantee, is in `docs/semantics.md`;
-//! running it in production (drain, limits, timeouts, counters) in `docs/operations.md`.
+//! The full contract, with the test behind each guarantee, is in [`guide::semantics`];
+//! running it in production (drain, SIGTERM, limits, timeouts, counters) in
+//! [`guide::operations`]; the other guides are listed in [`guide`].
 //!
 //! # Features
 //!
@@ -85,6 +86,7 @@ mod error;
 mod ext;
 mod framing;
 mod future;
+pub mod guide;
 mod handle;
 mod layer;
 mod not_run;
