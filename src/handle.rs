@@ -4,8 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio_util::sync::CancellationToken;
-
+use crate::cancel::Cancel;
 use crate::stats::{Counters, Stats};
 use crate::tracker::Tracker;
 
@@ -19,7 +18,7 @@ pub(crate) struct Shared {
     /// cancelled tasks (which they do at once), not for bodies or threads.
     pub(crate) runs: Tracker,
     /// Cancelled when a drain reaches its deadline.
-    pub(crate) cancel: CancellationToken,
+    pub(crate) cancel: Cancel,
     pub(crate) counters: Counters,
 }
 

@@ -81,6 +81,7 @@
 #[cfg(feature = "axum")]
 mod axum;
 mod body;
+mod cancel;
 mod completion;
 mod error;
 mod ext;

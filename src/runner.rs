@@ -177,8 +177,7 @@ impl Ledger {
     fn run_until_cancelled(mut self, tokens: (Token, Token)) -> impl Future<Output = ()> + Send {
         async move {
             let _tokens = &tokens;
-            // An `Arc` of the settings, not a clone of the token: cloning a
-            // `CancellationToken` takes a lock.
+            // An `Arc` of the settings: the flag lives in them.
             let config = self.config.clone();
             {
                 let work = pin!(self.run());
