@@ -3,7 +3,7 @@
 //! variants side by side in one run, so read them as ratios.
 //!
 //! ```text
-//! cargo bench --bench overhead
+//! cargo bench -p tower-background-benches --bench overhead
 //! ```
 
 use std::cell::RefCell;

@@ -14,7 +14,7 @@
 //!
 //! ```text
 //! benches/load.sh                       # installs wrk if needed, then runs this
-//! cargo run --release --example loadbench -- --rounds 5 --seconds 3 --connections 32
+//! cargo run --release -p tower-background-benches --bin loadbench -- --rounds 5 --seconds 3 --connections 32
 //! ```
 
 use std::convert::Infallible;
