@@ -9,10 +9,10 @@ use axum_core::response::{IntoResponse, IntoResponseParts, Response, ResponsePar
 use http::StatusCode;
 use http::request::Parts;
 
-use crate::ext::{attach_task, attach_tasks};
-use crate::report::log_error;
-use crate::task::Task;
-use crate::tasks::Tasks;
+use crate::run::report::log_error;
+use crate::task::set::Tasks;
+use crate::task::single::Task;
+use crate::task::with_tasks::{attach_task, attach_tasks};
 
 /// Returns `Tasks` from a handler, in a tuple: `(StatusCode::CREATED, tasks, Json(body))`.
 /// Merges with tasks already on the response.

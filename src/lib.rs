@@ -80,42 +80,21 @@
 
 #[cfg(feature = "axum")]
 mod axum;
-mod body;
-mod cancel;
-mod completion;
+mod config;
 mod error;
-mod ext;
-mod framing;
-mod future;
 pub mod guide;
-mod handle;
 mod layer;
-mod not_run;
 mod policy;
-mod report;
-mod runner;
-mod service;
-mod span;
-mod stats;
+mod run;
 mod task;
-pub mod task_fn;
-mod tasks;
-mod tracker;
 
 #[cfg(feature = "axum")]
 pub use axum::MissingRequestTasks;
-pub use body::BackgroundBody;
 pub use error::{CancelReason, SkipReason, TaskError, TaskErrorKind};
-pub use ext::WithTasks;
-pub use future::ResponseFuture;
-pub use handle::{BackgroundHandle, ShutdownReport};
-pub use layer::BackgroundLayer;
+pub use layer::{Background, BackgroundBody, BackgroundLayer, ResponseFuture};
 pub use policy::{OnEarlyDrop, OnFailure};
-pub use service::Background;
-pub use stats::Stats;
-pub use task::{Task, TaskOutput};
-pub use task_fn::TaskFn;
-pub use tasks::Tasks;
+pub use run::{BackgroundHandle, ShutdownReport, Stats};
+pub use task::{Task, TaskFn, TaskOutput, Tasks, WithTasks, task_fn};
 
 /// The error type a failing task is reported with: any error, boxed.
 ///

@@ -14,7 +14,7 @@
 //! the crate itself, and loom needs its own types compiled in (a `cfg(loom)` build of the
 //! whole crate, runtime included). The lock discipline is small enough to state instead:
 //! roots are locked before members, two roots in address order, and no lock is held while
-//! user code runs (`src/tasks.rs`).
+//! user code runs (`src/task/set.rs`).
 
 mod common;
 

@@ -4,8 +4,8 @@
 use http::Extensions;
 use http::response::{Builder, Response};
 
-use crate::task::Task;
-use crate::tasks::Tasks;
+use crate::task::set::Tasks;
+use crate::task::single::Task;
 
 /// Attaches background tasks to a response, or to a response builder, without replacing
 /// tasks already attached: a second `Tasks` is [merged](Tasks::merge) into the first and

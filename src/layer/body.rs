@@ -9,7 +9,7 @@ use bytes::Buf;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::completion::Completion;
+use crate::layer::completion::Completion;
 
 pin_project! {
     /// The response body of [`Background`](crate::Background): the inner body, unchanged,

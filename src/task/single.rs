@@ -8,9 +8,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::BoxError;
-use crate::report::{contain, log_error};
-use crate::runner::Gate;
-use crate::task_fn::TaskFn;
+use crate::run::execute::Gate;
+use crate::run::report::{contain, log_error};
+use crate::task::task_fn::TaskFn;
 
 /// What a task's work returns once it has run: `Ok(())`, or the error it failed with.
 pub(crate) type TaskResult = Result<(), BoxError>;
@@ -73,7 +73,7 @@ pub(crate) fn discard<T>(value: T, what: &str) {
 
 /// A task taken out of its [`Task`] handle: its name and its work, ready to run.
 ///
-/// `pub` only so that [`TaskFn`](crate::TaskFn) can name it; it is not reachable from
+/// `pub` only so that [`TaskFn`] can name it; it is not reachable from
 /// outside the crate.
 pub struct Job {
     pub(crate) name: Cow<'static, str>,

@@ -10,11 +10,11 @@ use http::Response;
 use http_body::Body;
 use pin_project_lite::pin_project;
 
-use crate::body::BackgroundBody;
-use crate::completion::{Attached, Completion};
-use crate::framing::{RequestKind, ResponseShape};
-use crate::layer::Config;
-use crate::tasks::Tasks;
+use crate::config::Config;
+use crate::layer::body::BackgroundBody;
+use crate::layer::completion::{Attached, Completion};
+use crate::layer::framing::{RequestKind, ResponseShape};
+use crate::task::set::Tasks;
 
 pin_project! {
     /// The response future of [`Background`](crate::Background): resolves to the inner

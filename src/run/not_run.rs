@@ -13,10 +13,10 @@
 use std::cell::{Cell, RefCell};
 use std::sync::Weak;
 
+use crate::config::Config;
 use crate::error::{SkipReason, TaskError, TaskErrorKind};
-use crate::layer::Config;
-use crate::report::{in_callback, log_error};
-use crate::task::{Job, Stage};
+use crate::run::report::{in_callback, log_error};
+use crate::task::single::{Job, Stage};
 
 /// How many generations of re-added work one outer call settles before it leaks the rest.
 const ROUNDS: usize = 1024;

@@ -4,9 +4,9 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::cancel::Cancel;
-use crate::stats::{Counters, Stats};
-use crate::tracker::Tracker;
+use crate::run::cancel::Cancel;
+use crate::run::stats::{Counters, Stats};
+use crate::run::tracker::Tracker;
 
 /// What every response of one layer shares with its handle.
 #[derive(Debug, Default)]

@@ -7,13 +7,13 @@ use http::{Method, Request, Response, Version};
 use http_body::Body;
 use tower_service::Service;
 
-use crate::framing::RequestKind;
-use crate::future::ResponseFuture;
-use crate::layer::Config;
-use crate::tasks::Tasks;
+use crate::config::Config;
+use crate::layer::framing::RequestKind;
+use crate::layer::future::ResponseFuture;
+use crate::task::set::Tasks;
 
 /// The service made by [`BackgroundLayer`](crate::BackgroundLayer): calls the inner
-/// service, then takes the [`Tasks`](crate::Tasks) and the [`Task`](crate::Task) out of the
+/// service, then takes the [`Tasks`] and the [`Task`](crate::Task) out of the
 /// response's extensions and wraps its body in a
 /// [`BackgroundBody`](crate::BackgroundBody) that starts them once the response is sent.
 ///

@@ -1,4 +1,17 @@
-//! [`BackgroundLayer`] and its settings.
+//! What sees the response end: [`BackgroundLayer`] and its settings, the
+//! [`Background`] service it makes, the [`ResponseFuture`] that takes the tasks out of
+//! the response, and the [`BackgroundBody`] that tells when hyper has been handed the
+//! whole body (`completion`, following how hyper frames it: `framing`).
+
+pub(crate) mod body;
+pub(crate) mod completion;
+pub(crate) mod framing;
+pub(crate) mod future;
+pub(crate) mod service;
+
+pub use body::BackgroundBody;
+pub use future::ResponseFuture;
+pub use service::Background;
 
 use std::sync::Arc;
 
@@ -7,11 +20,11 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tower_layer::Layer;
 
+use crate::config::Config;
 use crate::error::TaskError;
-use crate::handle::{BackgroundHandle, Shared};
 use crate::policy::OnEarlyDrop;
-use crate::report::Reporter;
-use crate::service::Background;
+use crate::run::handle::BackgroundHandle;
+use crate::run::report::Reporter;
 
 /// A [`Layer`] that runs the [`Tasks`](crate::Tasks) (or the single
 /// [`Task`](crate::Task)) found in a response's extensions once the response has been
@@ -57,18 +70,6 @@ use crate::service::Background;
 #[derive(Clone, Debug, Default)]
 pub struct BackgroundLayer {
     config: Arc<Config>,
-}
-
-/// The layer's settings, shared by every response it serves.
-#[derive(Clone, Debug, Default)]
-pub(crate) struct Config {
-    pub(crate) on_early_drop: OnEarlyDrop,
-    pub(crate) reporter: Reporter,
-    pub(crate) task_timeout: Option<Duration>,
-    pub(crate) limit: Option<Arc<Semaphore>>,
-    pub(crate) request_tasks: bool,
-    /// The counters and trackers behind [`BackgroundHandle`]: kept when settings change.
-    pub(crate) shared: Arc<Shared>,
 }
 
 impl BackgroundLayer {

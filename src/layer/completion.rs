@@ -7,18 +7,18 @@
 
 use std::sync::Arc;
 
-use crate::tracker::Token;
+use crate::run::tracker::Token;
 use http::Extensions;
 use tokio::runtime::Handle;
 
+use crate::config::Config;
 use crate::error::{SkipReason, TaskErrorKind};
-use crate::framing::{Framing, ResponseShape};
-use crate::layer::Config;
-use crate::not_run::report_not_run;
-use crate::runner::Ledger;
-use crate::span::ParentSpan;
-use crate::task::{Job, Stage, Task};
-use crate::tasks::{Claimed, TakenTasks, Tasks};
+use crate::layer::framing::{Framing, ResponseShape};
+use crate::run::ledger::Ledger;
+use crate::run::not_run::report_not_run;
+use crate::run::span::ParentSpan;
+use crate::task::set::{Claimed, TakenTasks, Tasks};
+use crate::task::single::{Job, Stage, Task};
 
 /// The tasks found on one response, with what is needed to run them.
 pub(crate) struct Attached {

@@ -11,7 +11,7 @@
 use std::any::type_name;
 use std::future::Future;
 
-use crate::task::{Job, TaskOutput};
+use crate::task::single::{Job, TaskOutput};
 
 /// Marks an `async fn` (or a closure returning a future): its future is awaited on the
 /// runtime's worker threads.

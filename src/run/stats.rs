@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use crate::error::TaskErrorKind;
 #[cfg(doc)]
 use crate::error::{CancelReason, SkipReason};
-use crate::task::Stage;
+use crate::task::single::Stage;
 
 /// A snapshot of the counters of one [`BackgroundLayer`](crate::BackgroundLayer), from
 /// [`BackgroundHandle::stats`](crate::BackgroundHandle::stats).
@@ -48,12 +48,12 @@ pub struct Stats {
     pub panicked: u64,
     /// Tasks stopped at their timeout.
     pub timed_out: u64,
-    /// Tasks that never started ([`TaskErrorKind::Skipped`](crate::TaskErrorKind::Skipped),
+    /// Tasks that never started ([`TaskErrorKind::Skipped`],
     /// whatever the [`SkipReason`]: an early drop, an earlier failure, a drain's deadline,
     /// no runtime, no response, added too late).
     pub skipped: u64,
     /// Tasks that started, then were stopped before their end
-    /// ([`TaskErrorKind::Cancelled`](crate::TaskErrorKind::Cancelled), whatever the
+    /// ([`TaskErrorKind::Cancelled`], whatever the
     /// [`CancelReason`]: a stopped group, a drain's deadline, the runtime shutting down).
     pub cancelled: u64,
 }

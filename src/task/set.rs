@@ -4,13 +4,13 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
+use crate::config::Config;
 use crate::error::SkipReason;
-use crate::layer::Config;
-use crate::not_run::report_not_run;
 use crate::policy::{OnEarlyDrop, OnFailure};
-use crate::report::log_error;
-use crate::task::{Job, Task};
-use crate::task_fn::TaskFn;
+use crate::run::not_run::report_not_run;
+use crate::run::report::log_error;
+use crate::task::single::{Job, Task};
+use crate::task::task_fn::TaskFn;
 
 /// The tasks of one response: run one after another in insertion order
 /// ([`Tasks::new`]), or all at once ([`Tasks::group`], Lilya's `as_group=True`).

@@ -1,0 +1,24 @@
+//! [`Config`]: the settings of one [`BackgroundLayer`](crate::BackgroundLayer), shared by
+//! every response it serves. Its own module: the service, the response future, the
+//! completion and the runs all read it, and none of them should depend on the layer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use crate::policy::OnEarlyDrop;
+use crate::run::handle::Shared;
+use crate::run::report::Reporter;
+
+/// The layer's settings, shared by every response it serves.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Config {
+    pub(crate) on_early_drop: OnEarlyDrop,
+    pub(crate) reporter: Reporter,
+    pub(crate) task_timeout: Option<Duration>,
+    pub(crate) limit: Option<Arc<Semaphore>>,
+    pub(crate) request_tasks: bool,
+    /// The counters and trackers behind [`BackgroundHandle`](crate::BackgroundHandle): kept when settings change.
+    pub(crate) shared: Arc<Shared>,
+}

@@ -1,0 +1,222 @@
+//! Runs one task: waits for its slot under the layer's limit, then polls it (or hands it
+//! to tokio's blocking pool) to its end or its timeout, in its span, catching its panic.
+
+use std::any::Any;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering::AcqRel, Ordering::Acquire};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use futures_util::future::Either;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::error::{CancelReason, SkipReason, TaskErrorKind};
+use crate::run::handle::Shared;
+use crate::run::tracker::Token;
+use crate::task::single::{TaskResult, Work, discard};
+
+/// Waits for a slot under the layer's limit, if it has one. Tokio's semaphore is fair, so
+/// tasks get their slots in the order they asked.
+pub(crate) async fn admit(limit: Option<Arc<Semaphore>>) -> Option<OwnedSemaphorePermit> {
+    // Boxed: the wait's state is large, and most layers have no limit.
+    Box::pin(limit?.acquire_owned()).await.ok()
+}
+
+/// A task that has just started: what `execute` needs to run it.
+pub(crate) struct Started {
+    pub(crate) work: Work,
+    pub(crate) timeout: Option<Duration>,
+    /// For a blocking task: keeps a drain waiting for its thread, which outlives a timeout.
+    pub(crate) token: Option<Token>,
+    /// For a blocking task: whether its thread has started it, and the counters it counts
+    /// itself as started in.
+    pub(crate) gate: Option<Arc<Gate>>,
+    pub(crate) shared: Option<Arc<Shared>>,
+    #[cfg(feature = "tracing")]
+    pub(crate) span: tracing::Span,
+}
+
+/// Runs one task to its end, or to its timeout, in its span: `Ok`, or what went wrong.
+/// `permit` is released when the work is done (for a blocking task, when its thread is
+/// done).
+///
+/// Kept small on purpose (a plain `fn` building the future, not an `async fn`, which would
+/// store its arguments beside the future made of them): it lives inside every run's
+/// spawned task.
+pub(crate) fn execute(
+    started: Started,
+    permit: Option<OwnedSemaphorePermit>,
+) -> impl Future<Output = Result<(), TaskErrorKind>> {
+    let Started {
+        work,
+        timeout,
+        token,
+        gate,
+        shared,
+        #[cfg(feature = "tracing")]
+        span,
+    } = started;
+    let work = match work {
+        Work::Async(future) => Either::Left(run_async(future, permit, timeout)),
+        // Boxed: waiting for a thread takes more state than polling a future, and most
+        // tasks are async.
+        Work::Blocking(f) => {
+            let (gate, shared) = (gate.unwrap_or_default(), shared.unwrap_or_default());
+            Either::Right(Box::pin(run_blocking(
+                f, permit, token, gate, shared, timeout,
+            )))
+        }
+    };
+    #[cfg(feature = "tracing")]
+    let work = tracing::Instrument::instrument(work, span);
+    work
+}
+
+/// Polls an async task to its end, or drops it at its timeout.
+async fn run_async(
+    future: Pin<Box<dyn Future<Output = TaskResult> + Send>>,
+    permit: Option<OwnedSemaphorePermit>,
+    timeout: Option<Duration>,
+) -> Result<(), TaskErrorKind> {
+    let run = AssertUnwindSafe(Guarded(Some(future))).catch_unwind();
+    let outcome = match timeout {
+        // Boxed: a timer's state is large, and most tasks have no timeout.
+        Some(limit) => Box::pin(tokio::time::timeout(limit, run))
+            .await
+            .map_err(|_| TaskErrorKind::TimedOut(limit)),
+        None => Ok(run.await),
+    };
+    drop(permit);
+    match outcome? {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(TaskErrorKind::Failed(error)),
+        Err(panic) => Err(TaskErrorKind::Panicked(panic_message(panic))),
+    }
+}
+
+/// Runs a blocking task on tokio's blocking pool. It counts as started (and its timeout
+/// runs) only once a thread has taken it: tokio queues blocking work when its pool is
+/// busy, and a task abandoned there (a drain's deadline, a stopped group) never starts.
+async fn run_blocking(
+    f: Box<dyn FnOnce() -> TaskResult + Send>,
+    permit: Option<OwnedSemaphorePermit>,
+    token: Option<Token>,
+    gate: Arc<Gate>,
+    shared: Arc<Shared>,
+    timeout: Option<Duration>,
+) -> Result<(), TaskErrorKind> {
+    // The task's span is current here (`execute` instruments this future): carry it to the
+    // thread.
+    #[cfg(feature = "tracing")]
+    let span = tracing::Span::current();
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let thread = {
+        let gate = gate.clone();
+        move || {
+            let (_permit, _token) = (permit, token);
+            if !gate.start() {
+                return None;
+            }
+            shared.counters.started();
+            let _ = started_tx.send(());
+            #[cfg(feature = "tracing")]
+            let _entered = span.enter();
+            Some(f())
+        }
+    };
+    let handle = tokio::task::spawn_blocking(thread);
+    // Err if the closure ended without starting, or was dropped unrun: the join says which.
+    let _ = started_rx.await;
+    let joined = match timeout {
+        Some(limit) => Box::pin(tokio::time::timeout(limit, handle))
+            .await
+            .map_err(|_| TaskErrorKind::TimedOut(limit))?,
+        None => handle.await,
+    };
+    match joined {
+        Ok(Some(Ok(()))) => Ok(()),
+        Ok(Some(Err(error))) => Err(TaskErrorKind::Failed(error)),
+        Ok(None) => Err(TaskErrorKind::Skipped(SkipReason::Shutdown)),
+        Err(join) if join.is_panic() => {
+            Err(TaskErrorKind::Panicked(panic_message(join.into_panic())))
+        }
+        // The runtime shut down: tokio drops blocking work it has not started.
+        Err(_) if gate.abandon() => Err(TaskErrorKind::Skipped(SkipReason::NoRuntime)),
+        Err(_) => Err(TaskErrorKind::Cancelled(CancelReason::RuntimeShutdown)),
+    }
+}
+
+/// Whether a blocking task's thread has started it: decided once, by whichever comes first,
+/// the thread ([`Gate::start`]) or the runner giving up on it ([`Gate::abandon`]).
+#[derive(Debug, Default)]
+pub(crate) struct Gate(AtomicU8);
+
+impl Gate {
+    const WAITING: u8 = 0;
+    const STARTED: u8 = 1;
+    const ABANDONED: u8 = 2;
+
+    /// The thread is about to run the task: `false` if it was abandoned first.
+    pub(crate) fn start(&self) -> bool {
+        self.0
+            .compare_exchange(Self::WAITING, Self::STARTED, AcqRel, Acquire)
+            .is_ok()
+    }
+
+    /// `true` once a thread has started the task.
+    pub(crate) fn started(&self) -> bool {
+        self.0.load(Acquire) == Self::STARTED
+    }
+
+    /// The runner gives up on the task: `true` if no thread had started it (and none
+    /// will).
+    pub(crate) fn abandon(&self) -> bool {
+        self.0
+            .compare_exchange(Self::WAITING, Self::ABANDONED, AcqRel, Acquire)
+            .is_ok()
+    }
+}
+
+/// A task's future, dropped under `catch_unwind` when it is dropped unfinished (a timeout,
+/// a drain's deadline, a stopped group, a runtime shutting down): those drops happen in
+/// the runner, outside the task's own `catch_unwind`, and a panic there must not unwind
+/// through it.
+struct Guarded(Option<Pin<Box<dyn Future<Output = TaskResult> + Send>>>);
+
+impl Future for Guarded {
+    type Output = TaskResult;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<TaskResult> {
+        let future = self.0.as_mut().expect("polled after its end");
+        let outcome = ready!(future.as_mut().poll(cx));
+        // Finished: dropped here, inside the caller's `catch_unwind`.
+        self.0 = None;
+        Poll::Ready(outcome)
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        if let Some(future) = self.0.take() {
+            discard(future, "a task stopped before its end");
+        }
+    }
+}
+
+/// The message of a caught panic. The payload is user data (`std::panic::panic_any` takes
+/// anything), so it is dropped under `catch_unwind`: its own `Drop` may panic too.
+fn panic_message(panic: Box<dyn Any + Send>) -> String {
+    let message = if let Some(s) = panic.downcast_ref::<&'static str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic with a non-string payload".to_owned()
+    };
+    discard(panic, "a background task's panic payload");
+    message
+}
