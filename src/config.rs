@@ -10,6 +10,7 @@ use tokio::sync::Semaphore;
 use crate::policy::OnEarlyDrop;
 use crate::run::handle::Shared;
 use crate::run::report::Reporter;
+use crate::task::retry::Retry;
 
 /// The layer's settings, shared by every response it serves.
 #[derive(Clone, Debug, Default)]
@@ -19,6 +20,8 @@ pub(crate) struct Config {
     pub(crate) task_timeout: Option<Duration>,
     pub(crate) limit: Option<Arc<Semaphore>>,
     pub(crate) request_tasks: bool,
+    /// The retry setting of [`Retryable`](crate::Retryable) tasks without one of their own.
+    pub(crate) retry: Option<Retry>,
     /// The counters and trackers behind [`BackgroundHandle`](crate::BackgroundHandle): kept when settings change.
     pub(crate) shared: Arc<Shared>,
 }

@@ -25,6 +25,7 @@ pub struct TaskError {
     position: usize,
     name: Cow<'static, str>,
     kind: TaskErrorKind,
+    attempts: u32,
 }
 
 /// What went wrong with a task. New variants may be added.
@@ -125,12 +126,31 @@ pub enum CancelReason {
 }
 
 impl TaskError {
-    pub(crate) fn new(position: usize, name: Cow<'static, str>, kind: TaskErrorKind) -> Self {
+    pub(crate) fn new(
+        position: usize,
+        name: Cow<'static, str>,
+        kind: TaskErrorKind,
+        attempts: u32,
+    ) -> Self {
         TaskError {
             position,
             name,
             kind,
+            attempts,
         }
+    }
+
+    /// How many attempts of the task started: `0` if it never started (it was
+    /// [skipped](TaskErrorKind::Skipped)), `1` for a task that ran once, more for a
+    /// [`Retryable`](crate::Retryable) task that was retried. The report is about the
+    /// last one.
+    ///
+    /// ```
+    /// # use tower_background::BackgroundLayer;
+    /// BackgroundLayer::new().on_error(|err| eprintln!("{} after {} attempts", err.name(), err.attempts()));
+    /// ```
+    pub fn attempts(&self) -> u32 {
+        self.attempts
     }
 
     /// The task's position among its response's tasks, from 0, in the order they run: its
@@ -199,6 +219,9 @@ impl TaskError {
 impl fmt::Display for TaskError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "background task #{} `{}` ", self.position, self.name)?;
+        if self.attempts > 1 {
+            write!(f, "(attempt {}) ", self.attempts)?;
+        }
         match &self.kind {
             TaskErrorKind::Failed(e) => write!(f, "failed: {e}"),
             TaskErrorKind::Panicked(message) => write!(f, "panicked: {message}"),

@@ -21,6 +21,7 @@ use tokio::sync::Semaphore;
 use tower_layer::Layer;
 
 use crate::config::Config;
+use crate::task::retry::Retry;
 use crate::error::TaskError;
 use crate::policy::OnEarlyDrop;
 use crate::run::handle::BackgroundHandle;
@@ -118,6 +119,22 @@ impl BackgroundLayer {
         F: Fn(TaskError) + Send + Sync + 'static,
     {
         self.config_mut().reporter = Reporter::new(callback);
+        self
+    }
+
+    /// The retry setting of every [`Retryable`](crate::Retryable) task that has none of
+    /// its own ([`Retryable::retry`](crate::Retryable::retry) overrides it). Plain
+    /// [`Task`](crate::Task)s hold one future and always run once. No retries by default.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_background::{BackgroundLayer, Retry};
+    ///
+    /// let layer = BackgroundLayer::new()
+    ///     .retry(Retry::attempts(3).backoff(Duration::from_millis(250)));
+    /// ```
+    pub fn retry(mut self, retry: Retry) -> Self {
+        self.config_mut().retry = Some(retry);
         self
     }
 

@@ -17,18 +17,31 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::error::{CancelReason, SkipReason, TaskErrorKind};
 use crate::run::handle::Shared;
 use crate::run::tracker::Token;
-use crate::task::single::{TaskResult, Work, discard};
+use crate::task::single::{Attempt, TaskResult, discard};
+
+/// Waits out `delay` if there is one (a retry's backoff, holding no slot), then for a
+/// slot under the layer's limit.
+pub(crate) async fn admit_after(
+    delay: Option<Duration>,
+    limit: Option<Arc<Semaphore>>,
+) -> Option<OwnedSemaphorePermit> {
+    if let Some(delay) = delay {
+        // Boxed: a timer's state is large, and most tasks are never retried.
+        Box::pin(tokio::time::sleep(delay)).await;
+    }
+    admit(limit).await
+}
 
 /// Waits for a slot under the layer's limit, if it has one. Tokio's semaphore is fair, so
 /// tasks get their slots in the order they asked.
-pub(crate) async fn admit(limit: Option<Arc<Semaphore>>) -> Option<OwnedSemaphorePermit> {
+async fn admit(limit: Option<Arc<Semaphore>>) -> Option<OwnedSemaphorePermit> {
     // Boxed: the wait's state is large, and most layers have no limit.
     Box::pin(limit?.acquire_owned()).await.ok()
 }
 
 /// A task that has just started: what `execute` needs to run it.
 pub(crate) struct Started {
-    pub(crate) work: Work,
+    pub(crate) work: Attempt,
     pub(crate) timeout: Option<Duration>,
     /// For a blocking task: keeps a drain waiting for its thread, which outlives a timeout.
     pub(crate) token: Option<Token>,
@@ -36,6 +49,8 @@ pub(crate) struct Started {
     /// itself as started in.
     pub(crate) gate: Option<Arc<Gate>>,
     pub(crate) shared: Option<Arc<Shared>>,
+    /// A retry, not the task's first attempt: counted as such when it starts.
+    pub(crate) retry: bool,
     #[cfg(feature = "tracing")]
     pub(crate) span: tracing::Span,
 }
@@ -57,17 +72,18 @@ pub(crate) fn execute(
         token,
         gate,
         shared,
+        retry,
         #[cfg(feature = "tracing")]
         span,
     } = started;
     let work = match work {
-        Work::Async(future) => Either::Left(run_async(future, permit, timeout)),
+        Attempt::Async(future) => Either::Left(run_async(future, permit, timeout)),
         // Boxed: waiting for a thread takes more state than polling a future, and most
         // tasks are async.
-        Work::Blocking(f) => {
+        Attempt::Blocking(f) => {
             let (gate, shared) = (gate.unwrap_or_default(), shared.unwrap_or_default());
             Either::Right(Box::pin(run_blocking(
-                f, permit, token, gate, shared, timeout,
+                f, permit, token, gate, shared, retry, timeout,
             )))
         }
     };
@@ -107,6 +123,7 @@ async fn run_blocking(
     token: Option<Token>,
     gate: Arc<Gate>,
     shared: Arc<Shared>,
+    retry: bool,
     timeout: Option<Duration>,
 ) -> Result<(), TaskErrorKind> {
     // The task's span is current here (`execute` instruments this future): carry it to the
@@ -121,7 +138,11 @@ async fn run_blocking(
             if !gate.start() {
                 return None;
             }
-            shared.counters.started();
+            if retry {
+                shared.counters.retried();
+            } else {
+                shared.counters.started();
+            }
             let _ = started_tx.send(());
             #[cfg(feature = "tracing")]
             let _entered = span.enter();

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::ops::Range;
 use std::pin::pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::future::{Either, select};
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -15,11 +16,13 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::config::Config;
 use crate::error::{CancelReason, SkipReason, TaskError, TaskErrorKind};
 use crate::policy::{OnEarlyDrop, OnFailure};
-use crate::run::execute::{Gate, Started, admit, execute};
+use crate::run::execute::{Gate, Started, admit_after, execute};
+use crate::run::report::log_retry;
+use crate::task::retry::make_attempt;
 use crate::run::span::ParentSpan;
 use crate::run::tracker::Token;
 use crate::task::set::TakenTasks;
-use crate::task::single::{Job, Stage, Work};
+use crate::task::single::{Attempt, Job, Stage, Work};
 
 /// Every task of one response, set after set, and where each stands: each task is counted
 /// and reported exactly once, and every task not settled when the run is dropped (the
@@ -181,9 +184,11 @@ impl Ledger {
             // A drain's deadline: what runs now is cancelled, and what has not started
             // never will (`may_start` keeps waiting tasks from starting after it).
             if config.shared.cancel.is_cancelled() {
-                self.settle_all(Stage::Running, || {
-                    TaskErrorKind::Cancelled(CancelReason::Shutdown)
-                });
+                for started in [Stage::Running, Stage::Backoff] {
+                    self.settle_all(started, || {
+                        TaskErrorKind::Cancelled(CancelReason::Shutdown)
+                    });
+                }
                 self.settle_all(Stage::Queued, || {
                     TaskErrorKind::Skipped(SkipReason::Shutdown)
                 });
@@ -208,14 +213,25 @@ impl Ledger {
 
     async fn run_in_order(&mut self, range: Range<usize>, on_failure: OnFailure) {
         for position in range.clone() {
-            let permit = admit(self.config.limit.clone()).await;
-            if !self.may_start() {
-                return;
-            }
-            let Some(started) = self.start_task(position) else {
+            let mut backoff = None;
+            let outcome = loop {
+                let permit = admit_after(backoff, self.config.limit.clone()).await;
+                if !self.may_start() {
+                    return;
+                }
+                let Some(started) = self.start_task(position) else {
+                    break None;
+                };
+                let outcome = execute(started, permit).await;
+                match self.retry(position, outcome) {
+                    Ok(delay) => backoff = Some(delay),
+                    Err(outcome) => break Some(outcome),
+                }
+            };
+            let Some(outcome) = outcome else {
                 continue;
             };
-            let ok = self.settle(position, execute(started, permit).await);
+            let ok = self.settle(position, outcome);
             if !ok && on_failure == OnFailure::Stop {
                 for rest in position + 1..range.end {
                     if self.jobs[rest].stage == Stage::Queued {
@@ -231,10 +247,7 @@ impl Ledger {
     async fn run_group(&mut self, range: Range<usize>, on_failure: OnFailure) {
         let mut steps = FuturesUnordered::new();
         for position in range.clone() {
-            let limit = self.config.limit.clone();
-            steps.push(Either::Left(async move {
-                (position, Step::Admitted(admit(limit).await))
-            }));
+            steps.push(Either::Left(self.admit_after(position, None)));
         }
         while let Some((position, step)) = steps.next().await {
             match step {
@@ -250,11 +263,18 @@ impl Ledger {
                     }
                 }
                 Step::Finished(outcome) => {
+                    let outcome = match self.retry(position, outcome) {
+                        Ok(delay) => {
+                            steps.push(Either::Left(self.admit_after(position, Some(delay))));
+                            continue;
+                        }
+                        Err(outcome) => outcome,
+                    };
                     if !self.settle(position, outcome) && on_failure == OnFailure::Stop {
                         drop(steps);
                         for rest in range {
                             let kind = match self.jobs[rest].stage {
-                                Stage::Running => {
+                                Stage::Running | Stage::Backoff => {
                                     TaskErrorKind::Cancelled(CancelReason::GroupStopped)
                                 }
                                 Stage::Queued => TaskErrorKind::Skipped(SkipReason::EarlierFailure),
@@ -276,15 +296,70 @@ impl Ledger {
         !self.config.shared.cancel.is_cancelled()
     }
 
-    /// Marks a task as running and hands out what it needs to run.
+    /// A group's step that waits out `delay`, if any, then for a slot for task `position`.
+    fn admit_after(
+        &self,
+        position: usize,
+        delay: Option<Duration>,
+    ) -> impl Future<Output = (usize, Step)> + use<> {
+        let limit = self.config.limit.clone();
+        async move { (position, Step::Admitted(admit_after(delay, limit).await)) }
+    }
+
+    /// Whether the attempt of task `position` that ended with `outcome` is tried again:
+    /// `Ok(backoff)` if so (the failed attempt is logged, and the task waits), else the
+    /// outcome back, to settle the task with.
+    fn retry(
+        &mut self,
+        position: usize,
+        outcome: Result<(), TaskErrorKind>,
+    ) -> Result<Duration, Result<(), TaskErrorKind>> {
+        let job = &mut self.jobs[position];
+        let delay = match (&outcome, &job.work) {
+            (Err(kind), Some(Work::Repeat(repeat))) => repeat
+                .retry
+                .or(self.config.retry)
+                .and_then(|retry| retry.next(job.attempts, kind)),
+            _ => None,
+        };
+        let (delay, kind) = match (delay, outcome) {
+            (Some(delay), Err(kind)) => (delay, kind),
+            (_, outcome) => return Err(outcome),
+        };
+        job.stage = Stage::Backoff;
+        job.gate = None;
+        self.config.shared.counters.backed_off();
+        let error = TaskError::new(position, job.name.clone(), kind, job.attempts);
+        log_retry(error, delay);
+        Ok(delay)
+    }
+
+    /// Marks a task as running and hands out what it needs to run: its first attempt, or
+    /// its next one after a backoff.
     fn start_task(&mut self, position: usize) -> Option<Started> {
         let job = &mut self.jobs[position];
-        let work = job.work.take()?;
+        let retry = match job.stage {
+            Stage::Queued => false,
+            Stage::Backoff => true,
+            Stage::Running | Stage::Settled => return None,
+        };
+        let work = match job.work.as_mut()? {
+            Work::Repeat(repeat) => make_attempt(&mut *repeat.make),
+            Work::Once(_) => match job.work.take() {
+                Some(Work::Once(attempt)) => attempt,
+                _ => return None,
+            },
+        };
         job.stage = Stage::Running;
-        let blocking = matches!(work, Work::Blocking(_));
+        job.attempts += 1;
+        let blocking = matches!(work, Attempt::Blocking(_));
         // A blocking task is counted as started by the thread that starts it.
         if !blocking {
-            self.config.shared.counters.started();
+            if retry {
+                self.config.shared.counters.retried();
+            } else {
+                self.config.shared.counters.started();
+            }
         }
         let gate = blocking.then(|| Arc::new(Gate::default()));
         job.gate.clone_from(&gate);
@@ -294,6 +369,7 @@ impl Ledger {
             token: blocking.then(|| self.config.shared.tracker.token()),
             shared: blocking.then(|| self.config.shared.clone()),
             gate,
+            retry,
             #[cfg(feature = "tracing")]
             span: self.parent.task_span(&job.name, position),
         })
@@ -313,10 +389,12 @@ impl Ledger {
         if stage == Stage::Settled {
             return;
         }
-        // A blocking task stopped from here may still be queued in tokio's pool: if no
-        // thread has started it, none will, and it never started.
+        // A blocking attempt stopped from here may still be queued in tokio's pool: if no
+        // thread has started it, none will. If it was the task's first, the task never
+        // started; a retry's task started before, and waits for its next attempt still.
+        let first = job.attempts <= 1;
         let outcome = match (outcome, &job.gate) {
-            (Err(TaskErrorKind::Cancelled(reason)), Some(gate)) if gate.abandon() => {
+            (Err(TaskErrorKind::Cancelled(reason)), Some(gate)) if gate.abandon() && first => {
                 Err(TaskErrorKind::Skipped(match reason {
                     CancelReason::GroupStopped => SkipReason::EarlierFailure,
                     CancelReason::Shutdown => SkipReason::Shutdown,
@@ -326,15 +404,21 @@ impl Ledger {
             (outcome, _) => outcome,
         };
         let stage = match &job.gate {
-            Some(gate) if !gate.started() => Stage::Queued,
+            Some(gate) if !gate.started() && first => Stage::Queued,
+            Some(gate) if !gate.started() => Stage::Backoff,
             _ => stage,
+        };
+        let attempts = match stage {
+            // A first attempt abandoned before a thread took it never started.
+            Stage::Queued => 0,
+            _ => job.attempts,
         };
         // A task that never started still holds its work: drop it now, before reporting.
         job.discard_work();
         let counters = &self.config.shared.counters;
         counters.settled(stage, outcome.as_ref().map(|_| ()));
         if let Err(kind) = outcome {
-            let error = TaskError::new(position, job.name.clone(), kind);
+            let error = TaskError::new(position, job.name.clone(), kind, attempts);
             self.config.reporter.report(error);
         }
     }
@@ -345,9 +429,11 @@ impl Drop for Ledger {
         // Only reached with tasks unsettled if the run was dropped before its end: tokio
         // drops the futures of a runtime that shuts down (or has shut down before the run
         // could start).
-        self.settle_all(Stage::Running, || {
-            TaskErrorKind::Cancelled(CancelReason::RuntimeShutdown)
-        });
+        for started in [Stage::Running, Stage::Backoff] {
+            self.settle_all(started, || {
+                TaskErrorKind::Cancelled(CancelReason::RuntimeShutdown)
+            });
+        }
         self.settle_all(Stage::Queued, || {
             TaskErrorKind::Skipped(SkipReason::NoRuntime)
         });

@@ -121,7 +121,7 @@ impl NotRun {
             job.discard_work();
             let kind = TaskErrorKind::Skipped(self.reason);
             counters.settled(Stage::Queued, Err(&kind));
-            let error = TaskError::new(position, job.name.clone(), kind);
+            let error = TaskError::new(position, job.name.clone(), kind, 0);
             if self.to_callback {
                 config.reporter.report(error);
             } else {

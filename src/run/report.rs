@@ -113,6 +113,28 @@ fn log_task_error(error: &TaskError) {
     log_error(format_args!("{error}"));
 }
 
+/// Logs an attempt that failed and will be tried again after `delay`: not a report (the
+/// task has not settled), a warning. The error is user data, dropped here under
+/// `catch_unwind` like every report.
+pub(crate) fn log_retry(error: TaskError, delay: std::time::Duration) {
+    if contain(move || {
+        #[cfg(feature = "tracing")]
+        tracing::warn!(
+            task = error.name(),
+            position = error.position(),
+            attempt = error.attempts(),
+            "{error}; retrying in {delay:?}"
+        );
+        #[cfg(not(feature = "tracing"))]
+        log_error(format_args!("{error}; retrying in {delay:?}"));
+        drop(error);
+    }) {
+        log_error(format_args!(
+            "a background task's error panicked while being logged or dropped"
+        ));
+    }
+}
+
 /// Logs a line about background work that has no task report of its own. A `tracing`
 /// subscriber is user code too: a panic in it stays here.
 pub(crate) fn log_error(message: fmt::Arguments<'_>) {

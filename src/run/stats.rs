@@ -36,7 +36,8 @@ pub struct Stats {
     pub attached: u64,
     /// Tasks whose response has not completed yet.
     pub waiting: u64,
-    /// Tasks whose response completed, waiting for their turn or for a slot.
+    /// Tasks whose response completed, waiting for their turn, for a slot, or (a retried
+    /// task) for their next attempt.
     pub queued: u64,
     /// Tasks running now.
     pub running: u64,
@@ -56,6 +57,9 @@ pub struct Stats {
     /// ([`TaskErrorKind::Cancelled`], whatever the
     /// [`CancelReason`]: a stopped group, a drain's deadline, the runtime shutting down).
     pub cancelled: u64,
+    /// Retries: attempts started after a task's first one (a task counts once in the
+    /// outcomes above, whatever its attempts).
+    pub retried: u64,
 }
 
 impl Stats {
@@ -99,7 +103,11 @@ impl fmt::Display for Stats {
             self.skipped,
             self.cancelled,
             self.pending()
-        )
+        )?;
+        if self.retried > 0 {
+            write!(f, ", {} retries", self.retried)?;
+        }
+        Ok(())
     }
 }
 
@@ -122,6 +130,12 @@ pub(crate) struct Counters {
     settled_unstarted: AtomicU64,
     /// Tasks skipped or cancelled while running.
     stopped_running: AtomicU64,
+    /// Attempts that ended with a retry to come (the task went from running to queued).
+    backed_off: AtomicU64,
+    /// Retries started (the task went from queued to running again).
+    retried: AtomicU64,
+    /// Tasks settled while waiting for their next attempt.
+    settled_backing_off: AtomicU64,
 }
 
 impl Counters {
@@ -141,6 +155,16 @@ impl Counters {
 
     pub(crate) fn started(&self) {
         self.started.fetch_add(1, Relaxed);
+    }
+
+    /// An attempt ended and the task waits for its next one.
+    pub(crate) fn backed_off(&self) {
+        self.backed_off.fetch_add(1, Relaxed);
+    }
+
+    /// A retry started.
+    pub(crate) fn retried(&self) {
+        self.retried.fetch_add(1, Relaxed);
     }
 
     /// A task left `stage` with `outcome`.
@@ -165,6 +189,9 @@ impl Counters {
             Stage::Running if stopped => {
                 self.stopped_running.fetch_add(1, Relaxed);
             }
+            Stage::Backoff => {
+                self.settled_backing_off.fetch_add(1, Relaxed);
+            }
             Stage::Running | Stage::Settled => {}
         }
     }
@@ -179,6 +206,9 @@ impl Counters {
         let skipped = self.skipped.load(Relaxed);
         let cancelled = self.cancelled.load(Relaxed);
         let stopped_running = self.stopped_running.load(Relaxed);
+        let settled_backing_off = self.settled_backing_off.load(Relaxed);
+        let retried = self.retried.load(Relaxed);
+        let backed_off = self.backed_off.load(Relaxed);
         let settled_unstarted = self.settled_unstarted.load(Relaxed);
         let started = self.started.load(Relaxed);
         let handed_over = self.handed_over.load(Relaxed);
@@ -187,14 +217,16 @@ impl Counters {
         Stats {
             attached,
             waiting: attached.saturating_sub(handed_over),
-            queued: handed_over.saturating_sub(started + settled_unstarted),
-            running: started.saturating_sub(ended_running),
+            queued: (handed_over + backed_off)
+                .saturating_sub(started + settled_unstarted + retried + settled_backing_off),
+            running: (started + retried).saturating_sub(ended_running + backed_off),
             succeeded,
             failed,
             panicked,
             timed_out,
             skipped,
             cancelled,
+            retried,
         }
     }
 }

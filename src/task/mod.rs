@@ -1,13 +1,16 @@
-//! What a handler builds: a [`Task`] (one unit of work), [`Tasks`] (a set of them, in
+//! What a handler builds: a [`Task`] (one unit of work), a [`Retryable`] one (made again
+//! for each attempt, under a [`Retry`] setting), [`Tasks`] (a set of them, in
 //! order or as a group, that can be merged and shared), the [`TaskFn`] trait that lets
 //! `add_task` take an `async fn` or a plain `fn`, and [`WithTasks`] to attach them to a
 //! response.
 
+pub(crate) mod retry;
 pub(crate) mod set;
 pub(crate) mod single;
 pub mod task_fn;
 pub(crate) mod with_tasks;
 
+pub use retry::{Retry, Retryable};
 pub use set::Tasks;
 pub use single::{Task, TaskOutput};
 pub use task_fn::TaskFn;

@@ -195,8 +195,8 @@ impl Tasks {
     /// tasks.push(Task::blocking(|| { /* any blocking closure */ }));
     /// assert_eq!(tasks.len(), 2);
     /// ```
-    pub fn push(&mut self, task: Task) {
-        if let Some(job) = task.take() {
+    pub fn push(&mut self, task: impl Into<Task>) {
+        if let Some(job) = task.into().take() {
             self.push_job(job);
         }
     }

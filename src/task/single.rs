@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::BoxError;
+use crate::task::retry::Retry;
 use crate::run::execute::Gate;
 use crate::run::report::{contain, log_error};
 use crate::task::task_fn::TaskFn;
@@ -54,11 +55,27 @@ mod sealed {
     impl<E> Sealed for Result<(), E> {}
 }
 
-/// The work itself, type-erased: a future polled on a worker thread, or a closure sent to
-/// tokio's blocking pool.
+/// The work itself, type-erased: one attempt, or what makes each attempt of a task that
+/// can be retried.
 pub(crate) enum Work {
+    Once(Attempt),
+    /// A task that can be made again, for retries. It stays in its [`Job`] while the task
+    /// runs, until the task settles.
+    Repeat(Box<Repeat>),
+}
+
+/// One attempt at a task: a future polled on a worker thread, or a closure sent to
+/// tokio's blocking pool.
+pub(crate) enum Attempt {
     Async(Pin<Box<dyn Future<Output = TaskResult> + Send>>),
     Blocking(Box<dyn FnOnce() -> TaskResult + Send>),
+}
+
+/// The work of a [`Retryable`](crate::Retryable): what makes each attempt, and its own
+/// retry setting (else the layer's).
+pub(crate) struct Repeat {
+    pub(crate) make: Box<dyn FnMut() -> Attempt + Send>,
+    pub(crate) retry: Option<Retry>,
 }
 
 /// Drops `value` (user code), catching and logging a panic in its `Drop`. `what` says
@@ -85,6 +102,8 @@ pub struct Job {
     pub(crate) stage: Stage,
     /// For a blocking task handed to tokio's pool: whether a thread has started it.
     pub(crate) gate: Option<Arc<Gate>>,
+    /// Attempts started so far (more than one only for a retried task).
+    pub(crate) attempts: u32,
 }
 
 /// Where a task stands in its run.
@@ -93,6 +112,9 @@ pub(crate) enum Stage {
     /// Waiting: for its response, its turn, or a slot under the limit.
     Queued,
     Running,
+    /// Started, failed, and waiting out its backoff before its next attempt (holding no
+    /// slot under the limit).
+    Backoff,
     /// Ran, or was reported as not having run to its end.
     Settled,
 }
@@ -106,11 +128,12 @@ impl Job {
         Job {
             name: Cow::Borrowed("async task"),
             timeout: None,
-            work: Some(Work::Async(Box::pin(
+            work: Some(Work::Once(Attempt::Async(Box::pin(
                 async move { future.await.into_result() },
-            ))),
+            )))),
             stage: Stage::Queued,
             gate: None,
+            attempts: 0,
         }
     }
 
@@ -122,9 +145,12 @@ impl Job {
         Job {
             name: Cow::Borrowed("blocking task"),
             timeout: None,
-            work: Some(Work::Blocking(Box::new(move || f().into_result()))),
+            work: Some(Work::Once(Attempt::Blocking(Box::new(move || {
+                f().into_result()
+            })))),
             stage: Stage::Queued,
             gate: None,
+            attempts: 0,
         }
     }
 
@@ -143,7 +169,19 @@ impl Job {
     }
 
     pub(crate) fn is_blocking(&self) -> bool {
-        matches!(self.work, Some(Work::Blocking(_)))
+        matches!(self.work, Some(Work::Once(Attempt::Blocking(_))))
+    }
+
+    /// A job whose work is made again for each attempt.
+    pub(crate) fn repeat(name: &'static str, make: Box<dyn FnMut() -> Attempt + Send>) -> Self {
+        Job {
+            name: Cow::Borrowed(name),
+            timeout: None,
+            work: Some(Work::Repeat(Box::new(Repeat { make, retry: None }))),
+            stage: Stage::Queued,
+            gate: None,
+            attempts: 0,
+        }
     }
 }
 
