@@ -21,11 +21,11 @@ use tokio::sync::Semaphore;
 use tower_layer::Layer;
 
 use crate::config::Config;
-use crate::task::retry::Retry;
 use crate::error::TaskError;
 use crate::policy::OnEarlyDrop;
 use crate::run::handle::BackgroundHandle;
 use crate::run::report::Reporter;
+use crate::task::retry::Retry;
 
 /// A [`Layer`] that runs the [`Tasks`](crate::Tasks) (or the single
 /// [`Task`](crate::Task)) found in a response's extensions once the response has been

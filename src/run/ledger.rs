@@ -18,9 +18,9 @@ use crate::error::{CancelReason, SkipReason, TaskError, TaskErrorKind};
 use crate::policy::{OnEarlyDrop, OnFailure};
 use crate::run::execute::{Gate, Started, admit_after, execute};
 use crate::run::report::log_retry;
-use crate::task::retry::make_attempt;
 use crate::run::span::ParentSpan;
 use crate::run::tracker::Token;
+use crate::task::retry::make_attempt;
 use crate::task::set::TakenTasks;
 use crate::task::single::{Attempt, Job, Stage, Work};
 
@@ -185,9 +185,7 @@ impl Ledger {
             // never will (`may_start` keeps waiting tasks from starting after it).
             if config.shared.cancel.is_cancelled() {
                 for started in [Stage::Running, Stage::Backoff] {
-                    self.settle_all(started, || {
-                        TaskErrorKind::Cancelled(CancelReason::Shutdown)
-                    });
+                    self.settle_all(started, || TaskErrorKind::Cancelled(CancelReason::Shutdown));
                 }
                 self.settle_all(Stage::Queued, || {
                     TaskErrorKind::Skipped(SkipReason::Shutdown)

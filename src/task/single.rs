@@ -8,9 +8,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::BoxError;
-use crate::task::retry::Retry;
 use crate::run::execute::Gate;
 use crate::run::report::{contain, log_error};
+use crate::task::retry::Retry;
 use crate::task::task_fn::TaskFn;
 
 /// What a task's work returns once it has run: `Ok(())`, or the error it failed with.
@@ -128,9 +128,9 @@ impl Job {
         Job {
             name: Cow::Borrowed("async task"),
             timeout: None,
-            work: Some(Work::Once(Attempt::Async(Box::pin(
-                async move { future.await.into_result() },
-            )))),
+            work: Some(Work::Once(Attempt::Async(Box::pin(async move {
+                future.await.into_result()
+            })))),
             stage: Stage::Queued,
             gate: None,
             attempts: 0,
