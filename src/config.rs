@@ -10,6 +10,7 @@ use tokio::sync::Semaphore;
 use crate::policy::OnEarlyDrop;
 use crate::run::handle::Shared;
 use crate::run::report::Reporter;
+use crate::task::condition::Condition;
 use crate::task::retry::Retry;
 
 /// The layer's settings, shared by every response it serves.
@@ -22,6 +23,8 @@ pub(crate) struct Config {
     pub(crate) request_tasks: bool,
     /// The retry setting of [`Retryable`](crate::Retryable) tasks without one of their own.
     pub(crate) retry: Option<Retry>,
+    /// Whether responses run their tasks, unless a `Tasks` has a condition of its own.
+    pub(crate) run_if: Option<Condition>,
     /// The counters and trackers behind [`BackgroundHandle`](crate::BackgroundHandle): kept when settings change.
     pub(crate) shared: Arc<Shared>,
 }

@@ -95,6 +95,10 @@ pub enum SkipReason {
     /// The task was added to a [`Tasks`](crate::Tasks) (pushed, or merged in) after that
     /// `Tasks`' tasks had started: too late to run with them. It is dropped at once.
     AddedTooLate,
+    /// The response did not meet the tasks' [`Condition`](crate::Condition) (on their
+    /// `Tasks`, else on the layer): an expected outcome, counted in
+    /// [`Stats::not_met`](crate::Stats::not_met) too and logged at `debug` level only.
+    ConditionNotMet,
 }
 
 /// Why a running task was stopped before its end. Every such task is counted in
@@ -252,6 +256,7 @@ impl fmt::Display for SkipReason {
                 "the service never produced a response (its future was dropped, or it failed)"
             }
             SkipReason::AddedTooLate => "it was added after its Tasks had started to run",
+            SkipReason::ConditionNotMet => "the response did not meet its condition",
         })
     }
 }

@@ -94,7 +94,7 @@ pub use error::{CancelReason, SkipReason, TaskError, TaskErrorKind};
 pub use layer::{Background, BackgroundBody, BackgroundLayer, ResponseFuture};
 pub use policy::{OnEarlyDrop, OnFailure};
 pub use run::{BackgroundHandle, ShutdownReport, Stats};
-pub use task::{Retry, Retryable, Task, TaskFn, TaskOutput, Tasks, WithTasks, task_fn};
+pub use task::{Condition, Retry, Retryable, Task, TaskFn, TaskOutput, Tasks, WithTasks, task_fn};
 
 /// The error type a failing task is reported with: any error, boxed.
 ///

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use crate::run::tracker::Token;
-use http::Extensions;
+use http::{Extensions, HeaderMap, StatusCode};
 use tokio::runtime::Handle;
 
 use crate::config::Config;
@@ -39,6 +39,9 @@ pub(crate) struct Attached {
     /// service, so that a long stream that may never get any (server-sent events with
     /// request-scoped tasks on) does not hold every drain to its deadline.
     token: Option<Token>,
+    /// Whether the response met the layer's condition (`true` without one): for the
+    /// tasks without a condition of their own.
+    met: bool,
 }
 
 impl Attached {
@@ -77,7 +80,19 @@ impl Attached {
             config: config.clone(),
             parent: ParentSpan::current(),
             token: (expected > 0).then(|| config.shared.tracker.token()),
+            met: true,
         })
+    }
+
+    /// Tests the response's head against the layer's condition and the claimed sets' own,
+    /// once, as the response leaves the service.
+    pub(crate) fn judge(&mut self, status: StatusCode, headers: &HeaderMap) {
+        if let Some(condition) = &self.config.run_if {
+            self.met = condition.allows(status, headers);
+        }
+        for claimed in self.tasks.iter_mut().flatten() {
+            claimed.judge(status, headers);
+        }
     }
 
     /// The request-scoped tasks of a request that got no response (its future was dropped,
@@ -180,6 +195,7 @@ impl Completion {
             config,
             parent,
             token,
+            met,
         } = attached;
         // The span moves into the ledger: cloning it would call into the subscriber.
         let mut parent = Some(parent);
@@ -208,6 +224,9 @@ impl Completion {
         };
         let shared = &ledger.config().shared;
         shared.counters.response_done(expected, ledger.len());
+        // Decided when the response left the service, before anything else.
+        ledger.skip_unmet(met);
+        let shared = &ledger.config().shared;
         if shared.cancel.is_cancelled() {
             ledger.settle_all(Stage::Queued, || {
                 TaskErrorKind::Skipped(SkipReason::Shutdown)

@@ -93,10 +93,12 @@ where
                 return Poll::Ready(Err(error));
             }
         };
-        let Some(attached) = Attached::take_from(res.extensions_mut(), request_tasks, this.config)
+        let Some(mut attached) =
+            Attached::take_from(res.extensions_mut(), request_tasks, this.config)
         else {
             return Poll::Ready(Ok(res.map(BackgroundBody::passthrough)));
         };
+        attached.judge(res.status(), res.headers());
         // The body's own methods are user code: if one panics, the response never leaves,
         // which is an early drop for the tasks already counted.
         let body = res.body();

@@ -25,6 +25,7 @@ use crate::error::TaskError;
 use crate::policy::OnEarlyDrop;
 use crate::run::handle::BackgroundHandle;
 use crate::run::report::Reporter;
+use crate::task::condition::Condition;
 use crate::task::retry::Retry;
 
 /// A [`Layer`] that runs the [`Tasks`](crate::Tasks) (or the single
@@ -119,6 +120,27 @@ impl BackgroundLayer {
         F: Fn(TaskError) + Send + Sync + 'static,
     {
         self.config_mut().reporter = Reporter::new(callback);
+        self
+    }
+
+    /// Runs a response's tasks only if the response meets `condition` (its status, its
+    /// headers), tested when it leaves the service; a `Tasks` with its own
+    /// [`run_if`](crate::Tasks::run_if) follows its own. Tasks not run are reported as
+    /// [`Skipped(ConditionNotMet)`](crate::SkipReason::ConditionNotMet), counted, and
+    /// logged at `debug` level only. No condition by default: tasks run whatever the
+    /// status, as in Starlette.
+    ///
+    /// This is how the request-scoped tasks of a failed request stay unrun: with
+    /// `Condition::success()`, an error status the handler returned, or a `408` from a
+    /// timeout layer inside this one, skips them.
+    ///
+    /// ```
+    /// use tower_background::{BackgroundLayer, Condition};
+    ///
+    /// let layer = BackgroundLayer::new().run_if(Condition::success());
+    /// ```
+    pub fn run_if(mut self, condition: Condition) -> Self {
+        self.config_mut().run_if = Some(condition);
         self
     }
 

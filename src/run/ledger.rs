@@ -44,6 +44,7 @@ struct Set {
     group: bool,
     on_failure: OnFailure,
     on_early_drop: Option<OnEarlyDrop>,
+    verdict: Option<bool>,
 }
 
 impl Set {
@@ -53,6 +54,7 @@ impl Set {
             group: tasks.group,
             on_failure: tasks.on_failure,
             on_early_drop: tasks.on_early_drop,
+            verdict: tasks.verdict,
         }
     }
 }
@@ -120,6 +122,22 @@ impl Ledger {
             if set.on_early_drop.unwrap_or(layer) == OnEarlyDrop::Skip {
                 for position in range {
                     self.record(position, Err(TaskErrorKind::Skipped(SkipReason::EarlyDrop)));
+                }
+            }
+        }
+    }
+
+    /// Reports the tasks of every set whose condition (or else the layer's: `met`) the
+    /// response did not meet as skipped.
+    pub(crate) fn skip_unmet(&mut self, met: bool) {
+        for index in 0..=self.more.len() {
+            let Some((range, set)) = self.set(index) else {
+                break;
+            };
+            if !set.verdict.unwrap_or(met) {
+                for position in range {
+                    let unmet = TaskErrorKind::Skipped(SkipReason::ConditionNotMet);
+                    self.record(position, Err(unmet));
                 }
             }
         }

@@ -6,7 +6,7 @@ use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
-use crate::error::TaskError;
+use crate::error::{SkipReason, TaskError, TaskErrorKind};
 
 type Callback = Arc<dyn Fn(TaskError) + Send + Sync>;
 
@@ -101,6 +101,12 @@ impl fmt::Debug for Reporter {
 
 /// The default report: a `tracing` event (feature `tracing`), else one line on stderr.
 fn log_task_error(error: &TaskError) {
+    // An expected outcome, not an error.
+    if let TaskErrorKind::Skipped(SkipReason::ConditionNotMet) = error.kind() {
+        #[cfg(feature = "tracing")]
+        tracing::debug!(task = error.name(), position = error.position(), "{error}");
+        return;
+    }
     #[cfg(feature = "tracing")]
     {
         if error.is_skipped() {

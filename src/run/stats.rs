@@ -3,9 +3,9 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use crate::error::TaskErrorKind;
 #[cfg(doc)]
-use crate::error::{CancelReason, SkipReason};
+use crate::error::CancelReason;
+use crate::error::{SkipReason, TaskErrorKind};
 use crate::task::single::Stage;
 
 /// A snapshot of the counters of one [`BackgroundLayer`](crate::BackgroundLayer), from
@@ -57,6 +57,9 @@ pub struct Stats {
     /// ([`TaskErrorKind::Cancelled`], whatever the
     /// [`CancelReason`]: a stopped group, a drain's deadline, the runtime shutting down).
     pub cancelled: u64,
+    /// Tasks not run because their response did not meet their
+    /// [`Condition`](crate::Condition) (also counted in `skipped`).
+    pub not_met: u64,
     /// Retries: attempts started after a task's first one (a task counts once in the
     /// outcomes above, whatever its attempts).
     pub retried: u64,
@@ -136,6 +139,7 @@ pub(crate) struct Counters {
     retried: AtomicU64,
     /// Tasks settled while waiting for their next attempt.
     settled_backing_off: AtomicU64,
+    not_met: AtomicU64,
 }
 
 impl Counters {
@@ -178,6 +182,9 @@ impl Counters {
             Err(TaskErrorKind::Cancelled(_)) => &self.cancelled,
         };
         counter.fetch_add(1, Relaxed);
+        if let Err(TaskErrorKind::Skipped(SkipReason::ConditionNotMet)) = outcome {
+            self.not_met.fetch_add(1, Relaxed);
+        }
         let stopped = matches!(
             outcome,
             Err(TaskErrorKind::Skipped(_) | TaskErrorKind::Cancelled(_))
@@ -226,6 +233,7 @@ impl Counters {
             timed_out,
             skipped,
             cancelled,
+            not_met: self.not_met.load(Relaxed),
             retried,
         }
     }

@@ -4,12 +4,14 @@
 //! `add_task` take an `async fn` or a plain `fn`, and [`WithTasks`] to attach them to a
 //! response.
 
+pub(crate) mod condition;
 pub(crate) mod retry;
 pub(crate) mod set;
 pub(crate) mod single;
 pub mod task_fn;
 pub(crate) mod with_tasks;
 
+pub use condition::Condition;
 pub use retry::{Retry, Retryable};
 pub use set::Tasks;
 pub use single::{Task, TaskOutput};

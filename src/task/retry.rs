@@ -1,15 +1,5 @@
 //! Retries: the [`Retry`] setting (attempts, exponential backoff with jitter, what is
 //! retried) and [`Retryable`], a task that can be made again for each attempt.
-//!
-//! A one-shot future cannot run twice, so only a [`Retryable`] has a
-//! [`retry`](Retryable::retry) method: asking a plain [`Task`] to retry does not compile.
-//!
-//! ```compile_fail
-//! use tower_background::{Retry, Task};
-//!
-//! // A `Task` holds one future: it cannot be retried, and has no `retry` method.
-//! let task = Task::new(async {}).retry(Retry::attempts(3));
-//! ```
 
 use std::borrow::Cow;
 use std::collections::hash_map::RandomState;
@@ -198,6 +188,16 @@ fn random_fraction() -> f64 {
 /// );
 /// let to = "b@example.com".to_owned();
 /// tasks.push(Retryable::new(move || send_email(to.clone(), "Welcome")).named("welcome"));
+/// ```
+///
+/// A one-shot future cannot run twice, so only a `Retryable` has a
+/// [`retry`](Retryable::retry) method: asking a plain [`Task`] to retry does not compile.
+///
+/// ```compile_fail,E0599
+/// use tower_background::{Retry, Task};
+///
+/// // A `Task` holds one future: it cannot be retried, and has no `retry` method.
+/// let task = Task::new(async {}).retry(Retry::attempts(3));
 /// ```
 pub struct Retryable {
     job: Job,

@@ -4,11 +4,14 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
+use http::{HeaderMap, StatusCode};
+
 use crate::config::Config;
 use crate::error::SkipReason;
 use crate::policy::{OnEarlyDrop, OnFailure};
 use crate::run::not_run::report_not_run;
 use crate::run::report::log_error;
+use crate::task::condition::Condition;
 use crate::task::single::{Job, Task};
 use crate::task::task_fn::TaskFn;
 
@@ -96,6 +99,9 @@ struct Set {
     group: bool,
     on_failure: Option<OnFailure>,
     on_early_drop: Option<OnEarlyDrop>,
+    run_if: Option<Condition>,
+    /// What `run_if` said of the response that claimed the tree, if it was asked.
+    verdict: Option<bool>,
 }
 
 /// What the layer takes out of a [`Tasks`] to run it.
@@ -104,6 +110,8 @@ pub(crate) struct TakenTasks {
     pub(crate) group: bool,
     pub(crate) on_failure: OnFailure,
     pub(crate) on_early_drop: Option<OnEarlyDrop>,
+    /// Whether the set's own condition let its tasks run; `None`: the layer's decides.
+    pub(crate) verdict: Option<bool>,
 }
 
 /// A tree of sets claimed by one response: taken out when the response is done.
@@ -111,6 +119,9 @@ pub(crate) struct Claimed {
     tasks: Tasks,
     /// How many tasks the tree held when claimed.
     pub(crate) count: usize,
+    /// The conditions of its sets, to ask about the response (outside the lock: they are
+    /// user code). Empty, and unallocated, without any.
+    conditions: Vec<Condition>,
 }
 
 impl Tasks {
@@ -180,6 +191,22 @@ impl Tasks {
     /// ```
     pub fn on_early_drop(self, policy: OnEarlyDrop) -> Self {
         self.with_set(|set| set.on_early_drop = Some(policy));
+        self
+    }
+
+    /// Runs these tasks only if their response meets `condition`, overriding the layer's
+    /// [`run_if`](crate::BackgroundLayer::run_if). The response's head is tested when it
+    /// leaves the service; a `Tasks` merged into a response's tasks after that follows
+    /// the layer's condition.
+    ///
+    /// ```
+    /// use tower_background::{Condition, Tasks};
+    ///
+    /// // Publish the order only if it was really created.
+    /// let tasks = Tasks::new().run_if(Condition::success());
+    /// ```
+    pub fn run_if(self, condition: Condition) -> Self {
+        self.with_set(|set| set.run_if = Some(condition));
         self
     }
 
@@ -401,6 +428,8 @@ impl Tasks {
             group,
             on_failure: None,
             on_early_drop: None,
+            run_if: None,
+            verdict: None,
         });
         Tasks {
             node: Arc::new(Node {
@@ -418,16 +447,19 @@ impl Tasks {
     /// claimed (through any of its sets, any clone) gives `None`. More tasks may be added
     /// until [`Claimed::take`].
     pub(crate) fn claim(&self) -> Option<Claimed> {
-        let count = self.with_tree(|tree, _| {
+        let (count, conditions) = self.with_tree(|tree, _| {
             if tree.claimed {
                 return None;
             }
             tree.claimed = true;
-            Some(tree.sets.iter().map(|set| set.jobs.len()).sum())
+            let count = tree.sets.iter().map(|set| set.jobs.len()).sum();
+            let conditions = tree.sets.iter().filter_map(|set| set.run_if.clone());
+            Some((count, conditions.collect()))
         })?;
         Some(Claimed {
             tasks: self.clone(),
             count,
+            conditions,
         })
     }
 }
@@ -492,6 +524,32 @@ fn prepend(this: &mut State, that: &mut Tree, owner: &Arc<Node>) {
 }
 
 impl Claimed {
+    /// Asks the conditions of the claimed sets about the response's head, and records
+    /// their verdicts. A set merged in after the claim has none: the layer's decides.
+    pub(crate) fn judge(&mut self, status: StatusCode, headers: &HeaderMap) {
+        if self.conditions.is_empty() {
+            return;
+        }
+        let verdicts: Vec<(Condition, bool)> = std::mem::take(&mut self.conditions)
+            .into_iter()
+            .map(|condition| {
+                let verdict = condition.allows(status, headers);
+                (condition, verdict)
+            })
+            .collect();
+        self.tasks.with_tree(|tree, _| {
+            for set in &mut tree.sets {
+                let asked = set
+                    .run_if
+                    .as_ref()
+                    .and_then(|own| verdicts.iter().find(|(condition, _)| condition.same(own)));
+                if let Some((_, verdict)) = asked {
+                    set.verdict = Some(*verdict);
+                }
+            }
+        });
+    }
+
     /// Takes every set of the claimed tree out to run, in order, handing each to `each`;
     /// from now on, tasks added to any of them are reported to `config`'s layer as not run.
     /// Only the response that claimed them calls this, once.
@@ -514,6 +572,7 @@ impl TakenTasks {
             group: false,
             on_failure: OnFailure::Stop,
             on_early_drop: None,
+            verdict: None,
         }
     }
 }
@@ -592,6 +651,7 @@ impl Set {
                 OnFailure::Stop
             }),
             on_early_drop: self.on_early_drop,
+            verdict: self.verdict,
         }
     }
 }

@@ -1,0 +1,235 @@
+//! Conditions: a response's tasks run only if its head meets their condition (the
+//! `Tasks`' own, else the layer's), decided when the response leaves the service; the
+//! others are reported as `Skipped(ConditionNotMet)` and counted in `skipped` and
+//! `not_met`. Every test goes through a real hyper server.
+
+mod common;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use common::*;
+use http::{HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use tower::Layer;
+use tower_background::{BackgroundLayer, Condition, SkipReason, Task, TaskErrorKind, Tasks};
+
+/// A response with the status the path names (`/200`, `/500`, ...), carrying `tasks`.
+fn respond(req: &Request<Incoming>, tasks: Tasks) -> Response<BoxedBody> {
+    let status: u16 = req.uri().path()[1..].parse().unwrap();
+    let mut res = Response::new(full("body"));
+    *res.status_mut() = StatusCode::from_u16(status).unwrap();
+    res.extensions_mut().insert(tasks);
+    res
+}
+
+/// A `Tasks` with one task that reports `what` when it runs.
+fn reporting(ran: &Probe<String>, what: &str) -> Tasks {
+    let (ran, what) = (ran.clone(), what.to_owned());
+    let mut tasks = Tasks::new();
+    tasks.push(Task::new(async move { ran.send(what) }).named("commit"));
+    tasks
+}
+
+fn is_not_met(error: &tower_background::TaskError) -> bool {
+    matches!(
+        error.kind(),
+        TaskErrorKind::Skipped(SkipReason::ConditionNotMet)
+    )
+}
+
+#[tokio::test]
+async fn the_layers_condition_skips_the_tasks_of_responses_that_fail_it_and_counts_them() {
+    let (layer, errors) = reporting_layer();
+    let layer = layer.run_if(Condition::success());
+    let background = layer.handle();
+    let ran = Probe::new();
+    let r = ran.clone();
+    let addr = serve(layer, move |req| {
+        let res = respond(&req, reporting(&r, req.uri().path()));
+        async move { res }
+    })
+    .await;
+    for (proto, path) in [
+        (Proto::Http1, "/201"),
+        (Proto::Http2, "/500"),
+        (Proto::Http1, "/404"),
+    ] {
+        get(proto, addr, path).await;
+    }
+    let report = background.shutdown(PATIENCE).await;
+    assert!(report.is_drained(), "{report}");
+    assert_eq!(ran.drain_now().await, ["/201"]);
+    let skipped = errors.take(2).await;
+    assert!(skipped.iter().all(is_not_met), "{skipped:?}");
+    assert!(
+        skipped
+            .iter()
+            .all(|e| e.name() == "commit" && e.attempts() == 0)
+    );
+    let stats = report.stats();
+    assert_eq!(
+        (
+            stats.attached,
+            stats.succeeded,
+            stats.skipped,
+            stats.not_met
+        ),
+        (3, 1, 2, 2),
+        "{stats}"
+    );
+}
+
+#[tokio::test]
+async fn a_tasks_own_condition_overrides_the_layers() {
+    let layer = BackgroundLayer::new().run_if(Condition::success());
+    let background = layer.handle();
+    let ran = Probe::new();
+    let r = ran.clone();
+    let addr = serve(layer, move |req| {
+        let path = req.uri().path().to_owned();
+        // An audit entry of every attempt; a commit only on success (the layer's).
+        let mut tasks = reporting(&r, &format!("audit {path}")).run_if(Condition::always());
+        tasks.merge(reporting(&r, &format!("commit {path}")));
+        let res = respond(&req, tasks);
+        async move { res }
+    })
+    .await;
+    get(Proto::Http1, addr, "/200").await;
+    get(Proto::Http2, addr, "/503").await;
+    let report = background.shutdown(PATIENCE).await;
+    let mut ran = ran.drain_now().await;
+    ran.sort();
+    assert_eq!(ran, ["audit /200", "audit /503", "commit /200"]);
+    assert_eq!((report.stats().succeeded, report.stats().not_met), (3, 1));
+}
+
+#[tokio::test]
+async fn a_tasks_condition_applies_without_a_layer_condition() {
+    let layer = BackgroundLayer::new();
+    let background = layer.handle();
+    let ran = Probe::new();
+    let r = ran.clone();
+    let addr = serve(layer, move |req| {
+        let tasks = reporting(&r, req.uri().path()).run_if(Condition::success());
+        let res = respond(&req, tasks);
+        async move { res }
+    })
+    .await;
+    get(Proto::Http1, addr, "/500").await;
+    get(Proto::Http1, addr, "/204").await;
+    let report = background.shutdown(PATIENCE).await;
+    assert_eq!(ran.drain_now().await, ["/204"]);
+    assert_eq!(report.stats().not_met, 1);
+}
+
+#[tokio::test]
+async fn request_scoped_tasks_of_an_error_response_do_not_run_with_the_success_condition() {
+    let (layer, errors) = reporting_layer();
+    let layer = layer.with_request_tasks().run_if(Condition::success());
+    let background = layer.handle();
+    let ran = Probe::new();
+    let r = ran.clone();
+    let svc = layer.layer(tower::service_fn(move |req: Request<Incoming>| {
+        let mut tasks = req.extensions().get::<Tasks>().unwrap().clone();
+        let r = r.clone();
+        tasks.push(Task::new(async move { r.send("injected task ran") }).named("injected"));
+        // The handler fails: it answers an error status.
+        let mut res = Response::new(full("database down"));
+        *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        async move { Ok::<_, Infallible>(res) }
+    }));
+    let addr = serve_service(svc).await;
+    let (status, _) = get(Proto::Http2, addr, "/").await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    let report = background.shutdown(PATIENCE).await;
+    assert!(ran.drain_now().await.is_empty());
+    let error = errors.next().await;
+    assert!(is_not_met(&error) && error.name() == "injected", "{error}");
+    assert_eq!(report.stats().not_met, 1);
+}
+
+#[tokio::test]
+async fn a_custom_condition_sees_the_status_and_the_headers() {
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let layer = BackgroundLayer::new().run_if(Condition::new(move |status, headers| {
+        s.lock().unwrap().push(status);
+        headers.contains_key("x-committed")
+    }));
+    let background = layer.handle();
+    let ran = Probe::new();
+    let r = ran.clone();
+    let addr = serve(layer, move |req| {
+        let mut res = respond(&req, reporting(&r, req.uri().path()));
+        if req.uri().path() == "/202" {
+            res.headers_mut()
+                .insert("x-committed", HeaderValue::from_static("1"));
+        }
+        async move { res }
+    })
+    .await;
+    get(Proto::Http1, addr, "/200").await;
+    get(Proto::Http1, addr, "/202").await;
+    background.shutdown(PATIENCE).await;
+    assert_eq!(ran.drain_now().await, ["/202"]);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [StatusCode::OK, StatusCode::ACCEPTED]
+    );
+}
+
+#[tokio::test]
+async fn a_panicking_condition_counts_as_not_met() {
+    let (layer, errors) = reporting_layer();
+    let layer = layer.run_if(Condition::new(|_, _| panic!("bad condition")));
+    let background = layer.handle();
+    let ran = Probe::new();
+    let r = ran.clone();
+    let addr = serve(layer, move |req| {
+        let res = respond(&req, reporting(&r, "ran"));
+        async move { res }
+    })
+    .await;
+    let (status, body) = get(Proto::Http1, addr, "/200").await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"body"[..]));
+    let report = background.shutdown(PATIENCE).await;
+    assert!(ran.drain_now().await.is_empty());
+    assert!(is_not_met(&errors.next().await));
+    assert_eq!(report.stats().not_met, 1);
+}
+
+#[tokio::test]
+async fn tasks_not_met_still_wait_for_their_response_to_complete() {
+    let layer = BackgroundLayer::new().run_if(Condition::success());
+    let background = layer.handle();
+    let chunks = Handoff::new();
+    let c = chunks.clone();
+    let addr = serve(layer, move |req| {
+        let (tx, body) = channel_body();
+        c.put(tx);
+        let mut res = respond(&req, reporting(&Probe::new(), "never"));
+        *res.body_mut() = body;
+        async move { res }
+    })
+    .await;
+    let client = client(Proto::Http1);
+    let res = within(client.request(request(http::Method::GET, addr, "/500")))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    // The verdict is in, but the response is still being sent: nothing settled yet.
+    let stats = background.stats();
+    assert_eq!((stats.waiting, stats.not_met), (1, 0), "{stats}");
+    let tx = chunks.take();
+    tx.send(data("last")).unwrap();
+    drop(tx);
+    http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .unwrap();
+    until("the task is reported as not met", || {
+        background.stats().not_met == 1
+    })
+    .await;
+    assert_eq!(background.stats().pending(), 0);
+}
