@@ -41,11 +41,14 @@ pub struct Condition {
     test: Test,
 }
 
+/// A user's test of a response head.
+type HeadTest = dyn Fn(StatusCode, &HeaderMap) -> bool + Send + Sync;
+
 #[derive(Clone)]
 enum Test {
     Always,
     Success,
-    Custom(Arc<dyn Fn(StatusCode, &HeaderMap) -> bool + Send + Sync>),
+    Custom(Arc<HeadTest>),
 }
 
 impl Condition {
