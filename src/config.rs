@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
-use crate::policy::OnEarlyDrop;
+use crate::policy::{OnEarlyDrop, TaskSpans};
 use crate::run::handle::Shared;
 use crate::run::report::Reporter;
 use crate::task::condition::Condition;
@@ -25,6 +25,7 @@ pub(crate) struct Config {
     pub(crate) retry: Option<Retry>,
     /// Whether responses run their tasks, unless a `Tasks` has a condition of its own.
     pub(crate) run_if: Option<Condition>,
+    pub(crate) task_spans: TaskSpans,
     /// The counters and trackers behind [`BackgroundHandle`](crate::BackgroundHandle): kept when settings change.
     pub(crate) shared: Arc<Shared>,
 }

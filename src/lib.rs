@@ -92,7 +92,7 @@ mod task;
 pub use axum::MissingRequestTasks;
 pub use error::{CancelReason, SkipReason, TaskError, TaskErrorKind};
 pub use layer::{Background, BackgroundBody, BackgroundLayer, ResponseFuture};
-pub use policy::{OnEarlyDrop, OnFailure};
+pub use policy::{OnEarlyDrop, OnFailure, TaskSpans};
 pub use run::{BackgroundHandle, ShutdownReport, Stats};
 pub use task::{Condition, Retry, Retryable, Task, TaskFn, TaskOutput, Tasks, WithTasks, task_fn};
 

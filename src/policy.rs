@@ -54,3 +54,28 @@ pub enum OnFailure {
     /// Run every other task regardless.
     Continue,
 }
+
+/// How each task's `background_task` span (feature `tracing`) relates to the span of the
+/// request whose response carried it.
+///
+/// Tracing back ends that measure a request by its span tree (OpenTelemetry, Datadog) see
+/// a request as long as its longest child: with [`Child`](TaskSpans::Child) spans, a
+/// request whose e-mail task takes 3 s is a 3 s request. [`Linked`](TaskSpans::Linked)
+/// spans start a trace of their own, linked to the request's span (`follows_from`), so
+/// the request ends with its response and its tasks stay one click away.
+///
+/// ```
+/// use tower_background::{BackgroundLayer, TaskSpans};
+///
+/// let layer = BackgroundLayer::new().task_spans(TaskSpans::Linked);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TaskSpans {
+    /// Each task's span is a child of the request's span (the default): its events join
+    /// the request's trace.
+    #[default]
+    Child,
+    /// Each task's span is a root, the start of its own trace, with a `follows_from` link
+    /// to the request's span.
+    Linked,
+}

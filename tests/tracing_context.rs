@@ -16,7 +16,7 @@ use std::convert::Infallible;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tower::{Layer, ServiceExt, service_fn};
-use tower_background::{BackgroundLayer, Task};
+use tower_background::{BackgroundLayer, Condition, Task, TaskSpans};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing::{Event, Instrument, Metadata, Subscriber};
@@ -28,6 +28,10 @@ struct Capture {
     next_id: AtomicU64,
     spans: Mutex<HashMap<u64, SpanInfo>>,
     events: Mutex<Vec<(String, Option<u64>)>>,
+    /// Each event's level and fields.
+    levels: Mutex<Vec<(tracing::Level, String)>>,
+    /// `(span, follows)`: `span` follows from `follows`.
+    follows: Mutex<Vec<(u64, u64)>>,
 }
 
 #[derive(Debug, Clone)]
@@ -90,7 +94,12 @@ impl Subscriber for Capturing {
 
     fn record(&self, _: &Id, _: &Record<'_>) {}
 
-    fn record_follows_from(&self, _: &Id, _: &Id) {}
+    fn record_follows_from(&self, span: &Id, follows: &Id) {
+        self.follows
+            .lock()
+            .unwrap()
+            .push((span.into_u64(), follows.into_u64()));
+    }
 
     fn event(&self, event: &Event<'_>) {
         let mut fields = Fields(String::new());
@@ -100,6 +109,8 @@ impl Subscriber for Capturing {
         } else {
             event.parent().map(Id::into_u64)
         };
+        let level = *event.metadata().level();
+        self.levels.lock().unwrap().push((level, fields.0.clone()));
         self.events.lock().unwrap().push((fields.0, span));
     }
 
@@ -255,4 +266,112 @@ fn assert_logged_as_never_run(capture: &Capture, name: &str) {
                 && fields.contains(name)),
         "{events:?}"
     );
+}
+
+/// Serves one response with one task (which logs `message`) through `layer`, inside a
+/// `request` span with `id`, as tower-http's TraceLayer would; returns when the task ran.
+async fn serve_traced(layer: BackgroundLayer, id: &'static str, message: &'static str) {
+    let done = Probe::new();
+    let app = {
+        let done = done.clone();
+        layer.layer(service_fn(move |_req: http::Request<Incoming>| {
+            let done = done.clone();
+            async move {
+                let task = Task::new(async move {
+                    tracing::info!("{message}");
+                    done.send(());
+                });
+                let mut res = Response::new(full("ok"));
+                res.extensions_mut().insert(task);
+                Ok::<_, Infallible>(res)
+            }
+        }))
+    };
+    let traced = service_fn(move |req: http::Request<Incoming>| {
+        app.clone()
+            .oneshot(req)
+            .instrument(tracing::info_span!("request", id))
+    });
+    let addr = serve_service(traced).await;
+    get(Proto::Http2, addr, "/").await;
+    done.next().await;
+}
+
+/// With `TaskSpans::Linked`, a task's span starts a trace of its own (no parent), linked
+/// to its request's span: a tracing back end no longer sees the request last as long as
+/// its tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_linked_task_span_is_a_root_that_follows_from_its_requests_span() {
+    let capture = capture();
+    let layer = BackgroundLayer::new().task_spans(TaskSpans::Linked);
+    serve_traced(layer, "linked-7", "a linked task runs").await;
+    let events = capture.events.lock().unwrap().clone();
+    let (_, span) = events
+        .iter()
+        .find(|(fields, _)| fields.contains("a linked task runs"))
+        .unwrap_or_else(|| panic!("no event in {events:?}"));
+    let chain = capture.ancestry(*span);
+    let names: Vec<&str> = chain.iter().map(|s| s.name).collect();
+    assert_eq!(names, ["background_task"], "not a root: {chain:?}");
+    let task_span = span.unwrap();
+    let request_span = {
+        let spans = capture.spans.lock().unwrap();
+        let found = spans
+            .iter()
+            .find(|(_, info)| info.name == "request" && info.fields.contains("linked-7"));
+        *found.expect("the request span").0
+    };
+    let follows = capture.follows.lock().unwrap().clone();
+    assert!(
+        follows.contains(&(task_span, request_span)),
+        "no link from {task_span} to {request_span} in {follows:?}"
+    );
+}
+
+/// The default, `TaskSpans::Child`, makes no link: the task's span is the request's child.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_task_span_has_its_request_span_as_parent_and_no_link() {
+    let capture = capture();
+    serve_traced(BackgroundLayer::new(), "child-8", "a child task runs").await;
+    let events = capture.events.lock().unwrap().clone();
+    let (_, span) = events
+        .iter()
+        .find(|(fields, _)| fields.contains("a child task runs"))
+        .unwrap_or_else(|| panic!("no event in {events:?}"));
+    let chain = capture.ancestry(*span);
+    let names: Vec<&str> = chain.iter().map(|s| s.name).collect();
+    assert_eq!(names, ["background_task", "request"], "{chain:?}");
+    let task_span = span.unwrap();
+    let follows = capture.follows.lock().unwrap().clone();
+    assert!(
+        follows.iter().all(|(span, _)| *span != task_span),
+        "{follows:?}"
+    );
+}
+
+/// Tasks skipped because their response did not meet their condition are an expected
+/// outcome: the default report logs them at `debug`, never as a warning or an error.
+#[tokio::test]
+async fn tasks_not_met_are_logged_at_debug_not_as_errors() {
+    let capture = capture();
+    let layer = BackgroundLayer::new().run_if(Condition::success());
+    let background = layer.handle();
+    let addr = serve(layer, |_req| {
+        let mut res = Response::new(full("failed"));
+        *res.status_mut() = http::StatusCode::BAD_GATEWAY;
+        res.extensions_mut()
+            .insert(Task::new(async {}).named("commit_unmet_17"));
+        async move { res }
+    })
+    .await;
+    get(Proto::Http1, addr, "/").await;
+    background.shutdown(PATIENCE).await;
+    assert_eq!(background.stats().not_met, 1);
+    let levels = capture.levels.lock().unwrap().clone();
+    let about: Vec<_> = levels
+        .iter()
+        .filter(|(_, fields)| fields.contains("commit_unmet_17"))
+        .collect();
+    assert_eq!(about.len(), 1, "{about:?}");
+    assert_eq!(about[0].0, tracing::Level::DEBUG, "{about:?}");
 }

@@ -22,7 +22,7 @@ use tower_layer::Layer;
 
 use crate::config::Config;
 use crate::error::TaskError;
-use crate::policy::OnEarlyDrop;
+use crate::policy::{OnEarlyDrop, TaskSpans};
 use crate::run::handle::BackgroundHandle;
 use crate::run::report::Reporter;
 use crate::task::condition::Condition;
@@ -141,6 +141,20 @@ impl BackgroundLayer {
     /// ```
     pub fn run_if(mut self, condition: Condition) -> Self {
         self.config_mut().run_if = Some(condition);
+        self
+    }
+
+    /// Whether each task's span is a child of its request's span (the default) or the root
+    /// of a trace of its own, linked to the request's ([`TaskSpans`]). No effect without
+    /// the `tracing` feature.
+    ///
+    /// ```
+    /// use tower_background::{BackgroundLayer, TaskSpans};
+    ///
+    /// let layer = BackgroundLayer::new().task_spans(TaskSpans::Linked);
+    /// ```
+    pub fn task_spans(mut self, spans: TaskSpans) -> Self {
+        self.config_mut().task_spans = spans;
         self
     }
 

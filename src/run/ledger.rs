@@ -387,7 +387,9 @@ impl Ledger {
             gate,
             retry,
             #[cfg(feature = "tracing")]
-            span: self.parent.task_span(&job.name, position),
+            span: self
+                .parent
+                .task_span(&job.name, position, self.config.task_spans),
         })
     }
 

@@ -1,6 +1,9 @@
 //! [`ParentSpan`]: the `tracing` context a task inherits from its request (feature
 //! `tracing`); an empty type without the feature.
 
+#[cfg(feature = "tracing")]
+use crate::policy::TaskSpans;
+
 /// The span that was current when the response was produced. Each task runs in a child of
 /// it, so that a task's events join its request's trace.
 #[derive(Debug, Clone)]
@@ -18,9 +21,20 @@ impl ParentSpan {
         }
     }
 
-    /// The span a task runs in: `background_task`, with the task's name and position.
+    /// The span a task runs in: `background_task`, with the task's name and position; a
+    /// child of the request's span, or a root linked to it.
     #[cfg(feature = "tracing")]
-    pub(crate) fn task_span(&self, name: &str, position: usize) -> tracing::Span {
-        tracing::info_span!(parent: &self.span, "background_task", task = name, position)
+    pub(crate) fn task_span(&self, name: &str, position: usize, spans: TaskSpans) -> tracing::Span {
+        match spans {
+            TaskSpans::Child => {
+                tracing::info_span!(parent: &self.span, "background_task", task = name, position)
+            }
+            TaskSpans::Linked => {
+                let span =
+                    tracing::info_span!(parent: None, "background_task", task = name, position);
+                span.follows_from(&self.span);
+                span
+            }
+        }
     }
 }
