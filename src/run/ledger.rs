@@ -36,6 +36,9 @@ pub(crate) struct Ledger {
     config: Arc<Config>,
     #[cfg_attr(not(feature = "tracing"), allow(dead_code))]
     parent: ParentSpan,
+    /// When the response completed: where a task's queue wait starts.
+    #[cfg(feature = "metrics")]
+    completed: std::time::Instant,
 }
 
 /// One set of tasks: `jobs[start..end]` of its ledger, with its own settings.
@@ -69,6 +72,8 @@ impl Ledger {
             more: Vec::new(),
             config,
             parent,
+            #[cfg(feature = "metrics")]
+            completed: std::time::Instant::now(),
         }
     }
 
@@ -368,6 +373,14 @@ impl Ledger {
         };
         job.stage = Stage::Running;
         job.attempts += 1;
+        #[cfg(feature = "metrics")]
+        if retry {
+            crate::run::metrics::retried(&job.name);
+        } else {
+            let now = std::time::Instant::now();
+            crate::run::metrics::queue_wait(&job.name, now - self.completed);
+            job.started_at = Some(now);
+        }
         let blocking = matches!(work, Attempt::Blocking(_));
         // A blocking task is counted as started by the thread that starts it.
         if !blocking {
@@ -434,7 +447,11 @@ impl Ledger {
         // A task that never started still holds its work: drop it now, before reporting.
         job.discard_work();
         let counters = &self.config.shared.counters;
-        counters.settled(stage, outcome.as_ref().map(|_| ()));
+        counters.settled(stage, outcome.as_ref().map(|_| ()), &job.name);
+        #[cfg(feature = "metrics")]
+        if let Some(started) = job.started_at {
+            crate::run::metrics::run_time(&job.name, started.elapsed());
+        }
         if let Err(kind) = outcome {
             let error = TaskError::new(position, job.name.clone(), kind, attempts);
             self.config.reporter.report(error);

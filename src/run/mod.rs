@@ -7,6 +7,8 @@ pub(crate) mod cancel;
 pub(crate) mod execute;
 pub(crate) mod handle;
 pub(crate) mod ledger;
+#[cfg(feature = "metrics")]
+pub(crate) mod metrics;
 pub(crate) mod not_run;
 pub(crate) mod report;
 pub(crate) mod span;

@@ -120,7 +120,7 @@ impl NotRun {
         for (position, mut job) in self.jobs.into_iter().enumerate() {
             job.discard_work();
             let kind = TaskErrorKind::Skipped(self.reason);
-            counters.settled(Stage::Queued, Err(&kind));
+            counters.settled(Stage::Queued, Err(&kind), &job.name);
             let error = TaskError::new(position, job.name.clone(), kind, 0);
             if self.to_callback {
                 config.reporter.report(error);
@@ -143,8 +143,9 @@ impl NotRun {
             let counters = &config.shared.counters;
             counters.attach(self.jobs.len());
             counters.response_done(self.jobs.len(), self.jobs.len());
-            for _ in &self.jobs {
-                counters.settled(Stage::Queued, Err(&TaskErrorKind::Skipped(self.reason)));
+            for job in &self.jobs {
+                let kind = TaskErrorKind::Skipped(self.reason);
+                counters.settled(Stage::Queued, Err(&kind), &job.name);
             }
         }
         for mut job in self.jobs {

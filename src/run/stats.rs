@@ -1,11 +1,14 @@
 //! Counters of what the layer's tasks did: atomics, no lock, read as a [`Stats`] snapshot.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 #[cfg(doc)]
 use crate::error::CancelReason;
 use crate::error::{SkipReason, TaskErrorKind};
+#[cfg(feature = "metrics")]
+use crate::run::metrics;
 use crate::task::single::Stage;
 
 /// A snapshot of the counters of one [`BackgroundLayer`](crate::BackgroundLayer), from
@@ -146,6 +149,11 @@ impl Counters {
     /// `n` tasks found on a response that has not completed.
     pub(crate) fn attach(&self, n: usize) {
         self.attached.fetch_add(n as u64, Relaxed);
+        #[cfg(feature = "metrics")]
+        {
+            metrics::describe();
+            metrics::waiting(n as f64);
+        }
     }
 
     /// A response completed or was dropped: the `expected` tasks counted at attach time
@@ -155,24 +163,59 @@ impl Counters {
             self.attached.fetch_add(late as u64, Relaxed);
         }
         self.handed_over.fetch_add(found as u64, Relaxed);
+        #[cfg(feature = "metrics")]
+        {
+            metrics::waiting(-(expected as f64));
+            metrics::queued(found as f64);
+        }
     }
 
     pub(crate) fn started(&self) {
         self.started.fetch_add(1, Relaxed);
+        #[cfg(feature = "metrics")]
+        {
+            metrics::queued(-1.0);
+            metrics::running(1.0);
+        }
     }
 
     /// An attempt ended and the task waits for its next one.
     pub(crate) fn backed_off(&self) {
         self.backed_off.fetch_add(1, Relaxed);
+        #[cfg(feature = "metrics")]
+        {
+            metrics::running(-1.0);
+            metrics::queued(1.0);
+        }
     }
 
     /// A retry started.
     pub(crate) fn retried(&self) {
         self.retried.fetch_add(1, Relaxed);
+        #[cfg(feature = "metrics")]
+        {
+            metrics::queued(-1.0);
+            metrics::running(1.0);
+        }
     }
 
-    /// A task left `stage` with `outcome`.
-    pub(crate) fn settled(&self, stage: Stage, outcome: Result<(), &TaskErrorKind>) {
+    /// Task `name` left `stage` with `outcome`.
+    #[allow(clippy::ptr_arg)] // a `'static` name is a metrics label without an allocation
+    pub(crate) fn settled(
+        &self,
+        stage: Stage,
+        outcome: Result<(), &TaskErrorKind>,
+        #[cfg_attr(not(feature = "metrics"), allow(unused_variables))] name: &Cow<'static, str>,
+    ) {
+        #[cfg(feature = "metrics")]
+        {
+            match stage {
+                Stage::Queued | Stage::Backoff => metrics::queued(-1.0),
+                Stage::Running => metrics::running(-1.0),
+                Stage::Settled => {}
+            }
+            metrics::settled(name, outcome);
+        }
         let counter = match outcome {
             Ok(()) => &self.succeeded,
             Err(TaskErrorKind::Failed(_)) => &self.failed,

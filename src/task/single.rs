@@ -104,6 +104,9 @@ pub struct Job {
     pub(crate) gate: Option<Arc<Gate>>,
     /// Attempts started so far (more than one only for a retried task).
     pub(crate) attempts: u32,
+    /// When its first attempt started.
+    #[cfg(feature = "metrics")]
+    pub(crate) started_at: Option<std::time::Instant>,
 }
 
 /// Where a task stands in its run.
@@ -134,6 +137,8 @@ impl Job {
             stage: Stage::Queued,
             gate: None,
             attempts: 0,
+            #[cfg(feature = "metrics")]
+            started_at: None,
         }
     }
 
@@ -151,6 +156,8 @@ impl Job {
             stage: Stage::Queued,
             gate: None,
             attempts: 0,
+            #[cfg(feature = "metrics")]
+            started_at: None,
         }
     }
 
@@ -181,6 +188,8 @@ impl Job {
             stage: Stage::Queued,
             gate: None,
             attempts: 0,
+            #[cfg(feature = "metrics")]
+            started_at: None,
         }
     }
 }

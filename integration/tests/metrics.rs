@@ -1,0 +1,288 @@
+//! The `metrics` feature, checked with a recorder we did not write: metrics-util's
+//! `DebuggingRecorder`, installed as the process's global recorder, behind a real hyper
+//! server. Outcomes by kind and task name, retries, the stage gauges, the two histograms,
+//! and the bound on the `task` label.
+//!
+//! The recorder's snapshots reset what they read (counters and gauges to zero, histograms
+//! emptied), so every read goes through [`Recorded`], which adds each snapshot to what
+//! earlier ones read; and the tests take turns (`TURN`), since the gauges are global.
+
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
+use common::*;
+use http::{Response, StatusCode};
+use metrics_util::MetricKind;
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use tower_background::{BackgroundLayer, Condition, Retry, Retryable, Task, Tasks};
+
+/// A metric's name and its labels, sorted.
+type MetricKey = (String, Vec<(String, String)>);
+
+/// What the recorder has seen so far, summed over its snapshots.
+#[derive(Default)]
+struct Recorded {
+    counters: HashMap<MetricKey, u64>,
+    gauges: HashMap<String, f64>,
+    histograms: HashMap<MetricKey, Vec<f64>>,
+}
+
+impl Recorded {
+    fn counter(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        self.counters.get(&key(name, labels)).copied().unwrap_or(0)
+    }
+
+    fn gauge(&self, name: &str) -> f64 {
+        self.gauges.get(name).copied().unwrap_or(0.0)
+    }
+
+    fn histogram(&self, name: &str, labels: &[(&str, &str)]) -> Vec<f64> {
+        self.histograms
+            .get(&key(name, labels))
+            .cloned()
+            .unwrap_or_default()
+    }
+}
+
+fn key(name: &str, labels: &[(&str, &str)]) -> MetricKey {
+    let mut labels: Vec<(String, String)> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    labels.sort();
+    (name.to_owned(), labels)
+}
+
+/// The process's recorder, installed once.
+fn snapshotter() -> &'static Snapshotter {
+    static SNAPSHOTTER: OnceLock<Snapshotter> = OnceLock::new();
+    SNAPSHOTTER.get_or_init(|| {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        recorder
+            .install()
+            .expect("no other recorder in this test binary");
+        snapshotter
+    })
+}
+
+/// Everything recorded so far.
+fn recorded() -> std::sync::MutexGuard<'static, Recorded> {
+    static RECORDED: OnceLock<Mutex<Recorded>> = OnceLock::new();
+    let mut recorded = RECORDED
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    for (key, _, _, value) in snapshotter().snapshot().into_vec() {
+        let (kind, key) = key.into_parts();
+        let name = key.name().to_owned();
+        let mut labels: Vec<(String, String)> = key
+            .labels()
+            .map(|l| (l.key().to_owned(), l.value().to_owned()))
+            .collect();
+        labels.sort();
+        match (kind, value) {
+            (MetricKind::Counter, DebugValue::Counter(n)) => {
+                *recorded.counters.entry((name, labels)).or_default() += n;
+            }
+            (MetricKind::Gauge, DebugValue::Gauge(delta)) => {
+                *recorded.gauges.entry(name).or_default() += delta.into_inner();
+            }
+            (MetricKind::Histogram, DebugValue::Histogram(values)) => {
+                recorded
+                    .histograms
+                    .entry((name, labels))
+                    .or_default()
+                    .extend(values.into_iter().map(|v| v.into_inner()));
+            }
+            other => panic!("unexpected metric {other:?}"),
+        }
+    }
+    recorded
+}
+
+/// The tests take turns: the stage gauges are global to the process.
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const TASKS: &str = "tower_background_tasks_total";
+
+#[tokio::test]
+async fn outcomes_are_counted_by_kind_and_task_name_with_retries_and_histograms() {
+    let _turn = TURN.lock().await;
+    snapshotter();
+    let layer = BackgroundLayer::new().on_error(|_| {});
+    let background = layer.handle();
+    let addr = serve(layer, |req| {
+        let mut tasks = Tasks::group();
+        tasks.push(Task::new(async {}).named("m_ok"));
+        tasks.push(Task::new(async { Err::<(), _>("no") }).named("m_fail"));
+        tasks.push(Task::blocking(|| -> () { panic!("boom") }).named("m_panic"));
+        let attempts = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        tasks.push(
+            Retryable::new(move || {
+                let n = attempts.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async move { if n < 2 { Err("not yet") } else { Ok(()) } }
+            })
+            .named("m_retry")
+            .retry(Retry::attempts(3).backoff(std::time::Duration::from_millis(1))),
+        );
+        let mut unmet = Tasks::new().run_if(Condition::success());
+        unmet.push(Task::new(async {}).named("m_unmet"));
+        let mut res = Response::new(full("ok"));
+        if req.uri().path() == "/teapot" {
+            *res.status_mut() = StatusCode::IM_A_TEAPOT;
+            res.extensions_mut().insert(unmet);
+        } else {
+            res.extensions_mut().insert(tasks);
+        }
+        async move { res }
+    })
+    .await;
+    get(Proto::Http1, addr, "/").await;
+    get(Proto::Http2, addr, "/teapot").await;
+    let report = background.shutdown(PATIENCE).await;
+    assert!(report.is_drained(), "{report}");
+
+    let recorded = recorded();
+    for (outcome, task) in [
+        ("succeeded", "m_ok"),
+        ("failed", "m_fail"),
+        ("panicked", "m_panic"),
+        ("succeeded", "m_retry"),
+        ("skipped", "m_unmet"),
+    ] {
+        assert_eq!(
+            recorded.counter(TASKS, &[("outcome", outcome), ("task", task)]),
+            1,
+            "{outcome} {task}"
+        );
+    }
+    assert_eq!(
+        recorded.counter(TASKS, &[("outcome", "failed"), ("task", "m_retry")]),
+        0,
+        "a failed attempt was counted as an outcome"
+    );
+    assert_eq!(
+        recorded.counter("tower_background_retries_total", &[("task", "m_retry")]),
+        2
+    );
+    for task in ["m_ok", "m_fail", "m_panic", "m_retry"] {
+        let waits = recorded.histogram("tower_background_queue_wait_seconds", &[("task", task)]);
+        let runs = recorded.histogram("tower_background_run_seconds", &[("task", task)]);
+        assert_eq!((waits.len(), runs.len()), (1, 1), "{task}");
+        assert!(waits[0] >= 0.0 && runs[0] >= 0.0);
+    }
+    assert!(
+        recorded
+            .histogram("tower_background_run_seconds", &[("task", "m_unmet")])
+            .is_empty(),
+        "a task that never started has no run time"
+    );
+    for gauge in ["waiting", "queued", "running"] {
+        assert_eq!(
+            recorded.gauge(&format!("tower_background_tasks_{gauge}")),
+            0.0,
+            "{gauge}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_stage_gauges_follow_a_task_from_waiting_to_running_to_done() {
+    let _turn = TURN.lock().await;
+    snapshotter();
+    let layer = BackgroundLayer::new();
+    let background = layer.handle();
+    let chunks = Handoff::new();
+    let (started, release) = (Probe::new(), Probe::<()>::new());
+    let (c, s, r) = (chunks.clone(), started.clone(), release.clone());
+    let addr = serve(layer, move |_req| {
+        let (tx, body) = channel_body();
+        c.put(tx);
+        let (s, r) = (s.clone(), r.clone());
+        let mut res = Response::new(body);
+        res.extensions_mut().insert(
+            Task::new(async move {
+                s.send(());
+                r.next().await;
+            })
+            .named("m_gauge"),
+        );
+        async move { res }
+    })
+    .await;
+    let res = within(client(Proto::Http1).request(request(http::Method::GET, addr, "/")))
+        .await
+        .unwrap();
+    let gauges = |recorded: &Recorded| {
+        ["waiting", "queued", "running"]
+            .map(|g| recorded.gauge(&format!("tower_background_tasks_{g}")))
+    };
+    assert_eq!(
+        gauges(&recorded()),
+        [1.0, 0.0, 0.0],
+        "while the body streams"
+    );
+    let tx = chunks.take();
+    tx.send(data("end")).unwrap();
+    drop(tx);
+    http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .unwrap();
+    started.next().await;
+    assert_eq!(gauges(&recorded()), [0.0, 0.0, 1.0], "while the task runs");
+    release.send(());
+    assert!(background.shutdown(PATIENCE).await.is_drained());
+    assert_eq!(gauges(&recorded()), [0.0, 0.0, 0.0], "once it ended");
+}
+
+#[tokio::test]
+async fn the_task_label_takes_a_bounded_number_of_values() {
+    let _turn = TURN.lock().await;
+    snapshotter();
+    let layer = BackgroundLayer::new();
+    let background = layer.handle();
+    let addr = serve(layer, |_req| {
+        let mut tasks = Tasks::group();
+        for n in 0..100 {
+            tasks.push(Task::new(async {}).named(format!("m_label_{n}")));
+        }
+        let mut res = Response::new(full("ok"));
+        res.extensions_mut().insert(tasks);
+        async move { res }
+    })
+    .await;
+    get(Proto::Http1, addr, "/").await;
+    assert!(background.shutdown(PATIENCE).await.is_drained());
+    let recorded = recorded();
+    let labels: Vec<&str> = recorded
+        .counters
+        .keys()
+        .filter(|(name, _)| name == TASKS)
+        .flat_map(|(_, labels)| labels.iter())
+        .filter(|(k, _)| k == "task")
+        .map(|(_, v)| v.as_str())
+        .collect::<std::collections::HashSet<_>>()
+        .into_iter()
+        .collect();
+    assert!(labels.len() <= 64 + 1, "{} task labels", labels.len());
+    assert!(labels.contains(&"other"), "{labels:?}");
+    let total: u64 = recorded
+        .counters
+        .iter()
+        .filter(|((name, labels), _)| {
+            name == TASKS
+                && labels
+                    .iter()
+                    .any(|(k, v)| k == "task" && (v.starts_with("m_label_") || v == "other"))
+        })
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(
+        total, 100,
+        "every task is counted, under its name or `other`"
+    );
+}
