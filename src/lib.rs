@@ -59,6 +59,9 @@
 //! - [`BackgroundLayer::handle`] gives counters and a drain for shutdown
 //!   ([`BackgroundHandle::shutdown`]); [`BackgroundLayer::max_concurrent`] bounds the tasks
 //!   running at once, [`BackgroundLayer::task_timeout`] and [`Task::timeout`] bound each.
+//! - A [`Retryable`] task is retried on failure under a [`Retry`] setting (its own, or
+//!   [`BackgroundLayer::retry`]); a [`Condition`] ([`BackgroundLayer::run_if`],
+//!   [`Tasks::run_if`]) runs tasks only when the response's head meets it.
 //! - Several sets of tasks can meet on one response ([`Tasks::merge`], [`WithTasks`],
 //!   request-scoped tasks with [`BackgroundLayer::with_request_tasks`]); each keeps its
 //!   own settings and none is dropped.
@@ -70,7 +73,10 @@
 //! # Features
 //!
 //! - `tracing` (default): task errors are logged as `tracing` events; without it, as one
-//!   line on stderr. Each task runs in a span whose parent is its request's.
+//!   line on stderr. Each task runs in a span whose parent is its request's (or, with
+//!   [`TaskSpans::Linked`], in a trace of its own linked to it).
+//! - `metrics`: the counters, gauges and histograms of the tasks are published through
+//!   the `metrics` facade (names in [`guide::operations`]).
 //! - `axum`: `Tasks` and `Task` are axum response parts (`(StatusCode::CREATED, tasks,
 //!   body)`), and `Tasks` is an extractor of the request-scoped tasks
 //!   ([`BackgroundLayer::with_request_tasks`]).
