@@ -1,7 +1,9 @@
 //! A soak test against a real server on loopback: thousands of requests over HTTP/1.1 and
 //! HTTP/2 with a mix of body kinds, clients that leave mid-stream (connection closed or
 //! stream reset) or mid-handler (their request-scoped tasks never get a response), tasks
-//! merged into a response while it streams, tasks that fail, panic, block or time out.
+//! merged into a response while it streams, tasks that fail, panic, block or time out,
+//! tasks retried after failing a varying number of times, and tasks whose response does
+//! not meet their condition.
 //! After a drain, every attached task is accounted for exactly once, the counters match
 //! what the tasks recorded themselves, and the process holds no more tasks, and not much
 //! more memory, than before. Then a second drain under the limit reaches its deadline with
@@ -30,7 +32,8 @@ use http::{Method, Response};
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use tower_background::{
-    BackgroundLayer, OnEarlyDrop, OnFailure, SkipReason, Task, TaskErrorKind, Tasks,
+    BackgroundLayer, Condition, OnEarlyDrop, OnFailure, Retry, Retryable, SkipReason, Task,
+    TaskErrorKind, Tasks,
 };
 
 /// What the tasks and the clients recorded themselves.
@@ -50,6 +53,12 @@ struct Ledger {
     responses: AtomicU64,
     /// Tasks of `/hold` that started.
     held_started: AtomicU64,
+    /// `/retry` responses so far: each one's task fails `n % 4` times.
+    retry_responses: AtomicU64,
+    /// Retries the `/retry` tasks made.
+    retries: AtomicU64,
+    /// `/unmet` responses: their tasks' condition is not met.
+    unmet: AtomicU64,
     /// Requests to `/abandon` waiting for their handler to add its task.
     waiting: std::sync::Mutex<std::collections::HashMap<u64, tokio::sync::oneshot::Sender<()>>>,
 }
@@ -227,6 +236,45 @@ async fn every_task_is_accounted_for_exactly_once_under_a_mixed_load() {
                     }
                     return Box::pin(std::future::pending()) as HandlerFuture;
                 }
+                "/retry" => {
+                    // Fails `n % 4` times: succeeds on its 1st, 2nd or 3rd attempt, or fails
+                    // for good on its 3rd.
+                    let failures = l.retry_responses.fetch_add(1, SeqCst) % 4;
+                    let attempts = Arc::new(AtomicU64::new(0));
+                    let l2 = l.clone();
+                    let retry = Retry::attempts(3).backoff(Duration::from_micros(100));
+                    tasks.push(
+                        Retryable::new(move || {
+                            let attempt = attempts.fetch_add(1, SeqCst) + 1;
+                            if attempt > 1 {
+                                l2.retries.fetch_add(1, SeqCst);
+                            }
+                            let l3 = l2.clone();
+                            async move {
+                                if attempt > failures {
+                                    l3.succeeded.fetch_add(1, SeqCst);
+                                    Ok(())
+                                } else {
+                                    if attempt == 3 {
+                                        l3.failed.fetch_add(1, SeqCst);
+                                    }
+                                    Err("injected failure, retried")
+                                }
+                            }
+                        })
+                        .retry(retry),
+                    );
+                }
+                "/unmet" => {
+                    // Answered 503: its commit-like task must not run.
+                    l.unmet.fetch_add(1, SeqCst);
+                    tasks = Tasks::new().run_if(Condition::success());
+                    tasks.push(ok(l.clone()));
+                    let mut res = Response::new(body);
+                    *res.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                    res.extensions_mut().insert(tasks);
+                    return Box::pin(async move { res }) as HandlerFuture;
+                }
                 "/hold" => {
                     // For the last drain: runs until cancelled, holding a slot.
                     let l2 = l.clone();
@@ -254,6 +302,8 @@ async fn every_task_is_accounted_for_exactly_once_under_a_mixed_load() {
         "/stream-leave",
         "/none",
         "/abandon",
+        "/retry",
+        "/unmet",
     ];
     let workers = 16u64;
     let started = Instant::now();
@@ -341,6 +391,9 @@ async fn every_task_is_accounted_for_exactly_once_under_a_mixed_load() {
         "{stats}"
     );
     assert_eq!(stats.cancelled, 0, "{stats}");
+    assert_eq!(stats.retried, ledger.retries.load(SeqCst), "{stats}");
+    assert_eq!(stats.not_met, ledger.unmet.load(SeqCst), "{stats}");
+    assert!(stats.retried > 0 && stats.not_met > 0, "{stats}");
     assert_eq!(ledger.reported_other.load(SeqCst), 0);
     // Every client that left mid-handler had its request-scoped task reported as never
     // run (the server notices the client leaving on its own time: wait for it).
