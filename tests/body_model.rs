@@ -8,7 +8,11 @@
 //!   (or failed), never before: checked after every step through the `waiting` counter;
 //! - it runs once if the body completed; on an early drop, once with `OnEarlyDrop::Run`
 //!   and never (reported as skipped) with `Skip`; never twice; nothing panics;
-//! - `is_end_stream` and `size_hint` are the inner body's, unchanged.
+//! - `is_end_stream` and `size_hint` are the inner body's, unchanged;
+//! - with a layer condition (`Condition::success()`) and an error status, the task never
+//!   runs and is reported as not met, whatever the body did;
+//! - the task fails a chosen number of attempts: it is retried up to its third, and
+//!   settles once, with the right outcome, attempts and `retried` count.
 //!
 //! Failures shrink to a minimal case, kept by proptest in `tests/body_model.proptest-regressions` and
 //! replayed first on every run.
@@ -49,9 +53,21 @@ fn case() -> impl Strategy<Value = Case> {
         any::<bool>(),
         0u8..4,
         0u64..64,
+        (any::<bool>(), any::<bool>(), 0u32..5),
     )
         .prop_map(
-            |(script, eager_end, exact_hint, kind, actions, thread, skip, cl_kind, cl_any)| {
+            |(
+                script,
+                eager_end,
+                exact_hint,
+                kind,
+                actions,
+                thread,
+                skip,
+                cl_kind,
+                cl_any,
+                (error_status, success_only, failures),
+            )| {
                 let total: u64 = script
                     .iter()
                     .map(|s| if let Step::Data(n) = s { *n as u64 } else { 0 })
@@ -71,6 +87,9 @@ fn case() -> impl Strategy<Value = Case> {
                     actions,
                     drop_on_another_thread: thread,
                     skip_on_early_drop: skip,
+                    error_status,
+                    success_only,
+                    failures,
                 }
             },
         )

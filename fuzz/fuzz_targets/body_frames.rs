@@ -61,6 +61,9 @@ fn decode(data: &[u8]) -> Case {
         actions,
         drop_on_another_thread: flags & 0x40 != 0,
         skip_on_early_drop: flags & 0x80 != 0,
+        error_status: cl_any & 0x40 != 0,
+        success_only: cl_any & 0x80 != 0,
+        failures: u32::from(cl_mode >> 2) % 5,
     }
 }
 

@@ -17,7 +17,10 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use tower::{Layer, ServiceExt, service_fn};
-use tower_background::{BackgroundLayer, OnEarlyDrop, SkipReason, Task, TaskError, TaskErrorKind};
+use tower_background::{
+    BackgroundLayer, Condition, OnEarlyDrop, Retry, Retryable, SkipReason, TaskError,
+    TaskErrorKind,
+};
 
 #[derive(Debug, Clone, Copy)]
 pub enum Step {
@@ -54,7 +57,16 @@ pub struct Case {
     pub actions: Vec<Action>,
     pub drop_on_another_thread: bool,
     pub skip_on_early_drop: bool,
+    /// The response's status is 500 (for `Plain` and `Head`; 204 and 304 keep theirs).
+    pub error_status: bool,
+    /// The layer runs tasks only after a 2xx (`Condition::success()`).
+    pub success_only: bool,
+    /// The task fails this many attempts before it succeeds, under 3 attempts in all.
+    pub failures: u32,
 }
+
+/// The most attempts the task makes.
+const ATTEMPTS: u32 = 3;
 
 /// Fails the check with a message unless `cond` holds.
 macro_rules! ensure {
@@ -141,6 +153,7 @@ impl Body for ScriptedBody {
 enum Expected {
     Runs,
     Skipped,
+    NotMet,
 }
 
 /// The model: walks the consumer's actions over the script and says, after each action,
@@ -260,7 +273,17 @@ pub fn check(case: Case) -> Result<(), String> {
         .unwrap();
     let _entered = runtime.enter();
     let (errors_tx, errors) = mpsc::channel::<TaskError>();
-    let layer = BackgroundLayer::new()
+    let status = match case.kind {
+        Kind::NoContent => StatusCode::NO_CONTENT,
+        Kind::NotModified => StatusCode::NOT_MODIFIED,
+        _ if case.error_status => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => StatusCode::OK,
+    };
+    let mut layer = BackgroundLayer::new();
+    if case.success_only {
+        layer = layer.run_if(Condition::success());
+    }
+    let layer = layer
         .on_early_drop(if case.skip_on_early_drop {
             OnEarlyDrop::Skip
         } else {
@@ -282,17 +305,21 @@ pub fn check(case: Case) -> Result<(), String> {
                 exact_hint: case.exact_hint,
             };
             let mut res = Response::new(body);
-            *res.status_mut() = match case.kind {
-                Kind::NoContent => StatusCode::NO_CONTENT,
-                Kind::NotModified => StatusCode::NOT_MODIFIED,
-                _ => StatusCode::OK,
-            };
+            *res.status_mut() = status;
             if let Some(cl) = case.content_length {
                 res.headers_mut().insert("content-length", cl.into());
             }
-            res.extensions_mut().insert(Task::new(async move {
-                ran.fetch_add(1, SeqCst);
-            }));
+            let failures = case.failures;
+            let task = Retryable::new(move || {
+                let attempt = ran.fetch_add(1, SeqCst) as u32 + 1;
+                std::future::ready(if attempt <= failures {
+                    Err("an injected failure")
+                } else {
+                    Ok(())
+                })
+            })
+            .retry(Retry::attempts(ATTEMPTS).backoff(Duration::from_micros(1)));
+            res.extensions_mut().insert(tower_background::Task::from(task));
             std::future::ready(Ok::<_, Infallible>(res))
         }))
     };
@@ -339,7 +366,11 @@ pub fn check(case: Case) -> Result<(), String> {
             model.over
         );
     }
-    let expected = model.dropped();
+    let expected = match model.dropped() {
+        // The condition is decided first, when the response leaves the service.
+        _ if case.success_only && !status.is_success() => Expected::NotMet,
+        expected => expected,
+    };
     if case.drop_on_another_thread {
         std::thread::spawn(move || drop(body)).join().unwrap();
     } else {
@@ -353,8 +384,24 @@ pub fn check(case: Case) -> Result<(), String> {
     let reports: Vec<TaskError> = errors.try_iter().collect();
     match expected {
         Expected::Runs => {
-            ensure_eq!(ran.load(SeqCst), 1, "the task did not run exactly once");
-            ensure!(reports.is_empty(), "unexpected reports: {:?}", reports);
+            let attempts = (case.failures + 1).min(ATTEMPTS);
+            ensure_eq!(ran.load(SeqCst), attempts as usize, "attempts");
+            ensure_eq!(stats.retried, u64::from(attempts - 1), "{}", stats);
+            if case.failures >= ATTEMPTS {
+                ensure_eq!(reports.len(), 1, "{:?}", reports);
+                ensure!(matches!(reports[0].kind(), TaskErrorKind::Failed(_)));
+                ensure_eq!(reports[0].attempts(), ATTEMPTS);
+            } else {
+                ensure!(reports.is_empty(), "unexpected reports: {:?}", reports);
+            }
+        }
+        Expected::NotMet => {
+            ensure_eq!(ran.load(SeqCst), 0, "a task whose condition was not met ran");
+            ensure_eq!((reports.len(), stats.not_met), (1, 1), "{}", stats);
+            ensure!(matches!(
+                reports[0].kind(),
+                TaskErrorKind::Skipped(SkipReason::ConditionNotMet)
+            ));
         }
         Expected::Skipped => {
             ensure_eq!(ran.load(SeqCst), 0, "a skipped task ran");
