@@ -1,5 +1,6 @@
 //! Micro benchmarks: what the layer costs per request and per task, against the bare
-//! service and against `tokio::spawn`, and sequence against group. Each group runs its
+//! service and against `tokio::spawn`, a retry-capable task and a task with a metrics
+//! recorder installed against a plain one, and sequence against group. Each group runs its
 //! variants side by side in one run, so read them as ratios.
 //!
 //! ```text
@@ -23,7 +24,7 @@ use http_body::Body;
 use http_body_util::Full;
 use tokio::runtime::Runtime;
 use tower::{Layer, Service, service_fn};
-use tower_background::{BackgroundLayer, Task, Tasks};
+use tower_background::{BackgroundLayer, Retry, Retryable, Task, Tasks};
 
 type Res = Response<Full<Bytes>>;
 
@@ -99,6 +100,40 @@ fn per_request(c: &mut Criterion) {
         b.iter(|| {
             one_request(&mut one_task);
             run_spawned(&rt);
+        })
+    });
+
+    // The same task, made retry-capable (it succeeds at once: the cost of being able to).
+    let d = done.clone();
+    let mut one_retryable = BackgroundLayer::new().layer(service_fn(move |_req: Request<()>| {
+        let d = d.clone();
+        let mut res = hello();
+        let task = Retryable::new(move || {
+            let d = d.clone();
+            async move {
+                d.fetch_add(1, Relaxed);
+            }
+        })
+        .retry(Retry::attempts(3));
+        res.extensions_mut().insert(Task::from(task));
+        std::future::ready(Ok::<_, Infallible>(res))
+    }));
+    group.bench_function("layer, one retryable task", |b| {
+        b.iter(|| {
+            one_request(&mut one_retryable);
+            run_spawned(&rt);
+        })
+    });
+
+    // The `metrics` feature is on in this crate: above, no recorder is installed (the
+    // facade's no-op); here, the Prometheus exporter's recorder, on this thread.
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    group.bench_function("layer, one task, Prometheus recorder", |b| {
+        metrics::with_local_recorder(&recorder, || {
+            b.iter(|| {
+                one_request(&mut one_task);
+                run_spawned(&rt);
+            })
         })
     });
     group.finish();

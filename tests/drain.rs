@@ -5,6 +5,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -481,4 +482,96 @@ async fn a_stream_without_tasks_does_not_hold_the_drain() {
     assert!(report.is_drained(), "{report}");
     assert_eq!(report.stats().attached, 0, "{report}");
     drop(tx);
+}
+
+/// Outside attack on the drain: after a drain's deadline, a later drain has nothing left to
+/// wait for, even while a cancelled blocking task's thread still runs (it has been
+/// reported; threads cannot be stopped). It used to wait for that thread up to its own
+/// deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_drain_returns_at_once_after_the_first_deadline() {
+    let layer = BackgroundLayer::new().on_error(|_| {});
+    let background = layer.handle();
+    let running = Probe::<&str>::new();
+    let release = Arc::new(std::sync::Barrier::new(2));
+    // Frees the thread however the test ends (the runtime waits for it when it shuts down).
+    let _release = ReleaseOnDrop(release.clone());
+    let addr = {
+        let (running, release) = (running.clone(), release.clone());
+        serve(layer, move |_req| {
+            let (running, release) = (running.clone(), release.clone());
+            let mut res = Response::new(full("ok"));
+            res.extensions_mut().insert(Task::blocking(move || {
+                running.send("running");
+                release.wait();
+            }));
+            async move { res }
+        })
+        .await
+    };
+    get(Proto::Http1, addr, "/").await;
+    assert_eq!(running.next().await, "running");
+    let first = within(background.shutdown(Duration::from_millis(20))).await;
+    assert!(!first.is_drained(), "{first}");
+    // The thread is only released once the later drain has returned: had it waited for
+    // the thread, `within` would fail.
+    let later = within(background.shutdown(PATIENCE * 3)).await;
+    assert!(!later.is_drained(), "{later}");
+    assert_eq!(later.stats().cancelled, 1, "{later}");
+}
+
+/// Meets the barrier a blocking task waits at, from a thread of its own, when dropped.
+struct ReleaseOnDrop(Arc<std::sync::Barrier>);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        let barrier = self.0.clone();
+        std::thread::spawn(move || barrier.wait());
+    }
+}
+
+/// Outside attack on the drain: two drains at once share the shorter deadline. The longer
+/// one returns with it, even while a response with tasks is still being sent (its tasks
+/// will be reported skipped when it ends); it used to wait for that response up to its
+/// own deadline.
+#[tokio::test]
+async fn a_longer_drain_beside_a_shorter_one_returns_at_the_shorter_deadline() {
+    let (layer, errors) = reporting_layer();
+    let background = layer.handle();
+    let chunks = Handoff::new();
+    let addr = {
+        let chunks = chunks.clone();
+        serve(layer, move |_req| {
+            let (tx, body) = channel_body();
+            chunks.put(tx);
+            let mut res = Response::new(body);
+            res.extensions_mut()
+                .insert(Task::new(async {}).named("after the stream"));
+            async move { res }
+        })
+        .await
+    };
+    let res = within(client(Proto::Http2).request(request(http::Method::GET, addr, "/")))
+        .await
+        .unwrap();
+    let long = tokio::spawn({
+        let background = background.clone();
+        async move { background.shutdown(PATIENCE * 3).await }
+    });
+    let short = within(background.shutdown(Duration::from_millis(20))).await;
+    // The stream is still open: had the long drain waited for it, `within` would fail.
+    let long = within(long).await.unwrap();
+    assert!(
+        !short.is_drained() && !long.is_drained(),
+        "{short} / {long}"
+    );
+    let tx = chunks.take();
+    tx.send(data("end")).unwrap();
+    drop(tx);
+    let _ = res.into_body().collect().await;
+    let report = errors.next().await;
+    assert!(
+        matches!(report.kind(), TaskErrorKind::Skipped(SkipReason::Shutdown)),
+        "{report}"
+    );
 }

@@ -135,6 +135,11 @@ async fn run_blocking(
         let gate = gate.clone();
         move || {
             let (_permit, _token) = (permit, token);
+            // A drain's deadline may have passed while the task waited for a thread, before
+            // its run had a chance to abandon it: it must not start now.
+            if shared.cancel.is_cancelled() {
+                gate.abandon();
+            }
             if !gate.start() {
                 return None;
             }

@@ -1,8 +1,11 @@
 //! [`BackgroundHandle`]: drain at shutdown, and the counters.
 
 use std::fmt;
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use futures_util::future::{Either, select};
 
 use crate::run::cancel::Cancel;
 use crate::run::stats::{Counters, Stats};
@@ -108,9 +111,15 @@ impl BackgroundHandle {
         let started = Instant::now();
         self.shared.tracker.close();
         self.shared.runs.close();
-        let drained = tokio::time::timeout(timeout, self.shared.tracker.wait())
-            .await
-            .is_ok();
+        // Another drain's deadline (before this one, or during it) ends the wait too: from
+        // then on nothing is left to wait for but the runs reporting what they cancelled.
+        let waited = tokio::time::timeout(timeout, async {
+            let drained = pin!(self.shared.tracker.wait());
+            let cancelled = pin!(self.shared.cancel.cancelled());
+            matches!(select(drained, cancelled).await, Either::Left(_))
+        })
+        .await;
+        let drained = waited.unwrap_or(false);
         if !drained {
             self.shared.cancel.cancel();
             self.shared.runs.wait().await;

@@ -14,10 +14,11 @@
 //! | `tower_background_queue_wait_seconds` | histogram | `task` | from the response's completion to the task's start |
 //! | `tower_background_run_seconds` | histogram | `task` | from the task's start to its end (retries included) |
 //!
-//! The `task` label is the task's name. Its values are bounded: the first
-//! [`MAX_TASK_LABELS`] distinct names a process sees are used as they are; tasks named
-//! anything else are labelled `other`. Name tasks after what they do (`send_email`), not
-//! after data (`send_email_to_a@example.com`).
+//! The `task` label is the task's name. Its values are bounded: `'static` names (literals,
+//! and the function names `add_task` gives) are finitely many in a program and used as
+//! they are; of the names made at run time (a `String`), the first [`MAX_TASK_LABELS`]
+//! distinct ones a process sees are used as they are, and the others are labelled `other`.
+//! Name tasks after what they do (`send_email`), not after data.
 
 // Task names are taken as `&Cow<'static, str>`, not `&str`: a `'static` name becomes a
 // label without an allocation.
@@ -114,20 +115,22 @@ pub(crate) fn run_time(name: &Cow<'static, str>, ran: Duration) {
     metrics::histogram!(RUN, "task" => task_label(name)).record(ran.as_secs_f64());
 }
 
-/// The `task` label of a task named `name`: itself, while the process has seen fewer than
-/// [`MAX_TASK_LABELS`] names, else `other`.
+/// The `task` label of a task named `name`. A `'static` name (a literal, or a function's
+/// type name) is used as it is: a program has finitely many. A name made at run time
+/// counts towards [`MAX_TASK_LABELS`] distinct ones per process; past them, `other`.
 fn task_label(name: &Cow<'static, str>) -> SharedString {
+    let name = match name {
+        Cow::Borrowed(name) => return SharedString::const_str(name),
+        Cow::Owned(name) => name,
+    };
     static SEEN: Mutex<Option<HashSet<String>>> = Mutex::new(None);
     let mut seen = SEEN.lock().unwrap_or_else(PoisonError::into_inner);
     let seen = seen.get_or_insert_with(HashSet::new);
-    if !seen.contains(name.as_ref()) {
+    if !seen.contains(name) {
         if seen.len() >= MAX_TASK_LABELS {
             return SharedString::const_str("other");
         }
-        seen.insert(name.as_ref().to_owned());
+        seen.insert(name.clone());
     }
-    match name {
-        Cow::Borrowed(name) => SharedString::const_str(name),
-        Cow::Owned(name) => SharedString::from(name.clone()),
-    }
+    SharedString::from(name.clone())
 }

@@ -18,8 +18,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use tower::{Layer, ServiceExt, service_fn};
 use tower_background::{
-    BackgroundLayer, Condition, OnEarlyDrop, Retry, Retryable, SkipReason, TaskError,
-    TaskErrorKind,
+    BackgroundLayer, Condition, OnEarlyDrop, Retry, Retryable, SkipReason, TaskError, TaskErrorKind,
 };
 
 #[derive(Debug, Clone, Copy)]
@@ -319,7 +318,8 @@ pub fn check(case: Case) -> Result<(), String> {
                 })
             })
             .retry(Retry::attempts(ATTEMPTS).backoff(Duration::from_micros(1)));
-            res.extensions_mut().insert(tower_background::Task::from(task));
+            res.extensions_mut()
+                .insert(tower_background::Task::from(task));
             std::future::ready(Ok::<_, Infallible>(res))
         }))
     };
@@ -396,7 +396,11 @@ pub fn check(case: Case) -> Result<(), String> {
             }
         }
         Expected::NotMet => {
-            ensure_eq!(ran.load(SeqCst), 0, "a task whose condition was not met ran");
+            ensure_eq!(
+                ran.load(SeqCst),
+                0,
+                "a task whose condition was not met ran"
+            );
             ensure_eq!((reports.len(), stats.not_met), (1, 1), "{}", stats);
             ensure!(matches!(
                 reports[0].kind(),
