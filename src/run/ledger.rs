@@ -374,12 +374,15 @@ impl Ledger {
         job.stage = Stage::Running;
         job.attempts += 1;
         #[cfg(feature = "metrics")]
-        if retry {
-            crate::run::metrics::retried(&job.name);
-        } else {
-            let now = std::time::Instant::now();
-            crate::run::metrics::queue_wait(&job.name, now - self.completed);
-            job.started_at = Some(now);
+        {
+            let series = self.config.shared.counters.metrics.task(&job.name);
+            if retry {
+                series.retries.increment(1);
+            } else {
+                let now = std::time::Instant::now();
+                series.queue_wait(now - self.completed);
+                job.started_at = Some(now);
+            }
         }
         let blocking = matches!(work, Attempt::Blocking(_));
         // A blocking task is counted as started by the thread that starts it.
@@ -450,7 +453,7 @@ impl Ledger {
         counters.settled(stage, outcome.as_ref().map(|_| ()), &job.name);
         #[cfg(feature = "metrics")]
         if let Some(started) = job.started_at {
-            crate::run::metrics::run_time(&job.name, started.elapsed());
+            counters.metrics.task(&job.name).run_time(started.elapsed());
         }
         if let Err(kind) = outcome {
             let error = TaskError::new(position, job.name.clone(), kind, attempts);

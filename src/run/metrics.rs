@@ -17,23 +17,30 @@
 //! The `task` label is the task's name. Its values are bounded: `'static` names (literals,
 //! and the function names `add_task` gives) are finitely many in a program and used as
 //! they are; of the names made at run time (a `String`), the first [`MAX_TASK_LABELS`]
-//! distinct ones a process sees are used as they are, and the others are labelled `other`.
+//! distinct ones a layer sees are used as they are, and the others are labelled `other`.
 //! Name tasks after what they do (`send_email`), not after data.
+//!
+//! Each layer registers its series once, when it first needs them, and keeps the handles:
+//! a task then costs a few atomic operations and one lookup of its name, and no
+//! allocation. So install the recorder before the layer serves: a layer that served a task
+//! with no recorder installed keeps the no-op handles it got.
 
 // Task names are taken as `&Cow<'static, str>`, not `&str`: a `'static` name becomes a
 // label without an allocation.
 #![allow(clippy::ptr_arg)]
 
 use std::borrow::Cow;
-use std::collections::HashSet;
-use std::sync::{Mutex, Once, PoisonError};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, Once, OnceLock, PoisonError};
 use std::time::Duration;
 
-use metrics::{SharedString, Unit};
+use metrics::{Counter, Gauge, Histogram, SharedString, Unit};
 
 use crate::error::TaskErrorKind;
 
-/// How many distinct task names the `task` label takes before it says `other`.
+/// How many distinct task names made at run time the `task` label takes, per layer,
+/// before it says `other`.
 pub(crate) const MAX_TASK_LABELS: usize = 64;
 
 const TASKS: &str = "tower_background_tasks_total";
@@ -44,8 +51,18 @@ const RUNNING: &str = "tower_background_tasks_running";
 const QUEUE_WAIT: &str = "tower_background_queue_wait_seconds";
 const RUN: &str = "tower_background_run_seconds";
 
-/// Describes the metrics to the recorder, once per process (at the first task).
-pub(crate) fn describe() {
+/// The outcomes, in the order of [`TaskSeries::outcomes`].
+const OUTCOMES: [&str; 6] = [
+    "succeeded",
+    "failed",
+    "panicked",
+    "timed_out",
+    "skipped",
+    "cancelled",
+];
+
+/// Describes the metrics to the recorder, once per process.
+fn describe() {
     static DESCRIBED: Once = Once::new();
     DESCRIBED.call_once(|| {
         metrics::describe_counter!(TASKS, Unit::Count, "Background tasks settled, by outcome");
@@ -74,63 +91,124 @@ pub(crate) fn describe() {
     });
 }
 
-/// Moves `n` tasks between the stage gauges (`waiting`, `queued`, `running`).
-pub(crate) fn waiting(delta: f64) {
-    metrics::gauge!(WAITING).increment(delta);
+/// The series of one layer, registered when first needed.
+#[derive(Default)]
+pub(crate) struct LayerMetrics {
+    stages: OnceLock<Stages>,
+    tasks: Mutex<TaskTable>,
 }
 
-pub(crate) fn queued(delta: f64) {
-    metrics::gauge!(QUEUED).increment(delta);
+struct Stages {
+    waiting: Gauge,
+    queued: Gauge,
+    running: Gauge,
 }
 
-pub(crate) fn running(delta: f64) {
-    metrics::gauge!(RUNNING).increment(delta);
+/// The series of the tasks of one name (one `task` label).
+pub(crate) struct TaskSeries {
+    outcomes: [Counter; 6],
+    pub(crate) retries: Counter,
+    pub(crate) queue_wait: Histogram,
+    pub(crate) run: Histogram,
 }
 
-/// A task settled with `outcome`.
-pub(crate) fn settled(name: &Cow<'static, str>, outcome: Result<(), &TaskErrorKind>) {
-    let outcome = match outcome {
-        Ok(()) => "succeeded",
-        Err(TaskErrorKind::Failed(_)) => "failed",
-        Err(TaskErrorKind::Panicked(_)) => "panicked",
-        Err(TaskErrorKind::TimedOut(_)) => "timed_out",
-        Err(TaskErrorKind::Skipped(_)) => "skipped",
-        Err(TaskErrorKind::Cancelled(_)) => "cancelled",
-    };
-    metrics::counter!(TASKS, "outcome" => outcome, "task" => task_label(name)).increment(1);
+#[derive(Default)]
+struct TaskTable {
+    by_name: HashMap<Cow<'static, str>, Arc<TaskSeries>>,
+    /// Names made at run time given a label of their own so far.
+    made_at_run_time: usize,
+    other: Option<Arc<TaskSeries>>,
 }
 
-/// A retry of task `name` started.
-pub(crate) fn retried(name: &Cow<'static, str>) {
-    metrics::counter!(RETRIES, "task" => task_label(name)).increment(1);
-}
-
-/// Task `name` started `waited` after its response completed.
-pub(crate) fn queue_wait(name: &Cow<'static, str>, waited: Duration) {
-    metrics::histogram!(QUEUE_WAIT, "task" => task_label(name)).record(waited.as_secs_f64());
-}
-
-/// Task `name` ran for `ran`, from its start to its end.
-pub(crate) fn run_time(name: &Cow<'static, str>, ran: Duration) {
-    metrics::histogram!(RUN, "task" => task_label(name)).record(ran.as_secs_f64());
-}
-
-/// The `task` label of a task named `name`. A `'static` name (a literal, or a function's
-/// type name) is used as it is: a program has finitely many. A name made at run time
-/// counts towards [`MAX_TASK_LABELS`] distinct ones per process; past them, `other`.
-fn task_label(name: &Cow<'static, str>) -> SharedString {
-    let name = match name {
-        Cow::Borrowed(name) => return SharedString::const_str(name),
-        Cow::Owned(name) => name,
-    };
-    static SEEN: Mutex<Option<HashSet<String>>> = Mutex::new(None);
-    let mut seen = SEEN.lock().unwrap_or_else(PoisonError::into_inner);
-    let seen = seen.get_or_insert_with(HashSet::new);
-    if !seen.contains(name) {
-        if seen.len() >= MAX_TASK_LABELS {
-            return SharedString::const_str("other");
-        }
-        seen.insert(name.clone());
+impl LayerMetrics {
+    fn stages(&self) -> &Stages {
+        self.stages.get_or_init(|| {
+            describe();
+            Stages {
+                waiting: metrics::gauge!(WAITING),
+                queued: metrics::gauge!(QUEUED),
+                running: metrics::gauge!(RUNNING),
+            }
+        })
     }
-    SharedString::from(name.clone())
+
+    /// Moves tasks into (positive `delta`) or out of the `waiting` gauge.
+    pub(crate) fn waiting(&self, delta: f64) {
+        self.stages().waiting.increment(delta);
+    }
+
+    pub(crate) fn queued(&self, delta: f64) {
+        self.stages().queued.increment(delta);
+    }
+
+    pub(crate) fn running(&self, delta: f64) {
+        self.stages().running.increment(delta);
+    }
+
+    /// The series of the tasks named `name`.
+    pub(crate) fn task(&self, name: &Cow<'static, str>) -> Arc<TaskSeries> {
+        let mut table = self.tasks.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(series) = table.by_name.get(name.as_ref()) {
+            return series.clone();
+        }
+        let label = match name {
+            Cow::Borrowed(name) => SharedString::const_str(name),
+            Cow::Owned(_) if table.made_at_run_time >= MAX_TASK_LABELS => {
+                return table
+                    .other
+                    .get_or_insert_with(|| Arc::new(TaskSeries::register("other".into())))
+                    .clone();
+            }
+            Cow::Owned(name) => {
+                table.made_at_run_time += 1;
+                SharedString::from(name.clone())
+            }
+        };
+        let series = Arc::new(TaskSeries::register(label));
+        table.by_name.insert(name.clone(), series.clone());
+        series
+    }
+}
+
+impl TaskSeries {
+    fn register(task: SharedString) -> Self {
+        describe();
+        TaskSeries {
+            outcomes: OUTCOMES.map(
+                |outcome| metrics::counter!(TASKS, "outcome" => outcome, "task" => task.clone()),
+            ),
+            retries: metrics::counter!(RETRIES, "task" => task.clone()),
+            queue_wait: metrics::histogram!(QUEUE_WAIT, "task" => task.clone()),
+            run: metrics::histogram!(RUN, "task" => task),
+        }
+    }
+
+    /// A task of this name settled with `outcome`.
+    pub(crate) fn settled(&self, outcome: Result<(), &TaskErrorKind>) {
+        let index = match outcome {
+            Ok(()) => 0,
+            Err(TaskErrorKind::Failed(_)) => 1,
+            Err(TaskErrorKind::Panicked(_)) => 2,
+            Err(TaskErrorKind::TimedOut(_)) => 3,
+            Err(TaskErrorKind::Skipped(_)) => 4,
+            Err(TaskErrorKind::Cancelled(_)) => 5,
+        };
+        self.outcomes[index].increment(1);
+    }
+
+    /// A task of this name started `waited` after its response completed.
+    pub(crate) fn queue_wait(&self, waited: Duration) {
+        self.queue_wait.record(waited.as_secs_f64());
+    }
+
+    /// A task of this name ran for `ran`, from its start to its end.
+    pub(crate) fn run_time(&self, ran: Duration) {
+        self.run.record(ran.as_secs_f64());
+    }
+}
+
+impl fmt::Debug for LayerMetrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LayerMetrics").finish_non_exhaustive()
+    }
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use crate::error::CancelReason;
 use crate::error::{SkipReason, TaskErrorKind};
 #[cfg(feature = "metrics")]
-use crate::run::metrics;
+use crate::run::metrics::LayerMetrics;
 use crate::task::single::Stage;
 
 /// A snapshot of the counters of one [`BackgroundLayer`](crate::BackgroundLayer), from
@@ -143,6 +143,9 @@ pub(crate) struct Counters {
     /// Tasks settled while waiting for their next attempt.
     settled_backing_off: AtomicU64,
     not_met: AtomicU64,
+    /// The same, published through the `metrics` facade.
+    #[cfg(feature = "metrics")]
+    pub(crate) metrics: LayerMetrics,
 }
 
 impl Counters {
@@ -151,8 +154,7 @@ impl Counters {
         self.attached.fetch_add(n as u64, Relaxed);
         #[cfg(feature = "metrics")]
         {
-            metrics::describe();
-            metrics::waiting(n as f64);
+            self.metrics.waiting(n as f64);
         }
     }
 
@@ -165,8 +167,8 @@ impl Counters {
         self.handed_over.fetch_add(found as u64, Relaxed);
         #[cfg(feature = "metrics")]
         {
-            metrics::waiting(-(expected as f64));
-            metrics::queued(found as f64);
+            self.metrics.waiting(-(expected as f64));
+            self.metrics.queued(found as f64);
         }
     }
 
@@ -174,8 +176,8 @@ impl Counters {
         self.started.fetch_add(1, Relaxed);
         #[cfg(feature = "metrics")]
         {
-            metrics::queued(-1.0);
-            metrics::running(1.0);
+            self.metrics.queued(-1.0);
+            self.metrics.running(1.0);
         }
     }
 
@@ -184,8 +186,8 @@ impl Counters {
         self.backed_off.fetch_add(1, Relaxed);
         #[cfg(feature = "metrics")]
         {
-            metrics::running(-1.0);
-            metrics::queued(1.0);
+            self.metrics.running(-1.0);
+            self.metrics.queued(1.0);
         }
     }
 
@@ -194,8 +196,8 @@ impl Counters {
         self.retried.fetch_add(1, Relaxed);
         #[cfg(feature = "metrics")]
         {
-            metrics::queued(-1.0);
-            metrics::running(1.0);
+            self.metrics.queued(-1.0);
+            self.metrics.running(1.0);
         }
     }
 
@@ -210,11 +212,11 @@ impl Counters {
         #[cfg(feature = "metrics")]
         {
             match stage {
-                Stage::Queued | Stage::Backoff => metrics::queued(-1.0),
-                Stage::Running => metrics::running(-1.0),
+                Stage::Queued | Stage::Backoff => self.metrics.queued(-1.0),
+                Stage::Running => self.metrics.running(-1.0),
                 Stage::Settled => {}
             }
-            metrics::settled(name, outcome);
+            self.metrics.task(name).settled(outcome);
         }
         let counter = match outcome {
             Ok(()) => &self.succeeded,
