@@ -233,3 +233,30 @@ async fn tasks_not_met_still_wait_for_their_response_to_complete() {
     .await;
     assert_eq!(background.stats().pending(), 0);
 }
+
+/// Outside attack: a lone `Task` beside a `Tasks` with its own condition used to join that
+/// set and take its condition (here `always`), escaping the layer's `success`. It runs in a
+/// set of its own under the layer's settings, as `with_task` attaches it.
+#[tokio::test]
+async fn a_lone_task_beside_a_tasks_follows_the_layers_condition() {
+    let (layer, errors) = reporting_layer();
+    let layer = layer.run_if(Condition::success());
+    let background = layer.handle();
+    let ran = Probe::new();
+    let r = ran.clone();
+    let addr = serve(layer, move |req| {
+        let audit = reporting(&r, "audit").run_if(Condition::always());
+        let mut res = respond(&req, audit);
+        let r = r.clone();
+        res.extensions_mut()
+            .insert(Task::new(async move { r.send("commit".to_owned()) }).named("commit"));
+        async move { res }
+    })
+    .await;
+    get(Proto::Http1, addr, "/500").await;
+    let report = background.shutdown(PATIENCE).await;
+    assert_eq!(ran.drain_now().await, ["audit"]);
+    let error = errors.next().await;
+    assert!(is_not_met(&error) && error.name() == "commit", "{error}");
+    assert_eq!(report.stats().not_met, 1);
+}

@@ -480,3 +480,200 @@ async fn counters_add_up_with_retries_of_every_outcome() {
         [3, 3, 3]
     );
 }
+
+/// Counts each clone of it: `Retryable::blocking` clones its closure once per attempt.
+struct OnClone(Probe<&'static str>);
+
+impl Clone for OnClone {
+    fn clone(&self) -> Self {
+        self.0.send("attempt made");
+        OnClone(self.0.clone())
+    }
+}
+
+/// A blocking `Retryable` whose first attempt fails after queueing `blocker` on the pool
+/// (so that, with one pool thread, its second attempt waits behind it), and whose later
+/// attempts set `ran`.
+fn flaky_blocking(
+    made: &Probe<&'static str>,
+    blocker: Arc<std::sync::Barrier>,
+    ran: Arc<std::sync::atomic::AtomicBool>,
+) -> Retryable {
+    let on_clone = OnClone(made.clone());
+    let attempts = Arc::new(AtomicU32::new(0));
+    Retryable::blocking(move || {
+        let _made = &on_clone;
+        if attempts.fetch_add(1, SeqCst) == 0 {
+            drop(tokio::task::spawn_blocking(move || {
+                blocker.wait();
+            }));
+            Err("first attempt fails")
+        } else {
+            ran.store(true, SeqCst);
+            Ok(())
+        }
+    })
+    .named("flaky_blocking")
+    .retry(quick(3))
+}
+
+/// Outside attack: a blocking retry handed to the pool but never started by a thread (the
+/// drain's deadline came first) was counted as an attempt, in the report's `attempts()`
+/// and in the retries metric. Only the first attempt ran.
+#[test]
+fn a_blocking_retry_that_never_got_a_thread_is_not_counted_as_an_attempt() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .max_blocking_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (layer, errors) = reporting_layer();
+        let background = layer.handle();
+        let blocker = Arc::new(std::sync::Barrier::new(2));
+        let _release = ReleaseOnDrop(blocker.clone());
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let made = Probe::new();
+        let task = Handoff::new();
+        task.put(flaky_blocking(&made, blocker, ran.clone()));
+        let t = task.clone();
+        let addr = serve(layer, move |_req| {
+            let mut res = Response::new(full("ok"));
+            res.extensions_mut().insert(Task::from(t.take()));
+            async move { res }
+        })
+        .await;
+        get(Proto::Http1, addr, "/").await;
+        made.take(2).await;
+        until("the retry waits for the pool's thread", || {
+            let stats = background.stats();
+            stats.queued == 1 && stats.running == 0
+        })
+        .await;
+        let report = within(background.shutdown(Duration::from_millis(20))).await;
+        assert!(!report.is_drained(), "{report}");
+        let error = errors.next().await;
+        assert!(
+            matches!(
+                error.kind(),
+                TaskErrorKind::Cancelled(CancelReason::Shutdown)
+            ),
+            "{error}"
+        );
+        assert_eq!(error.attempts(), 1, "{error}");
+        let stats = report.stats();
+        assert_eq!(
+            (stats.retried, stats.cancelled, stats.pending()),
+            (0, 1, 0),
+            "{stats}"
+        );
+        drop(_release);
+        within(tokio::task::spawn_blocking(|| ())).await.unwrap();
+        assert!(!ran.load(SeqCst), "the retry started after the deadline");
+    });
+}
+
+/// Frees a barrier's other side from a thread of its own when dropped, however the test
+/// ends (a runtime waits for its blocking threads when it shuts down).
+struct ReleaseOnDrop(Arc<std::sync::Barrier>);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        let barrier = self.0.clone();
+        std::thread::spawn(move || barrier.wait());
+    }
+}
+
+/// Outside attack: when the pool thread itself saw the deadline and gave up a blocking
+/// retry, the task was reported `Skipped(Shutdown)`, as if it had never started, though its
+/// first attempt ran. Here the group's other task, polled first after the deadline, frees
+/// the pool and waits until the thread has dealt with the retry, so the thread sees the
+/// deadline before the run does.
+#[test]
+fn a_blocking_retry_given_up_by_its_thread_at_the_deadline_is_cancelled_not_skipped() {
+    use futures_util::FutureExt;
+    use tower::{Layer, ServiceExt};
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .max_blocking_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let deadline_seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let errors = Probe::<tower_background::TaskError>::new();
+        let layer = {
+            let (seen, errors) = (deadline_seen.clone(), errors.sender());
+            BackgroundLayer::new().on_error(move |err| {
+                if err.name() == "probe" {
+                    seen.store(true, SeqCst);
+                } else {
+                    let _ = errors.send(err);
+                }
+            })
+        };
+        let background = layer.handle();
+        let probe = layer
+            .clone()
+            .layer(tower::service_fn(|_req: http::Request<()>| {
+                let mut res = Response::new(full(""));
+                res.extensions_mut()
+                    .insert(Task::new(async {}).named("probe"));
+                std::future::ready(Ok::<_, std::convert::Infallible>(res))
+            }));
+        let blocker = Arc::new(std::sync::Barrier::new(2));
+        let _release = ReleaseOnDrop(blocker.clone());
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let made = Probe::new();
+        let mut group = Tasks::group();
+        group.push(flaky_blocking(&made, blocker.clone(), ran.clone()));
+        {
+            let (seen, blocker) = (deadline_seen.clone(), blocker.clone());
+            let mut released = false;
+            group.push(
+                Task::new(std::future::poll_fn(move |cx| {
+                    drop(probe.clone().oneshot(http::Request::new(())).now_or_never());
+                    if !seen.load(SeqCst) || released {
+                        cx.waker().wake_by_ref();
+                        return std::task::Poll::Pending;
+                    }
+                    released = true;
+                    let blocker = blocker.clone();
+                    std::thread::spawn(move || blocker.wait());
+                    let (done, marker) = std::sync::mpsc::channel();
+                    drop(tokio::task::spawn_blocking(move || done.send(())));
+                    let _ = marker.recv_timeout(PATIENCE);
+                    std::task::Poll::Ready(())
+                }))
+                .named("spinner"),
+            );
+        }
+        let sets = Handoff::new();
+        sets.put(group);
+        let s = sets.clone();
+        let addr = serve(layer, move |_req| {
+            let mut res = Response::new(full("ok"));
+            res.extensions_mut().insert::<Tasks>(s.take());
+            async move { res }
+        })
+        .await;
+        get(Proto::Http1, addr, "/").await;
+        made.take(2).await;
+        let report = within(background.shutdown(Duration::from_millis(20))).await;
+        assert!(!report.is_drained(), "{report}");
+        let reports = errors.drain_now().await;
+        let flaky = reports
+            .iter()
+            .find(|r| r.name() == "flaky_blocking")
+            .unwrap_or_else(|| panic!("no report in {reports:?}"));
+        assert!(
+            matches!(
+                flaky.kind(),
+                TaskErrorKind::Cancelled(CancelReason::Shutdown)
+            ),
+            "{flaky}"
+        );
+        assert_eq!(flaky.attempts(), 1, "{flaky}");
+        assert!(!ran.load(SeqCst), "the retry started after the deadline");
+    });
+}

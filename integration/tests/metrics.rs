@@ -243,20 +243,24 @@ async fn the_stage_gauges_follow_a_task_from_waiting_to_running_to_done() {
 async fn the_task_label_takes_a_bounded_number_of_values_for_names_made_at_run_time() {
     let _turn = TURN.lock().await;
     snapshotter();
-    let layer = BackgroundLayer::new();
-    let background = layer.handle();
-    let addr = serve(layer, |_req| {
-        let mut tasks = Tasks::group();
-        for n in 0..100 {
-            tasks.push(Task::new(async {}).named(format!("m_label_{n}")));
-        }
-        let mut res = Response::new(full("ok"));
-        res.extensions_mut().insert(tasks);
-        async move { res }
-    })
-    .await;
-    get(Proto::Http1, addr, "/").await;
-    assert!(background.shutdown(PATIENCE).await.is_drained());
+    // Two layers, 50 names made at run time each: the bound is the process's, not each
+    // layer's (a process that makes layers on the fly stays bounded too).
+    for layer_name in ["a", "b"] {
+        let layer = BackgroundLayer::new();
+        let background = layer.handle();
+        let addr = serve(layer, move |_req| {
+            let mut tasks = Tasks::group();
+            for n in 0..50 {
+                tasks.push(Task::new(async {}).named(format!("m_label_{layer_name}_{n}")));
+            }
+            let mut res = Response::new(full("ok"));
+            res.extensions_mut().insert(tasks);
+            async move { res }
+        })
+        .await;
+        get(Proto::Http1, addr, "/").await;
+        assert!(background.shutdown(PATIENCE).await.is_drained());
+    }
     let recorded = recorded();
     let labels: Vec<&str> = recorded
         .counters
@@ -268,7 +272,6 @@ async fn the_task_label_takes_a_bounded_number_of_values_for_names_made_at_run_t
         .collect::<std::collections::HashSet<_>>()
         .into_iter()
         .collect();
-    // Names made at run time: at most 64 distinct ones, the rest under `other`.
     let made = labels.iter().filter(|l| l.starts_with("m_label_")).count();
     assert!(made <= 64, "{made} task labels made at run time");
     assert!(labels.contains(&"other"), "{labels:?}");
@@ -286,5 +289,78 @@ async fn the_task_label_takes_a_bounded_number_of_values_for_names_made_at_run_t
     assert_eq!(
         total, 100,
         "every task is counted, under its name or `other`"
+    );
+}
+
+/// Outside attack: a blocking task still waiting for a pool thread at the drain's deadline
+/// never started, yet got a run time and a queue wait. It gets neither.
+#[test]
+fn a_blocking_task_that_never_started_has_no_run_time_nor_queue_wait() {
+    let _turn = TURN.blocking_lock();
+    snapshotter();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .max_blocking_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let release = std::sync::Arc::new(std::sync::Barrier::new(2));
+    runtime.block_on(async {
+        let layer = BackgroundLayer::new().on_error(|_| {});
+        let background = layer.handle();
+        let holding = Probe::new();
+        let mut group = Tasks::group();
+        {
+            let (holding, release) = (holding.clone(), release.clone());
+            group.push(
+                Task::blocking(move || {
+                    holding.send(());
+                    release.wait();
+                })
+                .named("m_holder"),
+            );
+        }
+        group.push(Task::blocking(|| ()).named("m_never_started"));
+        let sets = Handoff::new();
+        sets.put(group);
+        let s = sets.clone();
+        let addr = serve(layer, move |_req| {
+            let mut res = Response::new(full("ok"));
+            res.extensions_mut().insert::<Tasks>(s.take());
+            async move { res }
+        })
+        .await;
+        get(Proto::Http1, addr, "/").await;
+        holding.next().await;
+        let report = within(background.shutdown(std::time::Duration::from_millis(20))).await;
+        assert!(!report.is_drained());
+        let release = release.clone();
+        std::thread::spawn(move || release.wait());
+        within(tokio::task::spawn_blocking(|| ())).await.unwrap();
+    });
+    let recorded = recorded();
+    let task = [("task", "m_never_started")];
+    assert!(
+        recorded
+            .histogram("tower_background_run_seconds", &task)
+            .is_empty()
+    );
+    assert!(
+        recorded
+            .histogram("tower_background_queue_wait_seconds", &task)
+            .is_empty()
+    );
+    assert_eq!(
+        recorded.counter(
+            TASKS,
+            &[("outcome", "skipped"), ("task", "m_never_started")]
+        ),
+        1
+    );
+    let holder = [("task", "m_holder")];
+    assert_eq!(
+        recorded
+            .histogram("tower_background_run_seconds", &holder)
+            .len(),
+        1
     );
 }

@@ -211,9 +211,12 @@ impl Completion {
         }
         let mut ledger = match ledger {
             Some(mut ledger) => {
-                // A `Task` beside a `Tasks` on the same response joins the end of the
-                // last set.
-                ledger.extend(single);
+                // A `Task` beside a `Tasks` on the same response runs after it, in a set of
+                // its own under the layer's settings (as `with_task` makes it): it takes no
+                // setting, such as a condition, from a `Tasks` it was not put in.
+                if let Some(job) = single {
+                    ledger.add_set(TakenTasks::sequence(vec![job]));
+                }
                 ledger
             }
             None => Ledger::new(

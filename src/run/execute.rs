@@ -16,6 +16,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::{CancelReason, SkipReason, TaskErrorKind};
 use crate::run::handle::Shared;
+#[cfg(feature = "metrics")]
+use crate::run::metrics::StartMetrics;
 use crate::run::tracker::Token;
 use crate::task::single::{Attempt, TaskResult, discard};
 
@@ -51,6 +53,9 @@ pub(crate) struct Started {
     pub(crate) shared: Option<Arc<Shared>>,
     /// A retry, not the task's first attempt: counted as such when it starts.
     pub(crate) retry: bool,
+    /// For a blocking task: its metrics of a start, recorded by the thread that starts it.
+    #[cfg(feature = "metrics")]
+    pub(crate) start_metrics: Option<StartMetrics>,
     #[cfg(feature = "tracing")]
     pub(crate) span: tracing::Span,
 }
@@ -73,6 +78,8 @@ pub(crate) fn execute(
         gate,
         shared,
         retry,
+        #[cfg(feature = "metrics")]
+        start_metrics,
         #[cfg(feature = "tracing")]
         span,
     } = started;
@@ -82,8 +89,14 @@ pub(crate) fn execute(
         // tasks are async.
         Attempt::Blocking(f) => {
             let (gate, shared) = (gate.unwrap_or_default(), shared.unwrap_or_default());
+            let counted = Counted {
+                shared,
+                retry,
+                #[cfg(feature = "metrics")]
+                start_metrics,
+            };
             Either::Right(Box::pin(run_blocking(
-                f, permit, token, gate, shared, retry, timeout,
+                f, permit, token, gate, counted, timeout,
             )))
         }
     };
@@ -122,8 +135,7 @@ async fn run_blocking(
     permit: Option<OwnedSemaphorePermit>,
     token: Option<Token>,
     gate: Arc<Gate>,
-    shared: Arc<Shared>,
-    retry: bool,
+    counted: Counted,
     timeout: Option<Duration>,
 ) -> Result<(), TaskErrorKind> {
     // The task's span is current here (`execute` instruments this future): carry it to the
@@ -137,17 +149,13 @@ async fn run_blocking(
             let (_permit, _token) = (permit, token);
             // A drain's deadline may have passed while the task waited for a thread, before
             // its run had a chance to abandon it: it must not start now.
-            if shared.cancel.is_cancelled() {
+            if counted.shared.cancel.is_cancelled() {
                 gate.abandon();
             }
             if !gate.start() {
                 return None;
             }
-            if retry {
-                shared.counters.retried();
-            } else {
-                shared.counters.started();
-            }
+            counted.started();
             let _ = started_tx.send(());
             #[cfg(feature = "tracing")]
             let _entered = span.enter();
@@ -173,6 +181,29 @@ async fn run_blocking(
         // The runtime shut down: tokio drops blocking work it has not started.
         Err(_) if gate.abandon() => Err(TaskErrorKind::Skipped(SkipReason::NoRuntime)),
         Err(_) => Err(TaskErrorKind::Cancelled(CancelReason::RuntimeShutdown)),
+    }
+}
+
+/// What a blocking task's thread counts when it starts the task.
+struct Counted {
+    shared: Arc<Shared>,
+    /// A retry, not the task's first attempt.
+    retry: bool,
+    #[cfg(feature = "metrics")]
+    start_metrics: Option<StartMetrics>,
+}
+
+impl Counted {
+    fn started(self) {
+        if self.retry {
+            self.shared.counters.retried();
+        } else {
+            self.shared.counters.started();
+        }
+        #[cfg(feature = "metrics")]
+        if let Some(start) = self.start_metrics {
+            start.record();
+        }
     }
 }
 

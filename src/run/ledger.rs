@@ -17,6 +17,8 @@ use crate::config::Config;
 use crate::error::{CancelReason, SkipReason, TaskError, TaskErrorKind};
 use crate::policy::{OnEarlyDrop, OnFailure};
 use crate::run::execute::{Gate, Started, admit_after, execute};
+#[cfg(feature = "metrics")]
+use crate::run::metrics::StartMetrics;
 use crate::run::report::log_retry;
 use crate::run::span::ParentSpan;
 use crate::run::tracker::Token;
@@ -82,16 +84,6 @@ impl Ledger {
         let set = Set::of(&tasks, self.jobs.len() + tasks.jobs.len());
         self.jobs.extend(tasks.jobs);
         self.more.push(set);
-    }
-
-    /// Adds a task, if any, to the end of the last set.
-    pub(crate) fn extend(&mut self, job: Option<Job>) {
-        let Some(job) = job else { return };
-        self.jobs.push(job);
-        match self.more.last_mut() {
-            Some(last) => last.end += 1,
-            None => self.first.end += 1,
-        }
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -373,18 +365,23 @@ impl Ledger {
         };
         job.stage = Stage::Running;
         job.attempts += 1;
-        #[cfg(feature = "metrics")]
-        {
-            let series = self.config.shared.counters.metrics.task(&job.name);
-            if retry {
-                series.retries.increment(1);
-            } else {
-                let now = std::time::Instant::now();
-                series.queue_wait(now - self.completed);
-                job.started_at = Some(now);
-            }
-        }
         let blocking = matches!(work, Attempt::Blocking(_));
+        #[cfg(feature = "metrics")]
+        let start_metrics = {
+            if !retry {
+                job.started_at = Some(std::time::Instant::now());
+            }
+            let series = self.config.shared.counters.metrics.task(&job.name);
+            let start = StartMetrics::new(series, (!retry).then_some(self.completed));
+            // A blocking attempt is recorded by the thread that starts it.
+            match blocking {
+                true => Some(start),
+                false => {
+                    start.record();
+                    None
+                }
+            }
+        };
         // A blocking task is counted as started by the thread that starts it.
         if !blocking {
             if retry {
@@ -402,6 +399,8 @@ impl Ledger {
             shared: blocking.then(|| self.config.shared.clone()),
             gate,
             retry,
+            #[cfg(feature = "metrics")]
+            start_metrics,
             #[cfg(feature = "tracing")]
             span: self
                 .parent
@@ -427,32 +426,44 @@ impl Ledger {
         // thread has started it, none will. If it was the task's first, the task never
         // started; a retry's task started before, and waits for its next attempt still.
         let first = job.attempts <= 1;
-        let outcome = match (outcome, &job.gate) {
-            (Err(TaskErrorKind::Cancelled(reason)), Some(gate)) if gate.abandon() && first => {
+        // Abandoned here, or by the thread itself (it saw the deadline first).
+        let never_started = match &job.gate {
+            Some(gate) => {
+                gate.abandon();
+                !gate.started()
+            }
+            None => false,
+        };
+        let outcome = match outcome {
+            Err(TaskErrorKind::Cancelled(reason)) if never_started && first => {
                 Err(TaskErrorKind::Skipped(match reason {
                     CancelReason::GroupStopped => SkipReason::EarlierFailure,
                     CancelReason::Shutdown => SkipReason::Shutdown,
                     CancelReason::RuntimeShutdown => SkipReason::NoRuntime,
                 }))
             }
-            (outcome, _) => outcome,
+            // The thread gave up on a retry: the task had started, with its first attempt.
+            Err(TaskErrorKind::Skipped(reason)) if never_started && !first => {
+                Err(TaskErrorKind::Cancelled(match reason {
+                    SkipReason::EarlierFailure => CancelReason::GroupStopped,
+                    SkipReason::NoRuntime => CancelReason::RuntimeShutdown,
+                    _ => CancelReason::Shutdown,
+                }))
+            }
+            outcome => outcome,
         };
-        let stage = match &job.gate {
-            Some(gate) if !gate.started() && first => Stage::Queued,
-            Some(gate) if !gate.started() => Stage::Backoff,
-            _ => stage,
-        };
-        let attempts = match stage {
-            // A first attempt abandoned before a thread took it never started.
-            Stage::Queued => 0,
-            _ => job.attempts,
+        let (stage, attempts) = match never_started {
+            // Its last attempt never started: a first one means the task never did.
+            true if first => (Stage::Queued, 0),
+            true => (Stage::Backoff, job.attempts - 1),
+            false => (stage, job.attempts),
         };
         // A task that never started still holds its work: drop it now, before reporting.
         job.discard_work();
         let counters = &self.config.shared.counters;
         counters.settled(stage, outcome.as_ref().map(|_| ()), &job.name);
         #[cfg(feature = "metrics")]
-        if let Some(started) = job.started_at {
+        if let Some(started) = job.started_at.filter(|_| attempts > 0) {
             counters.metrics.task(&job.name).run_time(started.elapsed());
         }
         if let Err(kind) = outcome {

@@ -12,12 +12,13 @@
 //! | `tower_background_tasks_queued` | gauge | | tasks waiting for their turn, a slot, or their next attempt |
 //! | `tower_background_tasks_running` | gauge | | tasks running |
 //! | `tower_background_queue_wait_seconds` | histogram | `task` | from the response's completion to the task's start |
-//! | `tower_background_run_seconds` | histogram | `task` | from the task's start to its end (retries included) |
+//! | `tower_background_run_seconds` | histogram | `task` | from the task's start to its end (retries included; a blocking task: from its hand-off to the blocking pool) |
 //!
 //! The `task` label is the task's name. Its values are bounded: `'static` names (literals,
 //! and the function names `add_task` gives) are finitely many in a program and used as
 //! they are; of the names made at run time (a `String`), the first [`MAX_TASK_LABELS`]
-//! distinct ones a layer sees are used as they are, and the others are labelled `other`.
+//! distinct ones the process sees are used as they are, and the others are labelled
+//! `other`.
 //! Name tasks after what they do (`send_email`), not after data.
 //!
 //! Each layer registers its series once, when it first needs them, and keeps the handles:
@@ -30,16 +31,16 @@
 #![allow(clippy::ptr_arg)]
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex, Once, OnceLock, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use metrics::{Counter, Gauge, Histogram, SharedString, Unit};
 
 use crate::error::TaskErrorKind;
 
-/// How many distinct task names made at run time the `task` label takes, per layer,
+/// How many distinct task names made at run time the `task` label takes in a process
 /// before it says `other`.
 pub(crate) const MAX_TASK_LABELS: usize = 64;
 
@@ -115,9 +116,22 @@ pub(crate) struct TaskSeries {
 #[derive(Default)]
 struct TaskTable {
     by_name: HashMap<Cow<'static, str>, Arc<TaskSeries>>,
-    /// Names made at run time given a label of their own so far.
-    made_at_run_time: usize,
     other: Option<Arc<TaskSeries>>,
+}
+
+/// Whether a task name made at run time gets a label of its own: the first
+/// [`MAX_TASK_LABELS`] distinct ones in the process do, whatever layer saw them.
+fn admit(name: &str) -> bool {
+    static ADMITTED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+    let mut admitted = ADMITTED.lock().unwrap_or_else(PoisonError::into_inner);
+    let admitted = admitted.get_or_insert_with(HashSet::new);
+    if admitted.contains(name) {
+        return true;
+    }
+    if admitted.len() >= MAX_TASK_LABELS {
+        return false;
+    }
+    admitted.insert(name.to_owned())
 }
 
 impl LayerMetrics {
@@ -153,15 +167,12 @@ impl LayerMetrics {
         }
         let label = match name {
             Cow::Borrowed(name) => SharedString::const_str(name),
-            Cow::Owned(_) if table.made_at_run_time >= MAX_TASK_LABELS => {
+            Cow::Owned(name) if admit(name) => SharedString::from(name.clone()),
+            Cow::Owned(_) => {
                 return table
                     .other
                     .get_or_insert_with(|| Arc::new(TaskSeries::register("other".into())))
                     .clone();
-            }
-            Cow::Owned(name) => {
-                table.made_at_run_time += 1;
-                SharedString::from(name.clone())
             }
         };
         let series = Arc::new(TaskSeries::register(label));
@@ -204,6 +215,27 @@ impl TaskSeries {
     /// A task of this name ran for `ran`, from its start to its end.
     pub(crate) fn run_time(&self, ran: Duration) {
         self.run.record(ran.as_secs_f64());
+    }
+}
+
+/// What a task's start records: its queue wait (a first attempt) or a retry.
+pub(crate) struct StartMetrics {
+    series: Arc<TaskSeries>,
+    /// When its response completed, for a first attempt.
+    completed: Option<Instant>,
+}
+
+impl StartMetrics {
+    pub(crate) fn new(series: Arc<TaskSeries>, completed: Option<Instant>) -> Self {
+        StartMetrics { series, completed }
+    }
+
+    /// The task has started (or, for a retry, its next attempt has).
+    pub(crate) fn record(self) {
+        match self.completed {
+            Some(completed) => self.series.queue_wait(completed.elapsed()),
+            None => self.series.retries.increment(1),
+        }
     }
 }
 
