@@ -144,7 +144,10 @@ impl Retry {
             .unwrap_or(self.max_delay)
             .min(self.max_delay);
         Some(if self.jitter {
-            delay.mul_f64(0.5 + 0.5 * random_fraction())
+            // Never panics: a product that rounds past `Duration::MAX` keeps the delay.
+            let fraction = 0.5 + 0.5 * random_fraction();
+            Duration::try_from_secs_f64(delay.as_secs_f64() * fraction)
+                .map_or(delay, |jittered| jittered.min(delay))
         } else {
             delay
         })
@@ -357,4 +360,27 @@ pub(crate) fn make_attempt(make: &mut (dyn FnMut() -> Attempt + Send)) -> Attemp
 
 async fn rethrow(payload: Box<dyn std::any::Any + Send>) -> TaskResult {
     std::panic::resume_unwind(payload)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_delay_doubles_is_capped_and_jitter_never_exceeds_it_nor_panics() {
+        let failed = || TaskErrorKind::Failed("no".into());
+        let retry = Retry::attempts(10)
+            .backoff(Duration::from_millis(100))
+            .max_delay(Duration::from_millis(350))
+            .jitter(false);
+        let delays: Vec<_> = (1..=4).map(|n| retry.next(n, &failed()).unwrap()).collect();
+        let ms = |ms| Duration::from_millis(ms);
+        assert_eq!(delays, [ms(100), ms(200), ms(350), ms(350)]);
+        assert_eq!(retry.next(10, &failed()), None, "the last attempt");
+        let huge = Retry::attempts(u32::MAX).backoff(Duration::MAX).max_delay(Duration::MAX);
+        for attempt in [1, 2, 64, u32::MAX - 1] {
+            let delay = huge.next(attempt, &failed()).unwrap();
+            assert!(delay >= Duration::MAX / 2 - Duration::from_secs(1), "{delay:?}");
+        }
+    }
 }
