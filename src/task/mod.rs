@@ -5,6 +5,8 @@
 //! response.
 
 pub(crate) mod condition;
+#[cfg(feature = "apalis")]
+pub(crate) mod durable;
 pub(crate) mod retry;
 pub(crate) mod set;
 pub(crate) mod single;
@@ -12,6 +14,8 @@ pub mod task_fn;
 pub(crate) mod with_tasks;
 
 pub use condition::Condition;
+#[cfg(feature = "apalis")]
+pub use durable::DurableJob;
 pub use retry::{Retry, Retryable};
 pub use set::Tasks;
 pub use single::{Task, TaskOutput};

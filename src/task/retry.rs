@@ -377,10 +377,15 @@ mod tests {
         let ms = |ms| Duration::from_millis(ms);
         assert_eq!(delays, [ms(100), ms(200), ms(350), ms(350)]);
         assert_eq!(retry.next(10, &failed()), None, "the last attempt");
-        let huge = Retry::attempts(u32::MAX).backoff(Duration::MAX).max_delay(Duration::MAX);
+        let huge = Retry::attempts(u32::MAX)
+            .backoff(Duration::MAX)
+            .max_delay(Duration::MAX);
         for attempt in [1, 2, 64, u32::MAX - 1] {
             let delay = huge.next(attempt, &failed()).unwrap();
-            assert!(delay >= Duration::MAX / 2 - Duration::from_secs(1), "{delay:?}");
+            assert!(
+                delay >= Duration::MAX / 2 - Duration::from_secs(1),
+                "{delay:?}"
+            );
         }
     }
 }

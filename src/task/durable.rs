@@ -1,0 +1,122 @@
+//! [`DurableJob`]: an apalis job attached to a response (feature `apalis`). The job is
+//! pushed to an apalis storage once the response is complete, by a task of this crate:
+//! counted, reported, drained, retried like any other, and run by apalis workers, in this
+//! process or on other machines.
+
+use std::any::type_name;
+use std::fmt;
+use std::time::Duration;
+
+use apalis_core::backend::{Backend, TaskSink};
+use apalis_core::task::builder::TaskBuilder;
+use apalis_core::task::task_id::TaskId;
+
+use crate::BoxError;
+use crate::task::retry::{Retry, Retryable};
+use crate::task::single::Task;
+
+/// An apalis job attached to a response: its arguments are pushed to an apalis storage
+/// (any [`TaskSink`]: SQLite, PostgreSQL, Redis...) once the response is complete, and an
+/// apalis worker runs it, in this process or another.
+///
+/// The job's id is fixed when it is made ([`id`](DurableJob::id)), so a handler can answer
+/// `202 Accepted` with where to ask about the job. The push is a task of this crate (put
+/// the job where a [`Task`] goes): it waits for the response, follows the early-drop
+/// setting and the conditions, is counted, reported and drained, and a failing push is
+/// retried with backoff (5 attempts by default). A retried push never enqueues the job
+/// twice: it carries the job's id as its idempotency key, and a storage that already has
+/// it keeps the one it has.
+///
+/// This is the plain mode: between the response's completion and the push's commit (a
+/// storage round trip), a crash of the process loses the job. Workers see each job at
+/// least once; their handlers should be idempotent.
+///
+/// ```
+/// # use apalis_core::backend::{Backend, TaskSink};
+/// # fn handler<S, K>(storage: S)
+/// # where
+/// #     S: TaskSink<String, K> + Clone + Send + 'static,
+/// #     <S as Backend>::Error: std::error::Error + Send + Sync + 'static,
+/// #     K: 'static,
+/// # {
+/// use tower_background::{DurableJob, Tasks};
+///
+/// // `storage`: an apalis storage, such as apalis-sqlite's `SqliteStorage<String>`.
+/// let job = DurableJob::new(storage, "uploads/report.csv".to_owned());
+/// let id = job.id().to_string(); // answer 202 with it
+/// let mut tasks = Tasks::new();
+/// tasks.push(job);
+/// # }
+/// ```
+pub struct DurableJob {
+    id: TaskId,
+    push: Retryable,
+}
+
+impl DurableJob {
+    /// A job with `args` for the storage `sink`, with a new id.
+    ///
+    /// `sink` is cloned for each push attempt (apalis's storages are cheap handles to a
+    /// connection pool).
+    pub fn new<S, Args, Kind>(sink: S, args: Args) -> Self
+    where
+        S: TaskSink<Args, Kind> + Clone + Send + 'static,
+        <S as Backend>::Error: std::error::Error + Send + Sync + 'static,
+        Args: Clone + Send + 'static,
+        Kind: 'static,
+    {
+        let id = TaskId::from_ulid(ulid::Ulid::generate());
+        let key = id.to_string();
+        let task_id = id.clone();
+        let push = Retryable::new(move || {
+            let mut sink = sink.clone();
+            let task = TaskBuilder::new(args.clone())
+                .task_id(task_id.clone())
+                .idempotency_key(&key)
+                .build();
+            async move {
+                sink.push_task(task)
+                    .await
+                    .map_err(BoxError::from)
+            }
+        })
+        .named(type_name::<Args>())
+        .retry(
+            Retry::attempts(5)
+                .backoff(Duration::from_millis(100))
+                .max_delay(Duration::from_secs(5)),
+        );
+        DurableJob { id, push }
+    }
+
+    /// The job's id in the storage, fixed when the job was made.
+    pub fn id(&self) -> &TaskId {
+        &self.id
+    }
+
+    /// How a failing push is retried (by default 5 attempts, from 100 ms, up to 5 s apart).
+    pub fn retry(mut self, retry: Retry) -> Self {
+        self.push = self.push.retry(retry);
+        self
+    }
+
+    /// A timeout for each push attempt.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.push = self.push.timeout(timeout);
+        self
+    }
+}
+
+impl From<DurableJob> for Task {
+    fn from(job: DurableJob) -> Task {
+        job.push.into()
+    }
+}
+
+impl fmt::Debug for DurableJob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DurableJob")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
