@@ -74,11 +74,7 @@ impl DurableJob {
                 .task_id(task_id.clone())
                 .idempotency_key(&key)
                 .build();
-            async move {
-                sink.push_task(task)
-                    .await
-                    .map_err(BoxError::from)
-            }
+            async move { sink.push_task(task).await.map_err(BoxError::from) }
         })
         .named(type_name::<Args>())
         .retry(
