@@ -100,9 +100,11 @@ pub use error::{CancelReason, SkipReason, TaskError, TaskErrorKind};
 pub use layer::{Background, BackgroundBody, BackgroundLayer, ResponseFuture};
 pub use policy::{OnEarlyDrop, OnFailure, TaskSpans};
 pub use run::{BackgroundHandle, ShutdownReport, Stats};
-#[cfg(feature = "apalis")]
-pub use task::DurableJob;
+#[cfg(feature = "apalis-sqlite")]
+pub use task::SqliteStage;
 pub use task::{Condition, Retry, Retryable, Task, TaskFn, TaskOutput, Tasks, WithTasks, task_fn};
+#[cfg(feature = "apalis")]
+pub use task::{DurableJob, Stage, StagedJob};
 
 /// The error type a failing task is reported with: any error, boxed.
 ///

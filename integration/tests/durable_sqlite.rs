@@ -229,3 +229,181 @@ async fn a_failing_push_is_retried_and_a_drain_waits_for_it() {
     assert!(stored(&admin, &id).await);
     assert_eq!(rows(&admin).await, 1);
 }
+
+// --- The crash-safe mode: staged jobs ---
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tower_background::{Condition, SqliteStage, StagedJob};
+
+/// The job's `run_at` (seconds since the epoch), read with plain SQL; `None` if absent.
+async fn run_at(pool: &SqlitePool, id: &TaskId) -> Option<i64> {
+    sqlx::query_scalar("SELECT run_at FROM Jobs WHERE id = ?1")
+        .bind(id.to_string())
+        .fetch_optional(pool)
+        .await
+        .unwrap()
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+const GRACE: Duration = Duration::from_secs(3600);
+
+/// Serves responses that stage a job before they are produced, with a streamed body
+/// released by the test; `status` is the response's status.
+async fn serve_staged(
+    pool: &SqlitePool,
+    layer: BackgroundLayer,
+    status: http::StatusCode,
+) -> (std::net::SocketAddr, Probe<TaskId>, Handoff<Chunks>) {
+    let ids = Probe::new();
+    let chunks = Handoff::new();
+    let (i, c) = (ids.clone(), chunks.clone());
+    let (storage, stage) = (SqliteStorage::new(pool), SqliteStage::new(pool));
+    let svc = layered(layer, move |_req| {
+        let (ids, chunks, storage, stage) = (i.clone(), c.clone(), storage.clone(), stage.clone());
+        async move {
+            let args = ProcessFile {
+                path: "staged.csv".into(),
+            };
+            let job = StagedJob::stage(storage, stage, args, GRACE).await.unwrap();
+            ids.send(job.id().clone());
+            let (tx, body) = channel_body();
+            chunks.put(tx);
+            let mut res = Response::new(body);
+            *res.status_mut() = status;
+            res.extensions_mut()
+                .insert(tower_background::Task::from(job));
+            res
+        }
+    });
+    (serve_service(svc).await, ids, chunks)
+}
+
+#[tokio::test]
+async fn a_staged_job_is_written_before_the_response_and_released_when_it_completes() {
+    let pool = database().await;
+    let layer = BackgroundLayer::new();
+    let background = layer.handle();
+    let (addr, ids, chunks) = serve_staged(&pool, layer, http::StatusCode::ACCEPTED).await;
+    let res = within(client(Proto::Http2).request(request(http::Method::POST, addr, "/")))
+        .await
+        .unwrap();
+    let id = ids.next().await;
+    let staged = run_at(&pool, &id)
+        .await
+        .expect("written before the response");
+    assert!(
+        staged >= now() + 3000,
+        "runnable before its release: run_at {staged}"
+    );
+    let tx = chunks.take();
+    tx.send(data("done")).unwrap();
+    drop(tx);
+    http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .unwrap();
+    assert!(background.shutdown(PATIENCE).await.is_drained());
+    let released = run_at(&pool, &id).await.expect("still there");
+    assert!(released <= now(), "not released: run_at {released}");
+    assert_eq!(rows(&pool).await, 1);
+}
+
+#[tokio::test]
+async fn a_staged_job_of_a_response_dropped_early_with_skip_is_withdrawn() {
+    let pool = database().await;
+    let layer = BackgroundLayer::new()
+        .on_early_drop(OnEarlyDrop::Skip)
+        .on_error(|_| {});
+    let background = layer.handle();
+    let (addr, ids, chunks) = serve_staged(&pool, layer, http::StatusCode::ACCEPTED).await;
+    let res = within(client(Proto::Http1).request(request(http::Method::POST, addr, "/")))
+        .await
+        .unwrap();
+    let id = ids.next().await;
+    assert!(run_at(&pool, &id).await.is_some());
+    let _tx = chunks.take();
+    drop(res); // the client leaves mid-response
+    until("the skip is counted", || background.stats().skipped == 1).await;
+    until_rows(&pool, 0).await;
+}
+
+#[tokio::test]
+async fn a_staged_job_whose_condition_is_not_met_is_withdrawn() {
+    let pool = database().await;
+    let layer = BackgroundLayer::new()
+        .run_if(Condition::success())
+        .on_error(|_| {});
+    let background = layer.handle();
+    let (addr, ids, chunks) =
+        serve_staged(&pool, layer, http::StatusCode::INTERNAL_SERVER_ERROR).await;
+    let res = within(client(Proto::Http1).request(request(http::Method::POST, addr, "/")))
+        .await
+        .unwrap();
+    let id = ids.next().await;
+    assert!(run_at(&pool, &id).await.is_some());
+    drop(chunks.take());
+    http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .unwrap();
+    assert!(background.shutdown(PATIENCE).await.is_drained());
+    assert_eq!(background.stats().not_met, 1);
+    until_rows(&pool, 0).await;
+}
+
+/// A crash between staging and release (here: the job is never attached, nor dropped: the
+/// process would have died) leaves the job in the storage, runnable once its grace has
+/// passed: at least once, never lost.
+#[tokio::test]
+async fn a_staged_job_left_by_a_crash_runs_once_its_grace_has_passed() {
+    let pool = database().await;
+    let grace = Duration::from_secs(1);
+    let storage = SqliteStorage::<ProcessFile>::new(&pool);
+    let job = StagedJob::stage(
+        storage,
+        SqliteStage::new(&pool),
+        ProcessFile {
+            path: "crash.csv".into(),
+        },
+        grace,
+    )
+    .await
+    .unwrap();
+    let id = job.id().clone();
+    std::mem::forget(job); // the process dies: no release, no withdrawal
+    let staged = run_at(&pool, &id).await.expect("written");
+    assert!(
+        staged > now() - 2 && staged <= now() + 2,
+        "grace of a second: run_at {staged}"
+    );
+    // The process restarts once the grace has passed (the storage says when), and a real
+    // apalis worker takes the job.
+    until("the grace has passed", || now() > staged).await;
+    static DONE: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<String>> =
+        std::sync::OnceLock::new();
+    let (tx, mut done) = tokio::sync::mpsc::unbounded_channel();
+    DONE.set(tx).unwrap();
+    async fn process(file: ProcessFile) -> Result<(), apalis::prelude::BoxDynError> {
+        let _ = DONE.get().unwrap().send(file.path);
+        Ok(())
+    }
+    let worker = apalis::prelude::WorkerBuilder::new("after-the-crash")
+        .backend(SqliteStorage::<ProcessFile>::new(&pool))
+        .build(process);
+    tokio::spawn(async move { worker.run().await });
+    assert_eq!(within(done.recv()).await.unwrap(), "crash.csv");
+}
+
+async fn until_rows(pool: &SqlitePool, n: i64) {
+    for _ in 0..1000 {
+        if rows(pool).await == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the storage never held {n} jobs");
+}

@@ -459,6 +459,9 @@ impl Ledger {
             false => (stage, job.attempts),
         };
         // A task that never started still holds its work: drop it now, before reporting.
+        if let Err(TaskErrorKind::Skipped(reason)) = &outcome {
+            job.skipped(*reason);
+        }
         job.discard_work();
         let counters = &self.config.shared.counters;
         counters.settled(stage, outcome.as_ref().map(|_| ()), &job.name);

@@ -16,6 +16,10 @@ pub(crate) mod with_tasks;
 pub use condition::Condition;
 #[cfg(feature = "apalis")]
 pub use durable::DurableJob;
+#[cfg(feature = "apalis-sqlite")]
+pub use durable::sqlite::SqliteStage;
+#[cfg(feature = "apalis")]
+pub use durable::staged::{Stage, StagedJob};
 pub use retry::{Retry, Retryable};
 pub use set::Tasks;
 pub use single::{Task, TaskOutput};

@@ -9,7 +9,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
-use crate::error::TaskErrorKind;
+use crate::error::{SkipReason, TaskErrorKind};
 use crate::task::single::{Attempt, Job, Task, TaskOutput, TaskResult, Work};
 use crate::task::task_fn::TaskFn;
 
@@ -316,6 +316,15 @@ impl Retryable {
     /// ```
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.job.timeout = Some(timeout);
+        self
+    }
+
+    /// Tells `on_skip` why, if the task never starts.
+    #[cfg_attr(not(feature = "apalis"), allow(dead_code))]
+    pub(crate) fn on_skip(mut self, on_skip: impl FnOnce(SkipReason) + Send + 'static) -> Self {
+        if let Some(Work::Repeat(repeat)) = self.job.work.as_mut() {
+            repeat.on_skip = Some(Box::new(on_skip));
+        }
         self
     }
 

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::BoxError;
+use crate::error::SkipReason;
 use crate::run::execute::Gate;
 use crate::run::report::{contain, log_error};
 use crate::task::retry::Retry;
@@ -76,6 +77,9 @@ pub(crate) enum Attempt {
 pub(crate) struct Repeat {
     pub(crate) make: Box<dyn FnMut() -> Attempt + Send>,
     pub(crate) retry: Option<Retry>,
+    /// Told why, if the task is skipped (never started): how a staged durable job knows
+    /// whether to withdraw itself.
+    pub(crate) on_skip: Option<Box<dyn FnOnce(SkipReason) + Send>>,
 }
 
 /// Drops `value` (user code), catching and logging a panic in its `Drop`. `what` says
@@ -166,6 +170,21 @@ impl Job {
         self
     }
 
+    /// The task will never start, for `reason`: tells its work, if it asked to know (user
+    /// code: a panic is caught and logged).
+    pub(crate) fn skipped(&mut self, reason: SkipReason) {
+        if let Some(Work::Repeat(repeat)) = &mut self.work {
+            if let Some(on_skip) = repeat.on_skip.take() {
+                if contain(|| on_skip(reason)) {
+                    log_error(format_args!(
+                        "background task `{}`: its skip hook panicked",
+                        self.name
+                    ));
+                }
+            }
+        }
+    }
+
     /// Drops the work without running it. The work is user code (a future, a closure and
     /// what they captured), and this runs in `Drop` impls and in the runner, so a panic in
     /// its `Drop` is caught here and logged.
@@ -184,7 +203,11 @@ impl Job {
         Job {
             name: Cow::Borrowed(name),
             timeout: None,
-            work: Some(Work::Repeat(Box::new(Repeat { make, retry: None }))),
+            work: Some(Work::Repeat(Box::new(Repeat {
+                make,
+                retry: None,
+                on_skip: None,
+            }))),
             stage: Stage::Queued,
             gate: None,
             attempts: 0,

@@ -3,6 +3,10 @@
 //! counted, reported, drained, retried like any other, and run by apalis workers, in this
 //! process or on other machines.
 
+#[cfg(feature = "apalis-sqlite")]
+pub(crate) mod sqlite;
+pub(crate) mod staged;
+
 use std::any::type_name;
 use std::fmt;
 use std::time::Duration;

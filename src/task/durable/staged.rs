@@ -1,0 +1,183 @@
+//! [`StagedJob`]: the crash-safe mode of durable jobs. The job is written to the storage
+//! before the response is produced, not runnable until a grace period has passed; the
+//! response's completion releases it at once, and a response that does not run its tasks
+//! (an early drop with `Skip`, a condition not met) withdraws it. If the process dies in
+//! between, the job runs once its grace has passed: at least once, never lost.
+
+use std::any::type_name;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::time::Duration;
+
+use apalis_core::backend::{Backend, TaskSink};
+use apalis_core::task::builder::TaskBuilder;
+use apalis_core::task::task_id::TaskId;
+
+use crate::BoxError;
+use crate::error::SkipReason;
+use crate::run::report::log_error;
+use crate::task::retry::{Retry, Retryable};
+use crate::task::single::Task;
+
+/// What a storage needs to release or withdraw a staged job: SQL against the storage's own
+/// tables, since apalis's storages offer no way to change a job's time to run. One
+/// implementation per storage, each tested against the real one.
+pub trait Stage: Clone + Send + Sync + 'static {
+    /// Makes the job runnable now, if it is still waiting for its grace to pass.
+    fn release(&self, id: &TaskId) -> impl Future<Output = Result<(), BoxError>> + Send;
+
+    /// Removes the job, if no worker has taken it yet.
+    fn withdraw(&self, id: &TaskId) -> impl Future<Output = Result<(), BoxError>> + Send;
+}
+
+/// A durable job already written to its storage, not runnable before its grace period:
+/// attach it to the response like a [`Task`]. The response's completion releases it (a
+/// task, retried like the push of a [`DurableJob`](crate::DurableJob)); a response that
+/// does not run its tasks withdraws it.
+///
+/// At least once: if the process dies after the job was staged, the job runs when its
+/// grace has passed, whether or not the response was complete (the process cannot say so
+/// any more). Choose a grace longer than a response takes, and make worker handlers
+/// idempotent.
+///
+/// ```
+/// # use apalis_core::backend::{Backend, TaskSink};
+/// # use tower_background::{Stage, StagedJob, Tasks};
+/// # async fn handler<S, K, T>(storage: S, stage: T) -> Result<(), tower_background::BoxError>
+/// # where
+/// #     S: TaskSink<String, K> + Clone + Send + 'static,
+/// #     <S as Backend>::Error: std::error::Error + Send + Sync + 'static,
+/// #     K: 'static,
+/// #     T: Stage,
+/// # {
+/// use std::time::Duration;
+///
+/// // `storage`: apalis-sqlite's `SqliteStorage<String>`; `stage`: a `SqliteStage` on its pool.
+/// let job = StagedJob::stage(storage, stage, "uploads/a.csv".to_owned(), Duration::from_secs(60)).await?;
+/// let id = job.id().to_string(); // answer 202 with it
+/// let mut tasks = Tasks::new();
+/// tasks.push(job);
+/// # Ok(())
+/// # }
+/// ```
+pub struct StagedJob {
+    id: TaskId,
+    release: Retryable,
+}
+
+impl StagedJob {
+    /// Writes a job with `args` to `sink`, runnable only once `grace` has passed, and
+    /// returns it to attach to the response. An error here means the job was not written:
+    /// answer accordingly (the response has not been produced yet).
+    pub async fn stage<S, Args, Kind, T>(
+        mut sink: S,
+        stage: T,
+        args: Args,
+        grace: Duration,
+    ) -> Result<StagedJob, BoxError>
+    where
+        S: TaskSink<Args, Kind> + Send + 'static,
+        <S as Backend>::Error: std::error::Error + Send + Sync + 'static,
+        Args: Send + 'static,
+        T: Stage,
+    {
+        let id = TaskId::from_ulid(ulid::Ulid::generate());
+        let task = TaskBuilder::new(args)
+            .task_id(id.clone())
+            .idempotency_key(id.to_string())
+            .run_after(grace)
+            .build();
+        sink.push_task(task).await?;
+        let pending = Arc::new(Pending {
+            id: id.clone(),
+            stage,
+            decided: AtomicBool::new(false),
+        });
+        let kept = pending.clone();
+        let release = Retryable::new(move || {
+            let pending = pending.clone();
+            // Released or not, the response completed: never withdraw it from now on.
+            pending.decided.store(true, SeqCst);
+            async move { pending.stage.release(&pending.id).await }
+        })
+        .on_skip(move |reason| {
+            // The response completed, or may have, but a drain's deadline or the runtime's
+            // end stopped the release: keep the job, it runs when its grace has passed.
+            // Otherwise (an early drop skipped it, a condition was not met, there was no
+            // response) it is withdrawn when dropped.
+            if matches!(reason, SkipReason::Shutdown | SkipReason::NoRuntime) {
+                kept.decided.store(true, SeqCst);
+            }
+        })
+        .named(type_name::<Args>())
+        .retry(
+            Retry::attempts(5)
+                .backoff(Duration::from_millis(100))
+                .max_delay(Duration::from_secs(5)),
+        );
+        Ok(StagedJob { id, release })
+    }
+
+    /// The job's id in the storage.
+    pub fn id(&self) -> &TaskId {
+        &self.id
+    }
+
+    /// How a failing release is retried (by default 5 attempts, from 100 ms, up to 5 s
+    /// apart). A release that fails for good leaves the job to run after its grace.
+    pub fn retry(mut self, retry: Retry) -> Self {
+        self.release = self.release.retry(retry);
+        self
+    }
+}
+
+/// The staged job, shared by the release's attempts. Dropped undecided (no release was
+/// attempted, and the task was skipped for a reason that says its response did not run
+/// its tasks, or never reached a layer), it withdraws the job.
+struct Pending<T: Stage> {
+    id: TaskId,
+    stage: T,
+    decided: AtomicBool,
+}
+
+impl<T: Stage> Drop for Pending<T> {
+    fn drop(&mut self) {
+        if self.decided.load(SeqCst) {
+            return;
+        }
+        let (id, stage) = (self.id.clone(), self.stage.clone());
+        let withdraw: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
+            if let Err(error) = stage.withdraw(&id).await {
+                log_error(format_args!(
+                    "a staged job ({id}) could not be withdrawn: it runs when its grace \
+                     has passed: {error}"
+                ));
+            }
+        });
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(withdraw)),
+            Err(_) => log_error(format_args!(
+                "a staged job ({}) could not be withdrawn (no runtime): it runs when its \
+                 grace has passed",
+                self.id
+            )),
+        }
+    }
+}
+
+impl From<StagedJob> for Task {
+    fn from(job: StagedJob) -> Task {
+        job.release.into()
+    }
+}
+
+impl fmt::Debug for StagedJob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StagedJob")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
