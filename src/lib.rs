@@ -100,6 +100,8 @@ pub use error::{CancelReason, SkipReason, TaskError, TaskErrorKind};
 pub use layer::{Background, BackgroundBody, BackgroundLayer, ResponseFuture};
 pub use policy::{OnEarlyDrop, OnFailure, TaskSpans};
 pub use run::{BackgroundHandle, ShutdownReport, Stats};
+#[cfg(feature = "apalis-postgres")]
+pub use task::PostgresStage;
 #[cfg(feature = "apalis-sqlite")]
 pub use task::SqliteStage;
 pub use task::{Condition, Retry, Retryable, Task, TaskFn, TaskOutput, Tasks, WithTasks, task_fn};

@@ -16,6 +16,8 @@ pub(crate) mod with_tasks;
 pub use condition::Condition;
 #[cfg(feature = "apalis")]
 pub use durable::DurableJob;
+#[cfg(feature = "apalis-postgres")]
+pub use durable::postgres::PostgresStage;
 #[cfg(feature = "apalis-sqlite")]
 pub use durable::sqlite::SqliteStage;
 #[cfg(feature = "apalis")]

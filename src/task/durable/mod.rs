@@ -3,6 +3,8 @@
 //! counted, reported, drained, retried like any other, and run by apalis workers, in this
 //! process or on other machines.
 
+#[cfg(feature = "apalis-postgres")]
+pub(crate) mod postgres;
 #[cfg(feature = "apalis-sqlite")]
 pub(crate) mod sqlite;
 pub(crate) mod staged;
@@ -78,7 +80,14 @@ impl DurableJob {
                 .task_id(task_id.clone())
                 .idempotency_key(&key)
                 .build();
-            async move { sink.push_task(task).await.map_err(BoxError::from) }
+            async move {
+                match sink.push_task(task).await {
+                    Ok(()) => Ok(()),
+                    // A push retried after one whose answer was lost: the job is there.
+                    Err(error) if already_there(&error) => Ok(()),
+                    Err(error) => Err(BoxError::from(error)),
+                }
+            }
         })
         .named(type_name::<Args>())
         .retry(
@@ -105,6 +114,42 @@ impl DurableJob {
         self.push = self.push.timeout(timeout);
         self
     }
+}
+
+/// Whether a push failed because the storage already holds a job with this id (or this
+/// idempotency key): a unique constraint, as PostgreSQL and SQLite report it through sqlx.
+/// Storages that skip a duplicate on their own (apalis-sqlite) never get here.
+fn already_there(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        #[cfg(any(feature = "apalis-sqlite", feature = "apalis-postgres"))]
+        {
+            // The storages' errors wrap sqlx's transparently: look at them, not past them.
+            let database = match error.downcast_ref::<sqlx::Error>() {
+                Some(sqlx::Error::Database(database)) => Some(database),
+                _ => None,
+            };
+            #[cfg(feature = "apalis-postgres")]
+            let database = database.or(match error.downcast_ref::<apalis_postgres::Error>() {
+                Some(apalis_postgres::Error::Database(sqlx::Error::Database(database))) => {
+                    Some(database)
+                }
+                _ => None,
+            });
+            #[cfg(feature = "apalis-sqlite")]
+            let database = database.or(match error.downcast_ref::<apalis_sqlite::Error>() {
+                Some(apalis_sqlite::Error::Database(sqlx::Error::Database(database))) => {
+                    Some(database)
+                }
+                _ => None,
+            });
+            if let Some(database) = database {
+                return database.is_unique_violation();
+            }
+        }
+        cause = error.source();
+    }
+    false
 }
 
 impl From<DurableJob> for Task {

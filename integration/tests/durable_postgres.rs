@@ -1,0 +1,295 @@
+//! Durable jobs against a real PostgreSQL server through apalis-postgres: the plain mode
+//! (pushed once the response is complete, a repeated push stores one job) and the
+//! crash-safe mode (staged before the response, released at completion, withdrawn when an
+//! early drop skips it).
+//!
+//! Needs a PostgreSQL server: `.ci/run` starts one on loopback. To run these yourself (as
+//! root, on Debian or Ubuntu, which installs PostgreSQL if it is missing):
+//!
+//! ```text
+//! export TOWER_BACKGROUND_POSTGRES=$(.ci/postgres.sh)
+//! cargo test -p tower-background-integration --test durable_postgres
+//! ```
+//!
+//! Without `TOWER_BACKGROUND_POSTGRES` each test says so and passes, unless
+//! `TOWER_BACKGROUND_REQUIRE_POSTGRES=1` (set by CI) makes the server required.
+
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use apalis::prelude::{TaskBuilder, TaskId, TaskSink};
+use apalis_postgres::{PgPool, PostgresStorage};
+use common::*;
+use http::Response;
+use serde::{Deserialize, Serialize};
+use tower_background::{BackgroundLayer, DurableJob, OnEarlyDrop, PostgresStage, StagedJob, Task};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ProcessFile {
+    path: String,
+}
+
+/// A pool on the test database (one per test: a pool belongs to the runtime that made it),
+/// with apalis's tables (set up once per run), or `None` when no server was given and none
+/// is required.
+async fn database() -> Option<PgPool> {
+    static SET_UP: tokio::sync::Mutex<bool> = tokio::sync::Mutex::const_new(false);
+    let Ok(url) = std::env::var("TOWER_BACKGROUND_POSTGRES") else {
+        if std::env::var("TOWER_BACKGROUND_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") {
+            panic!("TOWER_BACKGROUND_POSTGRES is not set: run `.ci/postgres.sh`");
+        }
+        eprintln!(
+            "skipped: no PostgreSQL server (export TOWER_BACKGROUND_POSTGRES=$(.ci/postgres.sh))"
+        );
+        return None;
+    };
+    let pool = PgPool::connect(&url).await.expect("the PostgreSQL server");
+    let mut set_up = SET_UP.lock().await;
+    if !*set_up {
+        PostgresStorage::<()>::setup(&pool).await.unwrap();
+        *set_up = true;
+    }
+    Some(pool)
+}
+
+/// The job's `run_at` in seconds since the epoch, read with plain SQL; `None` if absent.
+async fn run_at(pool: &PgPool, id: &TaskId) -> Option<i64> {
+    sqlx::query_scalar("SELECT extract(epoch FROM run_at)::bigint FROM apalis.jobs WHERE id = $1")
+        .bind(id.to_string())
+        .fetch_optional(pool)
+        .await
+        .unwrap()
+}
+
+async fn copies(pool: &PgPool, id: &TaskId) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE id = $1 OR idempotency_key = $1")
+        .bind(id.to_string())
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// Serves responses with a streamed body released by the test, carrying what `attach`
+/// makes (it may write to the storage first: a staged job); sends each job's id to `ids`.
+async fn serve_jobs<F, Fut>(
+    layer: BackgroundLayer,
+    attach: F,
+) -> (std::net::SocketAddr, Probe<TaskId>, Handoff<Chunks>)
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = (TaskId, Task)> + Send + 'static,
+{
+    let ids = Probe::new();
+    let chunks = Handoff::new();
+    let (i, c) = (ids.clone(), chunks.clone());
+    let svc = layered(layer, move |_req| {
+        let (ids, chunks, attach) = (i.clone(), c.clone(), attach.clone());
+        async move {
+            let (id, task) = attach().await;
+            ids.send(id);
+            let (tx, body) = channel_body();
+            chunks.put(tx);
+            let mut res = Response::new(body);
+            res.extensions_mut().insert(task);
+            res
+        }
+    });
+    (serve_service(svc).await, ids, chunks)
+}
+
+#[tokio::test]
+async fn postgres_a_job_is_pushed_only_once_its_response_is_complete() {
+    let Some(pool) = database().await else { return };
+    let layer = BackgroundLayer::new();
+    let background = layer.handle();
+    let storage = PostgresStorage::<ProcessFile>::new(&pool);
+    let (addr, ids, chunks) = serve_jobs(layer, move || {
+        let storage = storage.clone();
+        async move {
+            let job = DurableJob::new(
+                storage,
+                ProcessFile {
+                    path: "pg-a.csv".into(),
+                },
+            );
+            (job.id().clone(), Task::from(job))
+        }
+    })
+    .await;
+    let res = within(client(Proto::Http2).request(request(http::Method::POST, addr, "/")))
+        .await
+        .unwrap();
+    let id = ids.next().await;
+    assert_eq!(
+        copies(&pool, &id).await,
+        0,
+        "pushed before the response was complete"
+    );
+    let tx = chunks.take();
+    tx.send(data("done")).unwrap();
+    drop(tx);
+    http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .unwrap();
+    assert!(background.shutdown(PATIENCE).await.is_drained());
+    assert_eq!(copies(&pool, &id).await, 1);
+}
+
+#[tokio::test]
+async fn postgres_a_second_push_of_the_same_job_is_refused_and_stores_nothing() {
+    let Some(pool) = database().await else { return };
+    let mut storage = PostgresStorage::<ProcessFile>::new(&pool);
+    let id = TaskId::from_string(format!("pg-same-{}", now()));
+    let mut outcomes = Vec::new();
+    for _ in 0..2 {
+        let task = TaskBuilder::new(ProcessFile {
+            path: "pg-b.csv".into(),
+        })
+        .task_id(id.clone())
+        .idempotency_key(id.to_string())
+        .build();
+        outcomes.push(storage.push_task(task).await.map_err(|e| e.to_string()));
+    }
+    assert_eq!(copies(&pool, &id).await, 1, "pushes: {outcomes:?}");
+    assert!(outcomes[0].is_ok(), "{outcomes:?}");
+    // apalis-postgres refuses the second (a unique key): the push of a `DurableJob` takes
+    // that as "already there" (the next test).
+    assert!(outcomes[1].is_err(), "{outcomes:?}");
+}
+
+#[tokio::test]
+async fn postgres_a_staged_job_is_released_when_its_response_completes() {
+    let Some(pool) = database().await else { return };
+    let layer = BackgroundLayer::new();
+    let background = layer.handle();
+    let (storage, stage) = (
+        PostgresStorage::<ProcessFile>::new(&pool),
+        PostgresStage::new(&pool),
+    );
+    let (addr, ids, chunks) = serve_jobs(layer, move || {
+        let (storage, stage) = (storage.clone(), stage.clone());
+        async move {
+            let args = ProcessFile {
+                path: "pg-staged.csv".into(),
+            };
+            let job = StagedJob::stage(storage, stage, args, Duration::from_secs(3600))
+                .await
+                .unwrap();
+            (job.id().clone(), Task::from(job))
+        }
+    })
+    .await;
+    let res = within(client(Proto::Http1).request(request(http::Method::POST, addr, "/")))
+        .await
+        .unwrap();
+    let id = ids.next().await;
+    let staged = run_at(&pool, &id)
+        .await
+        .expect("written before the response");
+    assert!(
+        staged >= now() + 3000,
+        "runnable before its release: {staged}"
+    );
+    let tx = chunks.take();
+    tx.send(data("done")).unwrap();
+    drop(tx);
+    http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .unwrap();
+    assert!(background.shutdown(PATIENCE).await.is_drained());
+    let released = run_at(&pool, &id).await.expect("still there");
+    assert!(released <= now(), "not released: {released}");
+}
+
+#[tokio::test]
+async fn postgres_a_staged_job_of_a_response_dropped_early_with_skip_is_withdrawn() {
+    let Some(pool) = database().await else { return };
+    let layer = BackgroundLayer::new()
+        .on_early_drop(OnEarlyDrop::Skip)
+        .on_error(|_| {});
+    let background = layer.handle();
+    let (storage, stage) = (
+        PostgresStorage::<ProcessFile>::new(&pool),
+        PostgresStage::new(&pool),
+    );
+    let (addr, ids, chunks) = serve_jobs(layer, move || {
+        let (storage, stage) = (storage.clone(), stage.clone());
+        async move {
+            let args = ProcessFile {
+                path: "pg-withdrawn.csv".into(),
+            };
+            let job = StagedJob::stage(storage, stage, args, Duration::from_secs(3600))
+                .await
+                .unwrap();
+            (job.id().clone(), Task::from(job))
+        }
+    })
+    .await;
+    let res = within(client(Proto::Http1).request(request(http::Method::POST, addr, "/")))
+        .await
+        .unwrap();
+    let id = ids.next().await;
+    assert_eq!(copies(&pool, &id).await, 1);
+    let _tx = chunks.take();
+    drop(res);
+    until("the skip is counted", || background.stats().skipped == 1).await;
+    for _ in 0..1000 {
+        if copies(&pool, &id).await == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the staged job was not withdrawn");
+}
+
+/// A `DurableJob` whose push is retried after the job was stored (the first answer lost)
+/// takes the storage's refusal as success: one job, and the task succeeds.
+#[tokio::test]
+async fn postgres_a_retried_push_of_a_stored_job_succeeds_and_stores_it_once() {
+    let Some(pool) = database().await else { return };
+    let storage = PostgresStorage::<ProcessFile>::new(&pool);
+    let job = DurableJob::new(
+        storage.clone(),
+        ProcessFile {
+            path: "pg-twice.csv".into(),
+        },
+    );
+    let id = job.id().clone();
+    // The job reaches the storage first, as if a first push had committed unseen.
+    let task = TaskBuilder::new(ProcessFile {
+        path: "pg-twice.csv".into(),
+    })
+    .task_id(id.clone())
+    .idempotency_key(id.to_string())
+    .build();
+    storage.clone().push_task(task).await.unwrap();
+    let (layer, errors) = reporting_layer();
+    let background = layer.handle();
+    let slot = Handoff::new();
+    slot.put(Task::from(job));
+    let s = slot.clone();
+    let addr = serve(layer, move |_req| {
+        let mut res = Response::new(full("accepted"));
+        res.extensions_mut().insert(s.take());
+        async move { res }
+    })
+    .await;
+    get(Proto::Http1, addr, "/").await;
+    let report = background.shutdown(PATIENCE).await;
+    assert_eq!(
+        report.stats().succeeded,
+        1,
+        "{report}: {:?}",
+        errors.drain_now().await
+    );
+    assert_eq!(copies(&pool, &id).await, 1);
+}

@@ -1,0 +1,52 @@
+//! [`PostgresStage`]: releasing and withdrawing staged jobs in apalis-postgres's
+//! `apalis.jobs` table (feature `apalis-postgres`). Tested with apalis-postgres 1.0.0,
+//! whose schema this SQL follows (`id`, `status`, `run_at` a `timestamptz`, `lock_by`).
+
+use apalis_core::task::task_id::TaskId;
+use sqlx::PgPool;
+
+use crate::BoxError;
+use crate::task::durable::staged::Stage;
+
+/// Releases and withdraws [`StagedJob`](crate::StagedJob)s in an apalis-postgres storage.
+///
+/// ```no_run
+/// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+/// let pool = sqlx::PgPool::connect("postgres://localhost/jobs").await?;
+/// let stage = tower_background::PostgresStage::new(&pool);
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct PostgresStage {
+    pool: PgPool,
+}
+
+impl PostgresStage {
+    /// A stage on the pool of the storage the jobs are staged in.
+    pub fn new(pool: &PgPool) -> Self {
+        PostgresStage { pool: pool.clone() }
+    }
+}
+
+impl Stage for PostgresStage {
+    async fn release(&self, id: &TaskId) -> Result<(), BoxError> {
+        sqlx::query(
+            "UPDATE apalis.jobs SET run_at = now() \
+             WHERE id = $1 AND status = 'Pending' AND lock_by IS NULL",
+        )
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn withdraw(&self, id: &TaskId) -> Result<(), BoxError> {
+        sqlx::query(
+            "DELETE FROM apalis.jobs WHERE id = $1 AND status = 'Pending' AND lock_by IS NULL",
+        )
+        .bind(id.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
