@@ -8,6 +8,9 @@
 //!   checks it, and what hyper does with each kind of body.
 //! - [`operations`]: draining at shutdown (SIGTERM and Ctrl-C, with hyper-util and axum),
 //!   the counters, the limit, timeouts, tracing, and what cannot be cancelled.
+//! - [`durable`]: durable jobs on apalis (feature `apalis`): when to use them rather than
+//!   in-process tasks, the plain and the crash-safe modes, what at-least-once asks of
+//!   worker handlers.
 //! - [`from_lilya`]: every example of Lilya's Tasks page in Rust, FastAPI's injected
 //!   `BackgroundTasks`, and where this crate differs on purpose.
 //! - [`benchmarks`]: what a task costs, measured side by side, and how to rerun it.
@@ -35,6 +38,13 @@ pub mod operations {}
 )]
 #[cfg_attr(all(doctest, not(feature = "axum")), doc = "Coming from Lilya.")]
 pub mod from_lilya {}
+
+#[cfg_attr(
+    any(not(doctest), feature = "apalis"),
+    doc = include_str!("../docs/durable.md")
+)]
+#[cfg_attr(all(doctest, not(feature = "apalis")), doc = "Durable jobs.")]
+pub mod durable {}
 
 #[doc = include_str!("../docs/benchmarks.md")]
 pub mod benchmarks {}
