@@ -54,13 +54,16 @@ async fn database() -> Option<PgPool> {
     Some(pool)
 }
 
-/// The job's `run_at` in seconds since the epoch, read with plain SQL; `None` if absent.
+/// The job's `run_at` in whole seconds since the epoch (rounded down, as `now()` here is),
+/// read with plain SQL; `None` if absent.
 async fn run_at(pool: &PgPool, id: &TaskId) -> Option<i64> {
-    sqlx::query_scalar("SELECT extract(epoch FROM run_at)::bigint FROM apalis.jobs WHERE id = $1")
-        .bind(id.to_string())
-        .fetch_optional(pool)
-        .await
-        .unwrap()
+    sqlx::query_scalar(
+        "SELECT floor(extract(epoch FROM run_at))::bigint FROM apalis.jobs WHERE id = $1",
+    )
+    .bind(id.to_string())
+    .fetch_optional(pool)
+    .await
+    .unwrap()
 }
 
 async fn copies(pool: &PgPool, id: &TaskId) -> i64 {
