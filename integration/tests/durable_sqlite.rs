@@ -329,7 +329,9 @@ async fn a_staged_job_of_a_response_dropped_early_with_skip_is_withdrawn() {
     let _tx = chunks.take();
     drop(res); // the client leaves mid-response
     until("the skip is counted", || background.stats().skipped == 1).await;
-    until_rows(&pool, 0).await;
+    // The withdrawal holds the drain: once drained, the job is gone.
+    assert!(background.shutdown(PATIENCE).await.is_drained());
+    assert_eq!(rows(&pool).await, 0, "the staged job was not withdrawn");
 }
 
 #[tokio::test]
@@ -352,7 +354,120 @@ async fn a_staged_job_whose_condition_is_not_met_is_withdrawn() {
         .unwrap();
     assert!(background.shutdown(PATIENCE).await.is_drained());
     assert_eq!(background.stats().not_met, 1);
-    until_rows(&pool, 0).await;
+    assert_eq!(rows(&pool).await, 0, "the staged job was not withdrawn");
+}
+
+/// A stage whose first `failures` withdrawals fail (a storage briefly locked or down).
+#[derive(Clone)]
+struct FlakyStage {
+    inner: SqliteStage,
+    calls: std::sync::Arc<AtomicU64>,
+    failures: u64,
+}
+
+impl tower_background::Stage for FlakyStage {
+    async fn release(&self, id: &TaskId) -> Result<(), tower_background::BoxError> {
+        self.inner.release(id).await
+    }
+
+    async fn withdraw(&self, id: &TaskId) -> Result<(), tower_background::BoxError> {
+        if self.calls.fetch_add(1, SeqCst) < self.failures {
+            return Err("database is locked".into());
+        }
+        self.inner.withdraw(id).await
+    }
+}
+
+/// Outside attack: a withdrawal ran once, detached: a drain did not wait for it (the job
+/// of a skipped response survived a graceful exit), and a failed one was never retried
+/// (the job then ran). It is retried with backoff, and a drain waits for it.
+#[tokio::test]
+async fn a_failed_withdrawal_is_retried_and_a_drain_waits_for_it() {
+    let pool = database().await;
+    let layer = BackgroundLayer::new()
+        .on_early_drop(OnEarlyDrop::Skip)
+        .on_error(|_| {});
+    let background = layer.handle();
+    let calls = std::sync::Arc::new(AtomicU64::new(0));
+    let stage = FlakyStage {
+        inner: SqliteStage::new(&pool),
+        calls: calls.clone(),
+        failures: 2,
+    };
+    let storage = SqliteStorage::<ProcessFile>::new(&pool);
+    let job = StagedJob::stage(
+        storage,
+        stage,
+        ProcessFile {
+            path: "f.csv".into(),
+        },
+        GRACE,
+    )
+    .await
+    .unwrap();
+    let slot = Handoff::new();
+    slot.put(tower_background::Task::from(job));
+    let chunks = Handoff::new();
+    let (s, c) = (slot.clone(), chunks.clone());
+    let addr = serve(layer, move |_req| {
+        let (tx, body) = channel_body();
+        c.put(tx);
+        let mut res = Response::new(body);
+        res.extensions_mut().insert(s.take());
+        async move { res }
+    })
+    .await;
+    let res = within(client(Proto::Http1).request(request(http::Method::POST, addr, "/")))
+        .await
+        .unwrap();
+    let _tx = chunks.take();
+    drop(res);
+    until("the skip is counted", || background.stats().skipped == 1).await;
+    assert!(background.shutdown(PATIENCE).await.is_drained());
+    assert_eq!(
+        calls.load(SeqCst),
+        3,
+        "two failed withdrawals, then one that worked"
+    );
+    assert_eq!(rows(&pool).await, 0, "the staged job was not withdrawn");
+}
+
+/// A staged job after a task that fails, in a sequence that stops at a failure: the
+/// response completed, but its tasks stopped, and the job is withdrawn with them.
+#[tokio::test]
+async fn a_staged_job_skipped_by_an_earlier_failure_is_withdrawn() {
+    let pool = database().await;
+    let layer = BackgroundLayer::new().on_error(|_| {});
+    let background = layer.handle();
+    let storage = SqliteStorage::<ProcessFile>::new(&pool);
+    let job = StagedJob::stage(
+        storage,
+        SqliteStage::new(&pool),
+        ProcessFile {
+            path: "g.csv".into(),
+        },
+        GRACE,
+    )
+    .await
+    .unwrap();
+    let mut tasks = Tasks::new();
+    tasks.push(tower_background::Task::new(async {
+        Err::<(), _>("the e-mail failed")
+    }));
+    tasks.push(job);
+    let slot = Handoff::new();
+    slot.put(tasks);
+    let s = slot.clone();
+    let addr = serve(layer, move |_req| {
+        let mut res = Response::new(full("accepted"));
+        res.extensions_mut().insert::<Tasks>(s.take());
+        async move { res }
+    })
+    .await;
+    get(Proto::Http1, addr, "/").await;
+    assert!(background.shutdown(PATIENCE).await.is_drained());
+    assert_eq!(background.stats().skipped, 1);
+    assert_eq!(rows(&pool).await, 0, "the staged job was not withdrawn");
 }
 
 /// A crash between staging and release (here: the job is never attached, nor dropped: the
@@ -396,14 +511,4 @@ async fn a_staged_job_left_by_a_crash_runs_once_its_grace_has_passed() {
         .build(process);
     tokio::spawn(async move { worker.run().await });
     assert_eq!(within(done.recv()).await.unwrap(), "crash.csv");
-}
-
-async fn until_rows(pool: &SqlitePool, n: i64) {
-    for _ in 0..1000 {
-        if rows(pool).await == n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("the storage never held {n} jobs");
 }

@@ -460,7 +460,7 @@ impl Ledger {
         };
         // A task that never started still holds its work: drop it now, before reporting.
         if let Err(TaskErrorKind::Skipped(reason)) = &outcome {
-            job.skipped(*reason);
+            job.skipped(*reason, Some(&self.config.shared.tracker));
         }
         job.discard_work();
         let counters = &self.config.shared.counters;

@@ -118,7 +118,7 @@ impl NotRun {
         counters.attach(self.jobs.len());
         counters.response_done(self.jobs.len(), self.jobs.len());
         for (position, mut job) in self.jobs.into_iter().enumerate() {
-            job.skipped(self.reason);
+            job.skipped(self.reason, Some(&config.shared.tracker));
             job.discard_work();
             let kind = TaskErrorKind::Skipped(self.reason);
             counters.settled(Stage::Queued, Err(&kind), &job.name);

@@ -10,6 +10,7 @@ use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
 use crate::error::{SkipReason, TaskErrorKind};
+use crate::run::tracker::Token;
 use crate::task::single::{Attempt, Job, Task, TaskOutput, TaskResult, Work};
 use crate::task::task_fn::TaskFn;
 
@@ -321,7 +322,10 @@ impl Retryable {
 
     /// Tells `on_skip` why, if the task never starts.
     #[cfg_attr(not(feature = "apalis"), allow(dead_code))]
-    pub(crate) fn on_skip(mut self, on_skip: impl FnOnce(SkipReason) + Send + 'static) -> Self {
+    pub(crate) fn on_skip(
+        mut self,
+        on_skip: impl FnOnce(SkipReason, Option<Token>) + Send + 'static,
+    ) -> Self {
         if let Some(Work::Repeat(repeat)) = self.job.work.as_mut() {
             repeat.on_skip = Some(Box::new(on_skip));
         }

@@ -11,6 +11,7 @@ use crate::BoxError;
 use crate::error::SkipReason;
 use crate::run::execute::Gate;
 use crate::run::report::{contain, log_error};
+use crate::run::tracker::{Token, Tracker};
 use crate::task::retry::Retry;
 use crate::task::task_fn::TaskFn;
 
@@ -72,6 +73,9 @@ pub(crate) enum Attempt {
     Blocking(Box<dyn FnOnce() -> TaskResult + Send>),
 }
 
+/// What a task's work is told when the task is skipped: why, and a token of the drain.
+pub(crate) type OnSkip = Box<dyn FnOnce(SkipReason, Option<Token>) + Send>;
+
 /// The work of a [`Retryable`](crate::Retryable): what makes each attempt, and its own
 /// retry setting (else the layer's).
 pub(crate) struct Repeat {
@@ -79,7 +83,9 @@ pub(crate) struct Repeat {
     pub(crate) retry: Option<Retry>,
     /// Told why, if the task is skipped (never started): how a staged durable job knows
     /// whether to withdraw itself.
-    pub(crate) on_skip: Option<Box<dyn FnOnce(SkipReason) + Send>>,
+    /// It gets a token of the layer's drain, if there is a layer: work it starts holding
+    /// it is waited for by a drain.
+    pub(crate) on_skip: Option<OnSkip>,
 }
 
 /// Drops `value` (user code), catching and logging a panic in its `Drop`. `what` says
@@ -172,10 +178,11 @@ impl Job {
 
     /// The task will never start, for `reason`: tells its work, if it asked to know (user
     /// code: a panic is caught and logged).
-    pub(crate) fn skipped(&mut self, reason: SkipReason) {
+    pub(crate) fn skipped(&mut self, reason: SkipReason, drain: Option<&Tracker>) {
         if let Some(Work::Repeat(repeat)) = &mut self.work {
             if let Some(on_skip) = repeat.on_skip.take() {
-                if contain(|| on_skip(reason)) {
+                let token = drain.map(Tracker::token);
+                if contain(|| on_skip(reason, token)) {
                     log_error(format_args!(
                         "background task `{}`: its skip hook panicked",
                         self.name

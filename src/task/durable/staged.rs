@@ -19,6 +19,7 @@ use apalis_core::task::task_id::TaskId;
 use crate::BoxError;
 use crate::error::SkipReason;
 use crate::run::report::log_error;
+use crate::run::tracker::Token;
 use crate::task::retry::{Retry, Retryable};
 use crate::task::single::Task;
 
@@ -84,6 +85,8 @@ impl StagedJob {
         Args: Send + 'static,
         T: Stage,
     {
+        // apalis adds the grace to the clock: keep the sum representable.
+        let grace = grace.min(Duration::from_secs(100 * 365 * 24 * 60 * 60));
         let id = TaskId::from_ulid(ulid::Ulid::generate());
         let task = TaskBuilder::new(args)
             .task_id(id.clone())
@@ -103,14 +106,18 @@ impl StagedJob {
             pending.decided.store(true, SeqCst);
             async move { pending.stage.release(&pending.id).await }
         })
-        .on_skip(move |reason| {
+        .on_skip(move |reason, drain| {
+            // Decided now, either way: the drop of the job must not withdraw it again.
+            kept.decided.store(true, SeqCst);
             // The response completed, or may have, but a drain's deadline or the runtime's
             // end stopped the release: keep the job, it runs when its grace has passed.
-            // Otherwise (an early drop skipped it, a condition was not met, there was no
-            // response) it is withdrawn when dropped.
             if matches!(reason, SkipReason::Shutdown | SkipReason::NoRuntime) {
-                kept.decided.store(true, SeqCst);
+                return;
             }
+            // The response's tasks do not run (an early drop skipped them, a condition was
+            // not met, an earlier task of the sequence failed, there was no response):
+            // withdraw the job, retried, holding the drain's token so a drain waits for it.
+            spawn_withdrawal(kept.stage.clone(), kept.id.clone(), drain);
         })
         .named(type_name::<Args>())
         .retry(
@@ -134,9 +141,9 @@ impl StagedJob {
     }
 }
 
-/// The staged job, shared by the release's attempts. Dropped undecided (no release was
-/// attempted, and the task was skipped for a reason that says its response did not run
-/// its tasks, or never reached a layer), it withdraws the job.
+/// The staged job, shared by the release's attempts and the skip hook: decided once a
+/// release was attempted or the task was skipped; dropped undecided (it never reached a
+/// layer), it withdraws the job.
 struct Pending<T: Stage> {
     id: TaskId,
     stage: T,
@@ -145,27 +152,48 @@ struct Pending<T: Stage> {
 
 impl<T: Stage> Drop for Pending<T> {
     fn drop(&mut self) {
-        if self.decided.load(SeqCst) {
-            return;
-        }
-        let (id, stage) = (self.id.clone(), self.stage.clone());
-        let withdraw: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
-            if let Err(error) = stage.withdraw(&id).await {
-                log_error(format_args!(
-                    "a staged job ({id}) could not be withdrawn: it runs when its grace \
-                     has passed: {error}"
-                ));
-            }
-        });
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => drop(runtime.spawn(withdraw)),
-            Err(_) => log_error(format_args!(
-                "a staged job ({}) could not be withdrawn (no runtime): it runs when its \
-                 grace has passed",
-                self.id
-            )),
+        // Undecided: the job never reached a layer (dropped with its response, or before
+        // it was attached). Withdraw it; no layer's drain knows of it.
+        if !self.decided.load(SeqCst) {
+            spawn_withdrawal(self.stage.clone(), self.id.clone(), None);
         }
     }
+}
+
+/// How often a withdrawal is tried before it is given up (the job then runs after its
+/// grace), and the wait before the first retry (it doubles).
+const WITHDRAWALS: u32 = 5;
+const FIRST_WAIT: Duration = Duration::from_millis(100);
+
+/// Withdraws the job `id` on the current runtime, retried with backoff, holding `drain`
+/// (a token of the layer's drain) until it is done. Without a runtime, or once every
+/// attempt failed, it logs an error: the job then runs when its grace has passed.
+fn spawn_withdrawal<T: Stage>(stage: T, id: TaskId, drain: Option<Token>) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        log_error(format_args!(
+            "a staged job ({id}) could not be withdrawn (no runtime): it runs when its grace \
+             has passed"
+        ));
+        return;
+    };
+    let withdraw: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
+        let _drain = drain;
+        let mut wait = FIRST_WAIT;
+        for attempt in 1..=WITHDRAWALS {
+            match stage.withdraw(&id).await {
+                Ok(()) => return,
+                Err(error) if attempt == WITHDRAWALS => log_error(format_args!(
+                    "a staged job ({id}) could not be withdrawn after {WITHDRAWALS} attempts: \
+                     it runs when its grace has passed: {error}"
+                )),
+                Err(_) => {
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                }
+            }
+        }
+    });
+    drop(runtime.spawn(withdraw));
 }
 
 impl From<StagedJob> for Task {
