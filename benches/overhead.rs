@@ -125,17 +125,20 @@ fn per_request(c: &mut Criterion) {
         })
     });
 
-    // The `metrics` feature is on in this crate: above, no recorder is installed (the
-    // facade's no-op); here, the Prometheus exporter's recorder, on this thread.
-    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
-    group.bench_function("layer, one task, Prometheus recorder", |b| {
-        metrics::with_local_recorder(&recorder, || {
-            b.iter(|| {
-                one_request(&mut one_task);
-                run_spawned(&rt);
+    // With `--features metrics`: above, no recorder is installed (the facade's no-op);
+    // here, the Prometheus exporter's recorder, on this thread.
+    #[cfg(feature = "metrics")]
+    {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        group.bench_function("layer, one task, Prometheus recorder", |b| {
+            metrics::with_local_recorder(&recorder, || {
+                b.iter(|| {
+                    one_request(&mut one_task);
+                    run_spawned(&rt);
+                })
             })
-        })
-    });
+        });
+    }
     group.finish();
 }
 
