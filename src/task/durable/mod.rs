@@ -99,17 +99,59 @@ impl DurableJob {
     }
 
     /// The job's id in the storage, fixed when the job was made.
+    ///
+    /// ```
+    /// # use apalis_core::backend::{Backend, TaskSink};
+    /// # fn handler<S, K>(storage: S)
+    /// # where
+    /// #     S: TaskSink<String, K> + Clone + Send + 'static,
+    /// #     <S as Backend>::Error: std::error::Error + Send + Sync + 'static,
+    /// #     K: 'static,
+    /// # {
+    /// let job = tower_background::DurableJob::new(storage, "a.csv".to_owned());
+    /// let status_path = format!("/jobs/{}", job.id());
+    /// # }
+    /// ```
     pub fn id(&self) -> &TaskId {
         &self.id
     }
 
     /// How a failing push is retried (by default 5 attempts, from 100 ms, up to 5 s apart).
+    ///
+    /// ```
+    /// # use apalis_core::backend::{Backend, TaskSink};
+    /// # fn handler<S, K>(storage: S)
+    /// # where
+    /// #     S: TaskSink<String, K> + Clone + Send + 'static,
+    /// #     <S as Backend>::Error: std::error::Error + Send + Sync + 'static,
+    /// #     K: 'static,
+    /// # {
+    /// use tower_background::{DurableJob, Retry};
+    ///
+    /// let job = DurableJob::new(storage, "a.csv".to_owned()).retry(Retry::attempts(10));
+    /// # }
+    /// ```
     pub fn retry(mut self, retry: Retry) -> Self {
         self.push = self.push.retry(retry);
         self
     }
 
     /// A timeout for each push attempt.
+    ///
+    /// ```
+    /// # use apalis_core::backend::{Backend, TaskSink};
+    /// # fn handler<S, K>(storage: S)
+    /// # where
+    /// #     S: TaskSink<String, K> + Clone + Send + 'static,
+    /// #     <S as Backend>::Error: std::error::Error + Send + Sync + 'static,
+    /// #     K: 'static,
+    /// # {
+    /// use std::time::Duration;
+    ///
+    /// let job = tower_background::DurableJob::new(storage, "a.csv".to_owned())
+    ///     .timeout(Duration::from_secs(5));
+    /// # }
+    /// ```
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.push = self.push.timeout(timeout);
         self

@@ -23,6 +23,13 @@ pub struct PostgresStage {
 
 impl PostgresStage {
     /// A stage on the pool of the storage the jobs are staged in.
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+    /// let pool = sqlx::PgPool::connect("postgres://localhost/jobs").await?;
+    /// let stage = tower_background::PostgresStage::new(&pool);
+    /// # Ok(()) }
+    /// ```
     pub fn new(pool: &PgPool) -> Self {
         PostgresStage { pool: pool.clone() }
     }

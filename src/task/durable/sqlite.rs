@@ -23,6 +23,13 @@ pub struct SqliteStage {
 
 impl SqliteStage {
     /// A stage on the pool of the storage the jobs are staged in.
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+    /// let pool = sqlx::SqlitePool::connect("sqlite:jobs.sqlite?mode=rwc").await?;
+    /// let stage = tower_background::SqliteStage::new(&pool);
+    /// # Ok(()) }
+    /// ```
     pub fn new(pool: &SqlitePool) -> Self {
         SqliteStage { pool: pool.clone() }
     }

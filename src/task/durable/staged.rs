@@ -26,6 +26,25 @@ use crate::task::single::Task;
 /// What a storage needs to release or withdraw a staged job: SQL against the storage's own
 /// tables, since apalis's storages offer no way to change a job's time to run. One
 /// implementation per storage, each tested against the real one.
+///
+/// ```
+/// use apalis_core::task::task_id::TaskId;
+/// use tower_background::{BoxError, Stage};
+///
+/// /// A storage of your own: `release` sets the job's time to run to now, `withdraw`
+/// /// deletes it if no worker has taken it.
+/// #[derive(Clone)]
+/// struct MyStage;
+///
+/// impl Stage for MyStage {
+///     async fn release(&self, id: &TaskId) -> Result<(), BoxError> {
+///         Ok(()) // UPDATE jobs SET run_at = now() WHERE id = $1 AND status = 'Pending'
+///     }
+///     async fn withdraw(&self, id: &TaskId) -> Result<(), BoxError> {
+///         Ok(()) // DELETE FROM jobs WHERE id = $1 AND status = 'Pending'
+///     }
+/// }
+/// ```
 pub trait Stage: Clone + Send + Sync + 'static {
     /// Makes the job runnable now, if it is still waiting for its grace to pass.
     fn release(&self, id: &TaskId) -> impl Future<Output = Result<(), BoxError>> + Send;
@@ -129,12 +148,49 @@ impl StagedJob {
     }
 
     /// The job's id in the storage.
+    ///
+    /// ```
+    /// # use apalis_core::backend::{Backend, TaskSink};
+    /// # async fn handler<S, K, T>(storage: S, stage: T) -> Result<(), tower_background::BoxError>
+    /// # where
+    /// #     S: TaskSink<String, K> + Clone + Send + 'static,
+    /// #     <S as Backend>::Error: std::error::Error + Send + Sync + 'static,
+    /// #     K: 'static,
+    /// #     T: tower_background::Stage,
+    /// # {
+    /// use std::time::Duration;
+    /// use tower_background::StagedJob;
+    ///
+    /// let job = StagedJob::stage(storage, stage, "a.csv".to_owned(), Duration::from_secs(60)).await?;
+    /// let status_path = format!("/jobs/{}", job.id());
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn id(&self) -> &TaskId {
         &self.id
     }
 
     /// How a failing release is retried (by default 5 attempts, from 100 ms, up to 5 s
     /// apart). A release that fails for good leaves the job to run after its grace.
+    ///
+    /// ```
+    /// # use apalis_core::backend::{Backend, TaskSink};
+    /// # async fn handler<S, K, T>(storage: S, stage: T) -> Result<(), tower_background::BoxError>
+    /// # where
+    /// #     S: TaskSink<String, K> + Clone + Send + 'static,
+    /// #     <S as Backend>::Error: std::error::Error + Send + Sync + 'static,
+    /// #     K: 'static,
+    /// #     T: tower_background::Stage,
+    /// # {
+    /// use std::time::Duration;
+    /// use tower_background::StagedJob;
+    ///
+    /// let job = StagedJob::stage(storage, stage, "a.csv".to_owned(), Duration::from_secs(60))
+    ///     .await?
+    ///     .retry(tower_background::Retry::attempts(10));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn retry(mut self, retry: Retry) -> Self {
         self.release = self.release.retry(retry);
         self
