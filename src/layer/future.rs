@@ -93,6 +93,10 @@ where
                 return Poll::Ready(Err(error));
             }
         };
+        // The path of most responses: no tasks anywhere, nothing to look into.
+        if request_tasks.is_none() && res.extensions().is_empty() {
+            return Poll::Ready(Ok(res.map(BackgroundBody::passthrough)));
+        }
         let Some(mut attached) =
             Attached::take_from(res.extensions_mut(), request_tasks, this.config)
         else {
