@@ -296,38 +296,14 @@ fn a_blocking_task_waiting_for_a_thread_counts_as_queued() {
 #[test]
 fn a_blocking_task_waiting_for_a_thread_never_starts_after_the_deadline_even_before_its_run_notices()
  {
-    use futures_util::FutureExt;
-    use tower::{Layer, ServiceExt};
-
     let runtime = tokio::runtime::Builder::new_current_thread()
         .max_blocking_threads(1)
         .enable_all()
         .build()
         .unwrap();
     runtime.block_on(async {
-        let deadline_seen = Arc::new(AtomicBool::new(false));
-        let errors = Probe::<tower_background::TaskError>::new();
-        let layer = {
-            let (seen, errors) = (deadline_seen.clone(), errors.sender());
-            BackgroundLayer::new().on_error(move |err| {
-                if err.name() == "probe" {
-                    seen.store(true, SeqCst);
-                } else {
-                    let _ = errors.send(err);
-                }
-            })
-        };
+        let (layer, errors, deadline) = layer_watching_the_deadline();
         let background = layer.handle();
-        // A response dropped at once, carrying a task: after the deadline, its task is
-        // reported skipped at once (the only outside sign that the deadline passed).
-        let probe = layer
-            .clone()
-            .layer(tower::service_fn(|_req: http::Request<()>| {
-                let mut res = Response::new(full(""));
-                res.extensions_mut()
-                    .insert(Task::new(async {}).named("probe"));
-                std::future::ready(Ok::<_, std::convert::Infallible>(res))
-            }));
         let started = Arc::new(AtomicBool::new(false));
         let release = Arc::new(Barrier::new(2));
         let holding = Probe::new();
@@ -346,29 +322,7 @@ fn a_blocking_task_waiting_for_a_thread_never_starts_after_the_deadline_even_bef
             let started = started.clone();
             group.push(Task::blocking(move || started.store(true, SeqCst)).named("queued"));
         }
-        {
-            let (seen, release) = (deadline_seen.clone(), release.clone());
-            group.push(
-                Task::new(std::future::poll_fn(move |cx| {
-                    let res = probe.clone().oneshot(http::Request::new(())).now_or_never();
-                    drop(res);
-                    if !seen.load(SeqCst) {
-                        cx.waker().wake_by_ref();
-                        return std::task::Poll::Pending;
-                    }
-                    // The deadline has passed; the run is in this poll. Free the thread,
-                    // and wait until the pool has taken its next job (first in, first
-                    // out: the queued task's, then this marker).
-                    let release = release.clone();
-                    std::thread::spawn(move || release.wait());
-                    let (done, marker) = std::sync::mpsc::channel();
-                    drop(tokio::task::spawn_blocking(move || done.send(())));
-                    let _ = marker.recv_timeout(PATIENCE);
-                    std::task::Poll::Ready(())
-                }))
-                .named("spinner"),
-            );
-        }
+        group.push(free_the_pool_at_the_deadline(deadline, release.clone()));
         let sets = Handoff::new();
         sets.put(group);
         let addr = {

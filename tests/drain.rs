@@ -520,16 +520,6 @@ async fn a_later_drain_returns_at_once_after_the_first_deadline() {
     assert_eq!(later.stats().cancelled, 1, "{later}");
 }
 
-/// Meets the barrier a blocking task waits at, from a thread of its own, when dropped.
-struct ReleaseOnDrop(Arc<std::sync::Barrier>);
-
-impl Drop for ReleaseOnDrop {
-    fn drop(&mut self) {
-        let barrier = self.0.clone();
-        std::thread::spawn(move || barrier.wait());
-    }
-}
-
 /// Outside attack on the drain: two drains at once share the shorter deadline. The longer
 /// one returns with it, even while a response with tasks is still being sent (its tasks
 /// will be reported skipped when it ends); it used to wait for that response up to its

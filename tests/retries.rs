@@ -573,17 +573,6 @@ fn a_blocking_retry_that_never_got_a_thread_is_not_counted_as_an_attempt() {
     });
 }
 
-/// Frees a barrier's other side from a thread of its own when dropped, however the test
-/// ends (a runtime waits for its blocking threads when it shuts down).
-struct ReleaseOnDrop(Arc<std::sync::Barrier>);
-
-impl Drop for ReleaseOnDrop {
-    fn drop(&mut self) {
-        let barrier = self.0.clone();
-        std::thread::spawn(move || barrier.wait());
-    }
-}
-
 /// Outside attack: when the pool thread itself saw the deadline and gave up a blocking
 /// retry, the task was reported `Skipped(Shutdown)`, as if it had never started, though its
 /// first attempt ran. Here the group's other task, polled first after the deadline, frees
@@ -591,63 +580,21 @@ impl Drop for ReleaseOnDrop {
 /// deadline before the run does.
 #[test]
 fn a_blocking_retry_given_up_by_its_thread_at_the_deadline_is_cancelled_not_skipped() {
-    use futures_util::FutureExt;
-    use tower::{Layer, ServiceExt};
-
     let runtime = tokio::runtime::Builder::new_current_thread()
         .max_blocking_threads(1)
         .enable_all()
         .build()
         .unwrap();
     runtime.block_on(async {
-        let deadline_seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let errors = Probe::<tower_background::TaskError>::new();
-        let layer = {
-            let (seen, errors) = (deadline_seen.clone(), errors.sender());
-            BackgroundLayer::new().on_error(move |err| {
-                if err.name() == "probe" {
-                    seen.store(true, SeqCst);
-                } else {
-                    let _ = errors.send(err);
-                }
-            })
-        };
+        let (layer, errors, deadline) = layer_watching_the_deadline();
         let background = layer.handle();
-        let probe = layer
-            .clone()
-            .layer(tower::service_fn(|_req: http::Request<()>| {
-                let mut res = Response::new(full(""));
-                res.extensions_mut()
-                    .insert(Task::new(async {}).named("probe"));
-                std::future::ready(Ok::<_, std::convert::Infallible>(res))
-            }));
         let blocker = Arc::new(std::sync::Barrier::new(2));
         let _release = ReleaseOnDrop(blocker.clone());
         let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let made = Probe::new();
         let mut group = Tasks::group();
         group.push(flaky_blocking(&made, blocker.clone(), ran.clone()));
-        {
-            let (seen, blocker) = (deadline_seen.clone(), blocker.clone());
-            let mut released = false;
-            group.push(
-                Task::new(std::future::poll_fn(move |cx| {
-                    drop(probe.clone().oneshot(http::Request::new(())).now_or_never());
-                    if !seen.load(SeqCst) || released {
-                        cx.waker().wake_by_ref();
-                        return std::task::Poll::Pending;
-                    }
-                    released = true;
-                    let blocker = blocker.clone();
-                    std::thread::spawn(move || blocker.wait());
-                    let (done, marker) = std::sync::mpsc::channel();
-                    drop(tokio::task::spawn_blocking(move || done.send(())));
-                    let _ = marker.recv_timeout(PATIENCE);
-                    std::task::Poll::Ready(())
-                }))
-                .named("spinner"),
-            );
-        }
+        group.push(free_the_pool_at_the_deadline(deadline, blocker.clone()));
         let sets = Handoff::new();
         sets.put(group);
         let s = sets.clone();

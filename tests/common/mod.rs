@@ -313,3 +313,85 @@ pub async fn until(what: &str, mut condition: impl FnMut() -> bool) {
         panic!("timed out waiting until {what}");
     }
 }
+
+/// Meets the barrier a blocking task waits at, from a thread of its own, when dropped:
+/// however a test ends, the runtime (which waits for its blocking threads when it shuts
+/// down) is not left waiting.
+pub struct ReleaseOnDrop(pub Arc<std::sync::Barrier>);
+
+impl Drop for ReleaseOnDrop {
+    fn drop(&mut self) {
+        let barrier = self.0.clone();
+        std::thread::spawn(move || barrier.wait());
+    }
+}
+
+/// Tells, from inside a task, whether a drain's deadline has passed: a response of the
+/// same layer, carrying a task named `probe`, is dropped at once; after the deadline its
+/// task is reported skipped at once (the only outside sign that the deadline passed).
+#[derive(Clone)]
+pub struct Deadline {
+    seen: Arc<std::sync::atomic::AtomicBool>,
+    probe: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl Deadline {
+    pub fn passed(&self) -> bool {
+        (self.probe)();
+        self.seen.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A layer whose `on_error` reports go to the returned probe, but for those of the
+/// [`Deadline`] it also returns.
+pub fn layer_watching_the_deadline() -> (BackgroundLayer, Probe<TaskError>, Deadline) {
+    use tower::ServiceExt;
+
+    let seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let errors = Probe::<TaskError>::new();
+    let layer = {
+        let (seen, errors) = (seen.clone(), errors.sender());
+        BackgroundLayer::new().on_error(move |err| {
+            if err.name() == "probe" {
+                seen.store(true, std::sync::atomic::Ordering::SeqCst);
+            } else {
+                let _ = errors.send(err);
+            }
+        })
+    };
+    let svc = layer.clone().layer(service_fn(|_req: Request<()>| {
+        let mut res = Response::new(full(""));
+        res.extensions_mut()
+            .insert(tower_background::Task::new(async {}).named("probe"));
+        std::future::ready(Ok::<_, Infallible>(res))
+    }));
+    // Polled once: the service answers at once; the response is dropped there.
+    let probe = Arc::new(move || {
+        let call = std::pin::pin!(svc.clone().oneshot(Request::new(())));
+        drop(call.poll(&mut Context::from_waker(std::task::Waker::noop())));
+    });
+    (layer, errors, Deadline { seen, probe })
+}
+
+/// A task that spins until `deadline` has passed, then, in that very poll of its run,
+/// frees the blocking pool's only thread (held at `blocker`) and waits until the pool has
+/// taken its next job (first in, first out: whatever was queued, then a marker). So the
+/// pool thread sees the deadline before the run is polled again.
+pub fn free_the_pool_at_the_deadline(
+    deadline: Deadline,
+    blocker: Arc<std::sync::Barrier>,
+) -> tower_background::Task {
+    tower_background::Task::new(std::future::poll_fn(move |cx| {
+        if !deadline.passed() {
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        let blocker = blocker.clone();
+        std::thread::spawn(move || blocker.wait());
+        let (done, marker) = std::sync::mpsc::channel();
+        drop(tokio::task::spawn_blocking(move || done.send(())));
+        let _ = marker.recv_timeout(PATIENCE);
+        Poll::Ready(())
+    }))
+    .named("spinner")
+}
