@@ -16,6 +16,9 @@
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
+mod durable_common;
+
+use durable_common::serve_jobs;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -81,41 +84,13 @@ fn now() -> i64 {
         .as_secs() as i64
 }
 
-/// Serves responses with a streamed body released by the test, carrying what `attach`
-/// makes (it may write to the storage first: a staged job); sends each job's id to `ids`.
-async fn serve_jobs<F, Fut>(
-    layer: BackgroundLayer,
-    attach: F,
-) -> (std::net::SocketAddr, Probe<TaskId>, Handoff<Chunks>)
-where
-    F: Fn() -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = (TaskId, Task)> + Send + 'static,
-{
-    let ids = Probe::new();
-    let chunks = Handoff::new();
-    let (i, c) = (ids.clone(), chunks.clone());
-    let svc = layered(layer, move |_req| {
-        let (ids, chunks, attach) = (i.clone(), c.clone(), attach.clone());
-        async move {
-            let (id, task) = attach().await;
-            ids.send(id);
-            let (tx, body) = channel_body();
-            chunks.put(tx);
-            let mut res = Response::new(body);
-            res.extensions_mut().insert(task);
-            res
-        }
-    });
-    (serve_service(svc).await, ids, chunks)
-}
-
 #[tokio::test]
 async fn postgres_a_job_is_pushed_only_once_its_response_is_complete() {
     let Some(pool) = database().await else { return };
     let layer = BackgroundLayer::new();
     let background = layer.handle();
     let storage = PostgresStorage::<ProcessFile>::new(&pool);
-    let (addr, ids, chunks) = serve_jobs(layer, move || {
+    let (addr, ids, chunks) = serve_jobs(layer, http::StatusCode::ACCEPTED, move || {
         let storage = storage.clone();
         async move {
             let job = DurableJob::new(
@@ -178,7 +153,7 @@ async fn postgres_a_staged_job_is_released_when_its_response_completes() {
         PostgresStorage::<ProcessFile>::new(&pool),
         PostgresStage::new(&pool),
     );
-    let (addr, ids, chunks) = serve_jobs(layer, move || {
+    let (addr, ids, chunks) = serve_jobs(layer, http::StatusCode::ACCEPTED, move || {
         let (storage, stage) = (storage.clone(), stage.clone());
         async move {
             let args = ProcessFile {
@@ -224,7 +199,7 @@ async fn postgres_a_staged_job_of_a_response_dropped_early_with_skip_is_withdraw
         PostgresStorage::<ProcessFile>::new(&pool),
         PostgresStage::new(&pool),
     );
-    let (addr, ids, chunks) = serve_jobs(layer, move || {
+    let (addr, ids, chunks) = serve_jobs(layer, http::StatusCode::ACCEPTED, move || {
         let (storage, stage) = (storage.clone(), stage.clone());
         async move {
             let args = ProcessFile {

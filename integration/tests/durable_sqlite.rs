@@ -5,6 +5,9 @@
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
+mod durable_common;
+
+use durable_common::serve_jobs;
 
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 
@@ -253,35 +256,25 @@ fn now() -> i64 {
 
 const GRACE: Duration = Duration::from_secs(3600);
 
-/// Serves responses that stage a job before they are produced, with a streamed body
-/// released by the test; `status` is the response's status.
+/// Serves responses of `status` that stage a job before they are produced, with a streamed
+/// body released by the test.
 async fn serve_staged(
     pool: &SqlitePool,
     layer: BackgroundLayer,
     status: http::StatusCode,
 ) -> (std::net::SocketAddr, Probe<TaskId>, Handoff<Chunks>) {
-    let ids = Probe::new();
-    let chunks = Handoff::new();
-    let (i, c) = (ids.clone(), chunks.clone());
     let (storage, stage) = (SqliteStorage::new(pool), SqliteStage::new(pool));
-    let svc = layered(layer, move |_req| {
-        let (ids, chunks, storage, stage) = (i.clone(), c.clone(), storage.clone(), stage.clone());
+    serve_jobs(layer, status, move || {
+        let (storage, stage) = (storage.clone(), stage.clone());
         async move {
             let args = ProcessFile {
                 path: "staged.csv".into(),
             };
             let job = StagedJob::stage(storage, stage, args, GRACE).await.unwrap();
-            ids.send(job.id().clone());
-            let (tx, body) = channel_body();
-            chunks.put(tx);
-            let mut res = Response::new(body);
-            *res.status_mut() = status;
-            res.extensions_mut()
-                .insert(tower_background::Task::from(job));
-            res
+            (job.id().clone(), tower_background::Task::from(job))
         }
-    });
-    (serve_service(svc).await, ids, chunks)
+    })
+    .await
 }
 
 #[tokio::test]
