@@ -6,8 +6,10 @@
 //! count per request.
 //!
 //! ```text
-//! instructions <variant> <requests>
+//! instructions <variant> <requests> [--sizes]
 //! ```
+//!
+//! `--sizes` also prints the size of every allocation of the last request (to stderr).
 //!
 //! Variants: `bare`, `layer-no-task`, `spawn`, `one-task`, `one-retryable`, `seq-8`,
 //! `seq-64`, `group-8`, `group-64`.
@@ -33,12 +35,24 @@ struct Counting;
 
 static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
 static BYTES: AtomicU64 = AtomicU64::new(0);
+/// While set, every allocation's size is printed to stderr (`--sizes`: where the bytes of
+/// one request go).
+static TRACE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn trace(size: usize) {
+    if TRACE.load(Relaxed) {
+        TRACE.store(false, Relaxed);
+        eprintln!("  allocation of {size} bytes");
+        TRACE.store(true, Relaxed);
+    }
+}
 
 // SAFETY: forwards every call to the system allocator unchanged; only counts.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Relaxed);
         BYTES.fetch_add(layout.size() as u64, Relaxed);
+        trace(layout.size());
         // SAFETY: the caller's contract is the system allocator's.
         unsafe { System.alloc(layout) }
     }
@@ -51,6 +65,7 @@ unsafe impl GlobalAlloc for Counting {
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         ALLOCATIONS.fetch_add(1, Relaxed);
         BYTES.fetch_add(new_size as u64, Relaxed);
+        trace(new_size);
         // SAFETY: the caller's contract is the system allocator's.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -168,9 +183,13 @@ fn variant(name: &str, done: &Arc<AtomicUsize>) -> (Serve, usize) {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let [_, name, requests] = &args[..] else {
-        eprintln!("usage: instructions <variant> <requests>");
-        std::process::exit(2);
+    let (name, requests, sizes) = match &args[..] {
+        [_, name, requests] => (name, requests, false),
+        [_, name, requests, flag] if flag == "--sizes" => (name, requests, true),
+        _ => {
+            eprintln!("usage: instructions <variant> <requests> [--sizes]");
+            std::process::exit(2);
+        }
     };
     let requests: usize = requests.parse().expect("a number of requests");
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -187,8 +206,11 @@ fn main() {
     }
     let (allocations, bytes) = (ALLOCATIONS.load(Relaxed), BYTES.load(Relaxed));
     for n in warm_up + 1..=warm_up + requests {
+        // `--sizes`: the size of every allocation of the last request.
+        TRACE.store(sizes && n == warm_up + requests, Relaxed);
         serve(&rt, &done, n * per_request);
     }
+    TRACE.store(false, Relaxed);
     let per = |counter: &AtomicU64, before: u64| {
         (counter.load(Relaxed) - before) as f64 / requests as f64
     };

@@ -9,7 +9,7 @@ use bytes::Buf;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::layer::completion::Completion;
+use crate::layer::completion::{Completion, Next};
 
 pin_project! {
     /// The response body of [`Background`](crate::Background): the inner body, unchanged,
@@ -50,12 +50,20 @@ pin_project! {
     pub struct BackgroundBody<B> {
         #[pin]
         inner: B,
-        completion: Option<Completion>,
+        completion: Option<Box<Completion>>,
+    }
+
+    impl<B> PinnedDrop for BackgroundBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(completion) = this.project().completion.take() {
+                completion.dropped();
+            }
+        }
     }
 }
 
 impl<B> BackgroundBody<B> {
-    pub(crate) fn new(inner: B, completion: Option<Completion>) -> Self {
+    pub(crate) fn new(inner: B, completion: Option<Box<Completion>>) -> Self {
         BackgroundBody { inner, completion }
     }
 
@@ -106,19 +114,26 @@ impl<B: Body> Body for BackgroundBody<B> {
         let this = self.project();
         let mut inner = this.inner;
         let frame = ready!(inner.as_mut().poll_frame(cx));
-        if let Some(completion) = this.completion {
-            match &frame {
+        if let Some(completion) = this.completion.as_mut() {
+            let next = match &frame {
                 None => completion.on_end(),
                 Some(Err(_)) => completion.on_error(),
                 Some(Ok(frame)) => {
+                    let mut next = Next::Wait;
                     if let Some(data) = frame.data_ref() {
-                        completion.on_data(data.remaining());
+                        next = completion.on_data(data.remaining());
                     } else if frame.is_trailers() {
-                        completion.on_end();
+                        next = completion.on_end();
                     }
-                    if inner.is_end_stream() {
-                        completion.on_end();
+                    if matches!(next, Next::Wait) && inner.is_end_stream() {
+                        next = completion.on_end();
                     }
+                    next
+                }
+            };
+            if let Next::Fire { early } = next {
+                if let Some(completion) = this.completion.take() {
+                    completion.fire(early);
                 }
             }
         }

@@ -5,6 +5,7 @@
 //! The body wrapper only forwards frames and tells this type what it saw; every decision
 //! about when the response counts as sent lives here.
 
+use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
 use crate::run::tracker::Token;
@@ -108,11 +109,15 @@ impl Attached {
 }
 
 /// Fires the attached tasks exactly once: on completion, or when dropped.
+///
+/// Boxed by the body wrapper ([`BackgroundBody`](crate::BackgroundBody)), which hands
+/// the box over when the tasks fire: the tasks' ledger is written into it in place of
+/// what was attached, and the spawned run keeps it there. So a response without tasks
+/// carries one pointer in its body (not about 300 bytes to move at every step), and a
+/// response with tasks pays for this box what it paid before for the list of a lone task
+/// and a larger spawned run (`benches/instructions.sh`).
 pub(crate) struct Completion {
-    /// Not boxed, though large (about 200 bytes): boxing it saved 7 ns per request and 4%
-    /// per task in `benches/overhead.rs` (smaller moves of the body), but cost an
-    /// allocation of 176 bytes per response with tasks (`tests/allocations.rs`).
-    attached: Option<Attached>,
+    phase: Phase,
     framing: Framing,
     http2: bool,
     /// Bytes of data handed to the server so far.
@@ -122,11 +127,29 @@ pub(crate) struct Completion {
     may_drop: bool,
 }
 
+/// What a [`Completion`] holds: the tasks found on the response until they fire, then the
+/// ledger that runs them.
+enum Phase {
+    Attached(Attached),
+    Running(Ledger),
+    /// Fired, and its ledger moved elsewhere (only by the `Drop` fallback).
+    Done,
+}
+
+/// What the body wrapper is to do after telling a [`Completion`] what it saw.
+#[must_use]
+pub(crate) enum Next {
+    /// Keep going.
+    Wait,
+    /// Fire the tasks now: `early` if the response will not be complete.
+    Fire { early: bool },
+}
+
 impl Completion {
     pub(crate) fn new(attached: Attached, shape: ResponseShape<'_>) -> Self {
         let framing = Framing::of(&shape);
         Completion {
-            attached: Some(attached),
+            phase: Phase::Attached(attached),
             framing,
             http2: shape.request.http2,
             sent: 0,
@@ -138,55 +161,75 @@ impl Completion {
     /// Settles `attached` as if its response had been dropped before it was complete: it
     /// never left the layer.
     pub(crate) fn dropped_early(attached: Attached) {
-        drop(Completion {
-            attached: Some(attached),
+        Box::new(Completion {
+            phase: Phase::Attached(attached),
             framing: Framing::Refused,
             http2: false,
             sent: 0,
             may_drop: false,
-        });
+        })
+        .dropped();
     }
 
     /// The body handed `len` bytes of data to the server.
-    pub(crate) fn on_data(&mut self, len: usize) {
+    pub(crate) fn on_data(&mut self, len: usize) -> Next {
         self.sent = self.sent.saturating_add(len as u64);
         if let Framing::Length(declared) = self.framing {
             if self.http2 && self.sent > declared {
                 // More than declared: the client will reset the stream.
                 self.framing = Framing::Refused;
-                self.fire(true);
+                return Next::Fire { early: true };
             } else if !self.http2 && self.sent >= declared {
                 // hyper stops here.
-                self.complete();
+                return self.complete();
             }
         }
+        Next::Wait
     }
 
     /// The body reached its end: `None`, trailers, or `is_end_stream()` after a frame.
-    pub(crate) fn on_end(&mut self) {
+    pub(crate) fn on_end(&mut self) -> Next {
         match self.framing {
             // HTTP/1 with too few bytes: hyper aborts the message; HTTP/2 with any other
             // count than declared: the client resets the stream.
-            Framing::Length(declared) if self.sent != declared => self.fire(true),
-            Framing::Refused => self.fire(true),
+            Framing::Length(declared) if self.sent != declared => Next::Fire { early: true },
+            Framing::Refused => Next::Fire { early: true },
             _ => self.complete(),
         }
     }
 
     /// The body yielded an error: the response will not be completed.
-    pub(crate) fn on_error(&mut self) {
-        self.fire(true);
+    pub(crate) fn on_error(&mut self) -> Next {
+        Next::Fire { early: true }
     }
 
-    fn complete(&mut self) {
+    fn complete(&mut self) -> Next {
         self.may_drop = true;
-        self.fire(false);
+        Next::Fire { early: false }
     }
 
-    fn fire(&mut self, early: bool) {
-        let Some(attached) = self.attached.take() else {
+    /// The body is dropped: its tasks fire now, early unless the response was complete
+    /// (or carries no body).
+    pub(crate) fn dropped(self: Box<Self>) {
+        let early = !self.may_drop;
+        self.fire(early);
+    }
+
+    /// Fires the tasks: builds their ledger in this box and starts it there.
+    pub(crate) fn fire(mut self: Box<Self>, early: bool) {
+        let Phase::Attached(attached) = std::mem::replace(&mut self.phase, Phase::Done) else {
             return;
         };
+        let (ledger, runtime, token) = attached.into_ledger(early);
+        self.phase = Phase::Running(ledger);
+        Ledger::start(Fired(self), runtime.as_ref(), token);
+    }
+}
+
+impl Attached {
+    /// The ledger of the tasks, counted and judged, ready to start; with the runtime to
+    /// start it on and the response's token of the drain.
+    fn into_ledger(self, early: bool) -> (Ledger, Option<Handle>, Option<Token>) {
         let Attached {
             tasks,
             single,
@@ -196,7 +239,7 @@ impl Completion {
             parent,
             token,
             met,
-        } = attached;
+        } = self;
         // The span moves into the ledger: cloning it would call into the subscriber.
         let mut parent = Some(parent);
         let mut ledger: Option<Ledger> = None;
@@ -219,11 +262,13 @@ impl Completion {
                 }
                 ledger
             }
-            None => Ledger::new(
-                TakenTasks::sequence(single.into_iter().collect()),
-                config,
-                parent.unwrap_or_else(ParentSpan::current),
-            ),
+            None => {
+                let parent = parent.unwrap_or_else(ParentSpan::current);
+                match single {
+                    Some(job) => Ledger::alone(job, config, parent),
+                    None => Ledger::new(TakenTasks::sequence(Vec::new()), config, parent),
+                }
+            }
         };
         let shared = &ledger.config().shared;
         shared.counters.response_done(expected, ledger.len());
@@ -237,13 +282,42 @@ impl Completion {
         } else if early {
             ledger.skip_on_early_drop();
         }
-        ledger.start(runtime.as_ref(), token);
+        (ledger, runtime, token)
     }
 }
 
 impl Drop for Completion {
+    /// A completion dropped before it fired (only if its box was dropped rather than
+    /// handed on: the body wrapper always hands it on) still fires, so that no task is
+    /// ever dropped unaccounted for. Its ledger then goes into a box of its own.
     fn drop(&mut self) {
-        let early = !self.may_drop;
-        self.fire(early);
+        if let Phase::Attached(attached) = std::mem::replace(&mut self.phase, Phase::Done) {
+            let (ledger, runtime, token) = attached.into_ledger(!self.may_drop);
+            Ledger::start(Box::new(ledger), runtime.as_ref(), token);
+        }
+    }
+}
+
+/// A fired [`Completion`], seen as the ledger it now holds: what the spawned run keeps.
+struct Fired(Box<Completion>);
+
+impl Deref for Fired {
+    type Target = Ledger;
+
+    fn deref(&self) -> &Ledger {
+        match &self.0.phase {
+            Phase::Running(ledger) => ledger,
+            // `Fired` is only made of a completion whose ledger was just written.
+            Phase::Attached(_) | Phase::Done => unreachable!("a fired completion holds its ledger"),
+        }
+    }
+}
+
+impl DerefMut for Fired {
+    fn deref_mut(&mut self) -> &mut Ledger {
+        match &mut self.0.phase {
+            Phase::Running(ledger) => ledger,
+            Phase::Attached(_) | Phase::Done => unreachable!("a fired completion holds its ledger"),
+        }
     }
 }

@@ -58,6 +58,7 @@ pin_project! {
 }
 
 impl<F> ResponseFuture<F> {
+    #[inline]
     pub(crate) fn new(
         inner: F,
         request: RequestKind,
@@ -80,11 +81,12 @@ where
 {
     type Output = Result<Response<BackgroundBody<B>>, E>;
 
+    #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let outcome = ready!(this.inner.poll(cx));
         let request_tasks = this.request_tasks.take();
-        let mut res = match outcome {
+        let res = match outcome {
             Ok(res) => res,
             Err(error) => {
                 if let Some(tasks) = request_tasks {
@@ -97,36 +99,50 @@ where
         if request_tasks.is_none() && res.extensions().is_empty() {
             return Poll::Ready(Ok(res.map(BackgroundBody::passthrough)));
         }
-        let Some(mut attached) =
-            Attached::take_from(res.extensions_mut(), request_tasks, this.config)
-        else {
-            return Poll::Ready(Ok(res.map(BackgroundBody::passthrough)));
-        };
-        attached.judge(res.status(), res.headers());
-        // The body's own methods are user code: if one panics, the response never leaves,
-        // which is an early drop for the tasks already counted.
-        let body = res.body();
-        let asked = catch_unwind(AssertUnwindSafe(|| {
-            (body.is_end_stream(), body.size_hint().exact())
-        }));
-        let (body_at_end, exact_size) = match asked {
-            Ok(answers) => answers,
-            Err(panic) => {
-                Completion::dropped_early(attached);
-                resume_unwind(panic)
-            }
-        };
-        let shape = ResponseShape {
-            request: *this.request,
-            status: res.status(),
-            headers: res.headers(),
-            body_at_end,
-            exact_size,
-            version: res.version(),
-        };
-        let completion = Completion::new(attached, shape);
-        Poll::Ready(Ok(
-            res.map(|body| BackgroundBody::new(body, Some(completion)))
-        ))
+        Poll::Ready(Ok(with_tasks(
+            res,
+            request_tasks,
+            *this.request,
+            this.config,
+        )))
     }
+}
+
+/// The response of a request or a response that may carry tasks: takes them, and wraps
+/// the body in what starts them once the response is complete. Kept out of
+/// [`ResponseFuture::poll`], so that the path of a response without tasks stays small.
+fn with_tasks<B: Body>(
+    mut res: Response<B>,
+    request_tasks: Option<Tasks>,
+    request: RequestKind,
+    config: &Arc<Config>,
+) -> Response<BackgroundBody<B>> {
+    let Some(mut attached) = Attached::take_from(res.extensions_mut(), request_tasks, config)
+    else {
+        return res.map(BackgroundBody::passthrough);
+    };
+    attached.judge(res.status(), res.headers());
+    // The body's own methods are user code: if one panics, the response never leaves,
+    // which is an early drop for the tasks already counted.
+    let body = res.body();
+    let asked = catch_unwind(AssertUnwindSafe(|| {
+        (body.is_end_stream(), body.size_hint().exact())
+    }));
+    let (body_at_end, exact_size) = match asked {
+        Ok(answers) => answers,
+        Err(panic) => {
+            Completion::dropped_early(attached);
+            resume_unwind(panic)
+        }
+    };
+    let shape = ResponseShape {
+        request,
+        status: res.status(),
+        headers: res.headers(),
+        body_at_end,
+        exact_size,
+        version: res.version(),
+    };
+    let completion = Box::new(Completion::new(attached, shape));
+    res.map(|body| BackgroundBody::new(body, Some(completion)))
 }

@@ -89,6 +89,7 @@ where
         self.inner.poll_ready(cx)
     }
 
+    #[inline]
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         // Only flags are kept of the request: cloning an extension `Method` would allocate.
         let request = RequestKind {

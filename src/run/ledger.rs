@@ -3,7 +3,7 @@
 //! every task exactly once, whatever stops the run.
 
 use std::future::Future;
-use std::ops::Range;
+use std::ops::{DerefMut, Range};
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::error::{CancelReason, SkipReason, TaskError, TaskErrorKind};
 use crate::policy::{OnEarlyDrop, OnFailure};
 use crate::run::execute::{Gate, Started, admit_after, execute};
+use crate::run::jobs::Jobs;
 #[cfg(feature = "metrics")]
 use crate::run::metrics::StartMetrics;
 use crate::run::report::log_retry;
@@ -31,7 +32,7 @@ use crate::task::single::{Attempt, Job, Stage, Work};
 /// runtime shut down) is reported then.
 pub(crate) struct Ledger {
     /// The tasks of every set, in the order the sets run.
-    jobs: Vec<Job>,
+    jobs: Jobs,
     /// The first set, and the others (rarely any: merged sets, request-scoped tasks).
     first: Set,
     more: Vec<Set>,
@@ -68,9 +69,20 @@ impl Ledger {
     /// A ledger whose first set is `first`: its list of jobs becomes the ledger's.
     pub(crate) fn new(first: TakenTasks, config: Arc<Config>, parent: ParentSpan) -> Self {
         let set = Set::of(&first, first.jobs.len());
+        Ledger::of(Jobs::Many(first.jobs), set, config, parent)
+    }
+
+    /// A ledger of one [`Task`](crate::Task), alone on its response: a sequence of one
+    /// under the layer's settings, kept without a list.
+    pub(crate) fn alone(job: Job, config: Arc<Config>, parent: ParentSpan) -> Self {
+        let set = Set::of(&TakenTasks::sequence(Vec::new()), 1);
+        Ledger::of(Jobs::One(job), set, config, parent)
+    }
+
+    fn of(jobs: Jobs, first: Set, config: Arc<Config>, parent: ParentSpan) -> Self {
         Ledger {
-            jobs: first.jobs,
-            first: set,
+            jobs,
+            first,
             more: Vec::new(),
             config,
             parent,
@@ -149,7 +161,10 @@ impl Ledger {
         }
     }
 
-    /// Starts the tasks on `runtime`, or reports them all as not run if there is none.
+    /// Starts the tasks of `ledger` on `runtime`, or reports them all as not run if there
+    /// is none. `ledger` is whatever holds the ledger: the run keeps it where it is (in
+    /// the allocation the response's body already made for it) rather than moving it into
+    /// the spawned task, which would make that task larger.
     ///
     /// Never panics and never blocks: this is called from `Drop`. If the runtime has shut
     /// down, tokio drops the spawned run unpolled, and the ledger reports every task then.
@@ -157,21 +172,23 @@ impl Ledger {
     /// `token` is the response's token of the drain's tracker, if it held one: the run
     /// carries it on, so that the drain never sees a gap between the response and its
     /// tasks.
-    pub(crate) fn start(self, runtime: Option<&Handle>, token: Option<Token>) {
-        if self.jobs.iter().all(|job| job.stage == Stage::Settled) {
+    pub(crate) fn start<L>(mut ledger: L, runtime: Option<&Handle>, token: Option<Token>)
+    where
+        L: DerefMut<Target = Ledger> + Send + 'static,
+    {
+        if ledger.jobs.iter().all(|job| job.stage == Stage::Settled) {
             return;
         }
         match runtime {
             Some(handle) => {
-                let shared = &self.config.shared;
+                let shared = &ledger.config.shared;
                 // A response without tasks when it left the service held no token.
                 let token = token.unwrap_or_else(|| shared.tracker.token());
                 let tokens = (token, shared.runs.token());
-                drop(handle.spawn(self.run_until_cancelled(tokens)));
+                drop(handle.spawn(run_until_cancelled(ledger, tokens)));
             }
             None => {
                 drop(token);
-                let mut ledger = self;
                 ledger.settle_all(Stage::Queued, || {
                     TaskErrorKind::Skipped(SkipReason::NoRuntime)
                 });
@@ -179,80 +196,53 @@ impl Ledger {
         }
     }
 
-    /// Runs the sets in order, until the end or until a drain's deadline cancels them.
-    /// `tokens` keep a drain waiting until then.
-    ///
-    // Not an `async fn`: one would store the ledger twice (as its argument and in the
-    // borrowed `run` future), 128 bytes more in every run's spawned task (measured by
-    // `tests/allocations.rs`).
-    #[allow(clippy::manual_async_fn)]
-    fn run_until_cancelled(mut self, tokens: (Token, Token)) -> impl Future<Output = ()> + Send {
-        async move {
-            let _tokens = &tokens;
-            // An `Arc` of the settings: the flag lives in them.
-            let config = self.config.clone();
-            {
-                let work = pin!(self.run());
-                let deadline = pin!(config.shared.cancel.cancelled());
-                select(work, deadline).await;
-            }
-            // A drain's deadline: what runs now is cancelled, and what has not started
-            // never will (`may_start` keeps waiting tasks from starting after it).
-            if config.shared.cancel.is_cancelled() {
-                for started in [Stage::Running, Stage::Backoff] {
-                    self.settle_all(started, || TaskErrorKind::Cancelled(CancelReason::Shutdown));
-                }
-                self.settle_all(Stage::Queued, || {
-                    TaskErrorKind::Skipped(SkipReason::Shutdown)
-                });
-            }
-        }
-    }
-
+    /// Runs the sets in order. A sequence's loop is written here, not in a function of its
+    /// own: an `async fn` per set would store its arguments beside its locals, and this
+    /// future lives in every run's spawned task (`benches/instructions.sh` counts it).
     async fn run(&mut self) {
-        for index in 0..=self.more.len() {
-            let Some((range, set)) = self.set(index) else {
-                break;
-            };
-            let (group, on_failure) = (set.group, set.on_failure);
-            if group {
+        let mut index = 0;
+        while let Some((range, set)) = self.set(index) {
+            index += 1;
+            let on_failure = set.on_failure;
+            if set.group {
                 // Boxed: a group's state is large, and most runs have none.
                 Box::pin(self.run_group(range, on_failure)).await;
-            } else {
-                self.run_in_order(range, on_failure).await;
-            }
-        }
-    }
-
-    async fn run_in_order(&mut self, range: Range<usize>, on_failure: OnFailure) {
-        for position in range.clone() {
-            let mut backoff = None;
-            let outcome = loop {
-                let permit = admit_after(backoff, self.config.limit.clone()).await;
-                if !self.may_start() {
-                    return;
-                }
-                let Some(started) = self.start_task(position) else {
-                    break None;
-                };
-                let outcome = execute(started, permit).await;
-                match self.retry(position, outcome) {
-                    Ok(delay) => backoff = Some(delay),
-                    Err(outcome) => break Some(outcome),
-                }
-            };
-            let Some(outcome) = outcome else {
                 continue;
-            };
-            let ok = self.settle(position, outcome);
-            if !ok && on_failure == OnFailure::Stop {
-                for rest in position + 1..range.end {
-                    if self.jobs[rest].stage == Stage::Queued {
-                        let skipped = TaskErrorKind::Skipped(SkipReason::EarlierFailure);
-                        self.record(rest, Err(skipped));
+            }
+            let end = range.end;
+            let mut position = range.start;
+            while position < end {
+                let mut backoff = None;
+                let outcome = loop {
+                    // Nothing to wait for without a limit or a backoff.
+                    let permit = match (backoff, &self.config.limit) {
+                        (None, None) => None,
+                        (delay, limit) => admit_after(delay, limit.clone()).await,
+                    };
+                    if !self.may_start() {
+                        return;
+                    }
+                    let Some(started) = self.start_task(position) else {
+                        break None;
+                    };
+                    let outcome = execute(started, permit).await;
+                    match self.retry(position, outcome) {
+                        Ok(delay) => backoff = Some(delay),
+                        Err(outcome) => break Some(outcome),
+                    }
+                };
+                if let Some(outcome) = outcome {
+                    if !self.settle(position, outcome) && on_failure == OnFailure::Stop {
+                        for rest in position + 1..end {
+                            if self.jobs[rest].stage == Stage::Queued {
+                                let skipped = TaskErrorKind::Skipped(SkipReason::EarlierFailure);
+                                self.record(rest, Err(skipped));
+                            }
+                        }
+                        break;
                     }
                 }
-                return;
+                position += 1;
             }
         }
     }
@@ -260,7 +250,15 @@ impl Ledger {
     async fn run_group(&mut self, range: Range<usize>, on_failure: OnFailure) {
         let mut steps = FuturesUnordered::new();
         for position in range.clone() {
-            steps.push(Either::Left(self.admit_after(position, None)));
+            if self.config.limit.is_some() {
+                steps.push(Either::Left(self.admit_after(position, None)));
+            } else if self.may_start() {
+                // Nothing to wait for: the task starts now, one step (one allocation in
+                // `FuturesUnordered`) instead of two.
+                if let Some(started) = self.start_task(position) {
+                    steps.push(Either::Right(finish(position, started, None)));
+                }
+            }
         }
         while let Some((position, step)) = steps.next().await {
             match step {
@@ -269,10 +267,7 @@ impl Ledger {
                         continue;
                     }
                     if let Some(started) = self.start_task(position) {
-                        steps.push(Either::Right(async move {
-                            let outcome = execute(started, permit).await;
-                            (position, Step::Finished(outcome))
-                        }));
+                        steps.push(Either::Right(finish(position, started, permit)));
                     }
                 }
                 Step::Finished(outcome) => {
@@ -476,6 +471,39 @@ impl Ledger {
     }
 }
 
+/// Runs the sets of `ledger` in order, until the end or until a drain's deadline cancels
+/// them. `tokens` keep a drain waiting until then.
+///
+// Not an `async fn`: one would store its arguments twice (as arguments and in the
+// borrowed `run` future), bytes more in every run's spawned task (measured by
+// `tests/allocations.rs`).
+#[allow(clippy::manual_async_fn)]
+fn run_until_cancelled<L>(mut ledger: L, tokens: (Token, Token)) -> impl Future<Output = ()> + Send
+where
+    L: DerefMut<Target = Ledger> + Send + 'static,
+{
+    async move {
+        let _tokens = &tokens;
+        // An `Arc` of the settings: the flag lives in them.
+        let config = ledger.config.clone();
+        {
+            let work = pin!(ledger.run());
+            let deadline = pin!(config.shared.cancel.cancelled());
+            select(work, deadline).await;
+        }
+        // A drain's deadline: what runs now is cancelled, and what has not started
+        // never will (`may_start` keeps waiting tasks from starting after it).
+        if config.shared.cancel.is_cancelled() {
+            for started in [Stage::Running, Stage::Backoff] {
+                ledger.settle_all(started, || TaskErrorKind::Cancelled(CancelReason::Shutdown));
+            }
+            ledger.settle_all(Stage::Queued, || {
+                TaskErrorKind::Skipped(SkipReason::Shutdown)
+            });
+        }
+    }
+}
+
 impl Drop for Ledger {
     fn drop(&mut self) {
         // Only reached with tasks unsettled if the run was dropped before its end: tokio
@@ -490,6 +518,18 @@ impl Drop for Ledger {
             TaskErrorKind::Skipped(SkipReason::NoRuntime)
         });
     }
+}
+
+/// A group's step that runs task `position`, started, to its end.
+fn finish(
+    position: usize,
+    started: Started,
+    permit: Option<OwnedSemaphorePermit>,
+) -> impl Future<Output = (usize, Step)> {
+    // Made before the `async` block, so that the block holds the execution, not also
+    // what it is made of.
+    let execution = execute(started, permit);
+    async move { (position, Step::Finished(execution.await)) }
 }
 
 /// One step of a group: a task got its slot under the limit, or finished.

@@ -1,4 +1,4 @@
-//! What runs and reports: the [`ledger`] of one response's tasks, the [`execute`] of
+//! What runs and reports: the [`ledger`] of one response's tasks (its [`jobs`]), the [`execute`] of
 //! one task, the [`handle`] with its counters ([`stats`]) and drain ([`tracker`],
 //! [`cancel`]), the reports of what did not end well ([`report`], [`not_run`]), and the
 //! tasks' spans ([`span`]).
@@ -6,6 +6,7 @@
 pub(crate) mod cancel;
 pub(crate) mod execute;
 pub(crate) mod handle;
+pub(crate) mod jobs;
 pub(crate) mod ledger;
 #[cfg(feature = "metrics")]
 pub(crate) mod metrics;
