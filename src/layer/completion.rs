@@ -59,7 +59,12 @@ impl Attached {
             (None, None)
         } else {
             let single = extensions.remove::<Task>().and_then(|task| task.take());
-            (extensions.remove::<Tasks>(), single)
+            // A lone `Task` leaves the map empty: no second lookup.
+            let tasks = match extensions.is_empty() {
+                true => None,
+                false => extensions.remove::<Tasks>(),
+            };
+            (tasks, single)
         };
         let request_tasks = request_tasks.and_then(|tasks| tasks.claim());
         let response_tasks = response_tasks.and_then(|tasks| tasks.claim());

@@ -509,6 +509,9 @@ impl Drop for Ledger {
         // Only reached with tasks unsettled if the run was dropped before its end: tokio
         // drops the futures of a runtime that shuts down (or has shut down before the run
         // could start).
+        if self.jobs.iter().all(|job| job.stage == Stage::Settled) {
+            return;
+        }
         for started in [Stage::Running, Stage::Backoff] {
             self.settle_all(started, || {
                 TaskErrorKind::Cancelled(CancelReason::RuntimeShutdown)
