@@ -11,7 +11,7 @@
 //!
 //! `--sizes` also prints the size of every allocation of the last request (to stderr).
 //!
-//! Variants: `bare`, `layer-no-task`, `spawn`, `one-task`, `one-retryable`, `seq-8`,
+//! Variants: `bare`, `layer-no-task`, `request-tasks-none`, `spawn`, `one-task`, `one-retryable`, `seq-8`,
 //! `seq-64`, `group-8`, `group-64`.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -143,6 +143,18 @@ fn variant(name: &str, done: &Arc<AtomicUsize>) -> (Serve, usize) {
             )
         }
         "layer-no-task" => (layered(Rc::new(hello)), 0),
+        "request-tasks-none" => {
+            // `with_request_tasks`: every request gets a `Tasks`; the handler adds none.
+            let mut svc = BackgroundLayer::new()
+                .with_request_tasks()
+                .layer(service_fn(|_req: Request<()>| {
+                    std::future::ready(Ok::<_, Infallible>(hello()))
+                }));
+            (
+                Box::new(move |rt, done, expected| one_request(&mut svc, rt, done, expected)),
+                0,
+            )
+        }
         "spawn" => {
             let task = task.clone();
             let mut svc = service_fn(move |_req: Request<()>| {

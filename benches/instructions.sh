@@ -15,7 +15,7 @@ fi
 cargo build --release --quiet -p tower-background-benches --bin instructions
 bin=target/release/instructions
 variants=("$@")
-[ ${#variants[@]} -eq 0 ] && variants=(bare layer-no-task spawn one-task one-retryable seq-8 seq-64 group-8 group-64)
+[ ${#variants[@]} -eq 0 ] && variants=(bare layer-no-task request-tasks-none spawn one-task one-retryable seq-8 seq-64 group-8 group-64)
 short=500
 long=1500
 count() { # variant requests -> instructions
