@@ -16,7 +16,7 @@
 use std::time::Duration;
 
 use apalis::prelude::*;
-use apalis_sqlite::{SqlitePool, SqliteStorage};
+use apalis_sqlite::SqliteStorage;
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -78,12 +78,18 @@ async fn status(
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path = std::env::temp_dir().join("tower-background-durable-example.sqlite");
-    let pool = SqlitePool::connect(&format!("sqlite:{}?mode=rwc", path.display())).await?;
+    // A pool whose connections tell the worker of every write (SQLite's update hook), so
+    // that the worker wakes when a job is pushed: without it, apalis-sqlite's worker that
+    // found nothing waits for its next heartbeat (30 s).
+    let (pool, writes) =
+        SqliteStorage::connect_with_callback(&format!("sqlite:{}?mode=rwc", path.display()))?;
     SqliteStorage::setup(&pool).await?;
     let storage: Storage = SqliteStorage::new(&pool);
 
-    let worker = WorkerBuilder::new("file-processor")
-        .backend(SqliteStorage::<ProcessFile>::new(&pool))
+    // A name of its own per process: apalis refuses a worker whose name was seen alive in
+    // the last 30 s, which a rerun of this example would otherwise be.
+    let worker = WorkerBuilder::new(format!("file-processor-{}", std::process::id()))
+        .backend(SqliteStorage::<ProcessFile>::new(&pool).with_callback(writes))
         .build(process_file);
     tokio::spawn(async move {
         if let Err(error) = worker.run().await {
