@@ -152,15 +152,7 @@ async fn hold_the_pool(layer: BackgroundLayer, queued: Task) -> Release {
     group.push(holder);
     group.push(queued);
     sets.put(group);
-    let addr = {
-        let sets = sets.clone();
-        serve(layer, move |_req| {
-            let mut res = Response::new(full("ok"));
-            res.extensions_mut().insert::<Tasks>(sets.take());
-            async move { res }
-        })
-        .await
-    };
+    let addr = serve_handed_tasks(layer, &sets).await;
     get(Proto::Http1, addr, "/").await;
     assert_eq!(holding.next().await, "holding the thread");
     Release(release)
@@ -325,15 +317,7 @@ fn a_blocking_task_waiting_for_a_thread_never_starts_after_the_deadline_even_bef
         group.push(free_the_pool_at_the_deadline(deadline, release.clone()));
         let sets = Handoff::new();
         sets.put(group);
-        let addr = {
-            let sets = sets.clone();
-            serve(layer, move |_req| {
-                let mut res = Response::new(full("ok"));
-                res.extensions_mut().insert::<Tasks>(sets.take());
-                async move { res }
-            })
-            .await
-        };
+        let addr = serve_handed_tasks(layer, &sets).await;
         get(Proto::Http1, addr, "/").await;
         assert_eq!(holding.next().await, "holding the thread");
         let report = within(background.shutdown(std::time::Duration::from_millis(20))).await;

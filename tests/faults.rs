@@ -384,15 +384,7 @@ async fn on_error_that_adds_tasks_too_late_cannot_recurse() {
     };
     let background = layer.handle();
     let sets = Handoff::new();
-    let addr = {
-        let sets = sets.clone();
-        serve(layer, move |_req| {
-            let mut res = Response::new(full("ok"));
-            res.extensions_mut().insert::<Tasks>(sets.take());
-            async move { res }
-        })
-        .await
-    };
+    let addr = serve_handed_tasks(layer, &sets).await;
     let mut first = alerts.clone();
     first.push(Task::new(async {}));
     sets.put(first);

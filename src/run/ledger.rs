@@ -98,6 +98,11 @@ impl Ledger {
         self.more.push(set);
     }
 
+    /// Whether every task has been settled: nothing left to run or to report.
+    fn all_settled(&self) -> bool {
+        self.jobs.iter().all(|job| job.stage == Stage::Settled)
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.jobs.len()
     }
@@ -176,7 +181,7 @@ impl Ledger {
     where
         L: DerefMut<Target = Ledger> + Send + 'static,
     {
-        if ledger.jobs.iter().all(|job| job.stage == Stage::Settled) {
+        if ledger.all_settled() {
             return;
         }
         match runtime {
@@ -509,7 +514,7 @@ impl Drop for Ledger {
         // Only reached with tasks unsettled if the run was dropped before its end: tokio
         // drops the futures of a runtime that shuts down (or has shut down before the run
         // could start).
-        if self.jobs.iter().all(|job| job.stage == Stage::Settled) {
+        if self.all_settled() {
             return;
         }
         for started in [Stage::Running, Stage::Backoff] {

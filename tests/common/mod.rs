@@ -24,7 +24,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tower::{Layer, service_fn};
-use tower_background::{BackgroundBody, BackgroundLayer, TaskError};
+use tower_background::{BackgroundBody, BackgroundLayer, TaskError, Tasks};
 
 /// How long a test waits for something that must happen before it fails instead of
 /// hanging. Never a speed assertion: the events waited for happen in microseconds.
@@ -53,6 +53,18 @@ where
     Fut: Future<Output = Response<BoxedBody>> + Send + 'static,
 {
     serve_service(layered(layer, handler)).await
+}
+
+/// Serves `layer` with a handler that answers `ok` carrying the `Tasks` the test put in
+/// `sets` for that request.
+pub async fn serve_handed_tasks(layer: BackgroundLayer, sets: &Handoff<Tasks>) -> SocketAddr {
+    let sets = sets.clone();
+    serve(layer, move |_req| {
+        let mut res = Response::new(full("ok"));
+        res.extensions_mut().insert::<Tasks>(sets.take());
+        async move { res }
+    })
+    .await
 }
 
 /// Serves any tower service, as [`serve`] does.
