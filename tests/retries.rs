@@ -597,13 +597,7 @@ fn a_blocking_retry_given_up_by_its_thread_at_the_deadline_is_cancelled_not_skip
         group.push(free_the_pool_at_the_deadline(deadline, blocker.clone()));
         let sets = Handoff::new();
         sets.put(group);
-        let s = sets.clone();
-        let addr = serve(layer, move |_req| {
-            let mut res = Response::new(full("ok"));
-            res.extensions_mut().insert::<Tasks>(s.take());
-            async move { res }
-        })
-        .await;
+        let addr = serve_handed_tasks(layer, &sets).await;
         get(Proto::Http1, addr, "/").await;
         made.take(2).await;
         let report = within(background.shutdown(Duration::from_millis(20))).await;
