@@ -271,3 +271,62 @@ async fn postgres_a_retried_push_of_a_stored_job_succeeds_and_stores_it_once() {
     );
     assert_eq!(copies(&pool, &id).await, 1);
 }
+
+/// Microseconds since the epoch by the server's clock (the one apalis-postgres's workers
+/// compare `run_at` with: `run_at < now()`).
+async fn server_micros(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// The job's `run_at` in microseconds since the epoch, as stored.
+async fn run_at_micros(pool: &PgPool, id: &TaskId) -> Option<i64> {
+    sqlx::query_scalar(
+        "SELECT (extract(epoch FROM run_at) * 1000000)::bigint FROM apalis.jobs WHERE id = $1",
+    )
+    .bind(id.to_string())
+    .fetch_optional(pool)
+    .await
+    .unwrap()
+}
+
+/// Issue 18, part 3: apalis's `run_after` truncates to whole seconds of this process's
+/// clock, and apalis-postgres compares `run_at` with the server's `now()`. Measured before:
+/// a grace of 2.5 s runnable after 1.69 s, and one of 0.4 s stored before the staging
+/// moment (the job ran 15 ms after it was staged). Read back: `run_at` is never before
+/// staging + grace by the server's clock, and keeps the precision `timestamptz` has (not
+/// rounded up to a whole second).
+#[tokio::test]
+async fn postgres_a_staged_job_is_never_runnable_before_its_grace() {
+    let Some(pool) = database().await else { return };
+    for millis in [1, 400, 999, 1_000, 1_200, 2_500] {
+        let grace = i64::try_from(millis * 1_000).unwrap();
+        let before = server_micros(&pool).await;
+        let job = StagedJob::stage(
+            PostgresStorage::<ProcessFile>::new(&pool),
+            PostgresStage::new(&pool),
+            ProcessFile {
+                path: format!("pg-grace-{millis}.csv"),
+            },
+            Duration::from_millis(millis),
+        )
+        .await
+        .unwrap();
+        let after = server_micros(&pool).await;
+        let id = job.id().clone();
+        std::mem::forget(job); // neither released nor withdrawn: as after a crash
+        let stored = run_at_micros(&pool, &id).await.expect("written");
+        assert!(
+            stored >= before + grace,
+            "grace {millis} ms: runnable {} µs after staging began",
+            stored - before
+        );
+        assert!(
+            stored <= after + grace,
+            "grace {millis} ms: runnable {} µs after staging ended: not to the microsecond",
+            stored - after
+        );
+    }
+}

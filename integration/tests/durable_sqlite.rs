@@ -505,3 +505,41 @@ async fn a_staged_job_left_by_a_crash_runs_once_its_grace_has_passed() {
     tokio::spawn(async move { worker.run().await });
     assert_eq!(within(done.recv()).await.unwrap(), "crash.csv");
 }
+
+/// Issue 18, part 3: apalis's `run_after` truncates to whole seconds, so a grace of 1.2 s
+/// made a job runnable 0.2 s after it was written, and one of 0.4 s at once. apalis-sqlite
+/// stores `run_at` in whole seconds, and its worker takes a job once `run_at <= now` in
+/// whole seconds of its clock: that is, once the clock has reached `run_at`. So the job is
+/// never runnable before staging + grace exactly when the stored `run_at` is at least that
+/// moment: read back, for graces that are not whole seconds, and at most a second more.
+#[tokio::test]
+async fn a_staged_job_is_never_runnable_before_its_grace() {
+    let pool = database().await;
+    let since_epoch = || SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    for millis in [1, 400, 999, 1_000, 1_200, 2_500] {
+        let grace = Duration::from_millis(millis);
+        let before = since_epoch();
+        let job = StagedJob::stage(
+            SqliteStorage::<ProcessFile>::new(&pool),
+            SqliteStage::new(&pool),
+            ProcessFile {
+                path: format!("grace-{millis}.csv"),
+            },
+            grace,
+        )
+        .await
+        .unwrap();
+        let after = since_epoch();
+        let id = job.id().clone();
+        std::mem::forget(job); // neither released nor withdrawn: as after a crash
+        let stored = Duration::from_secs(run_at(&pool, &id).await.expect("written") as u64);
+        assert!(
+            stored >= before + grace,
+            "grace {grace:?}: runnable at {stored:?}, staged at {before:?}"
+        );
+        assert!(
+            stored < after + grace + Duration::from_secs(1),
+            "grace {grace:?}: rounded up by more than a second: {stored:?}, staged by {after:?}"
+        );
+    }
+}

@@ -1,6 +1,9 @@
 //! [`SqliteStage`]: releasing and withdrawing staged jobs in apalis-sqlite's `Jobs` table
 //! (feature `apalis-sqlite`). Tested with apalis-sqlite 1.0.0, whose schema this SQL
-//! follows (`id`, `status`, `run_at` in seconds, `lock_by`).
+//! follows (`id`, `status`, `run_at` in seconds, `lock_by`). Its workers take a job once
+//! `run_at` is at most the whole seconds of their clock, the clock of the machine the file
+//! is on: the push's time to run, rounded up to a whole second, needs no
+//! [`hold`](crate::Stage::hold).
 
 use apalis_core::task::task_id::TaskId;
 use sqlx::SqlitePool;

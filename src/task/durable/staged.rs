@@ -10,7 +10,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use apalis_core::backend::{Backend, TaskSink};
 use apalis_core::task::builder::TaskBuilder;
@@ -51,6 +51,42 @@ pub trait Stage: Clone + Send + Sync + 'static {
 
     /// Removes the job, if no worker has taken it yet.
     fn withdraw(&self, id: &TaskId) -> impl Future<Output = Result<(), BoxError>> + Send;
+
+    /// Sets the time to run of the job just written to `grace` after now, by the clock the
+    /// storage's workers compare it with and at the precision the storage keeps, if no
+    /// worker has taken it. Called once, right after the push.
+    ///
+    /// apalis writes a job's time to run in whole seconds of this process's clock: the push
+    /// rounds it up, so the job is never runnable before its grace by that clock. That is
+    /// all a storage needs whose workers compare whole seconds of the same clock (SQLite:
+    /// the default does nothing). A storage that keeps finer time, or whose workers ask a
+    /// clock of its own (PostgreSQL's `now()`), sets the time here.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use apalis_core::task::task_id::TaskId;
+    /// use tower_background::{BoxError, Stage};
+    ///
+    /// #[derive(Clone)]
+    /// struct MyStage;
+    ///
+    /// impl Stage for MyStage {
+    ///     async fn release(&self, id: &TaskId) -> Result<(), BoxError> { Ok(()) }
+    ///     async fn withdraw(&self, id: &TaskId) -> Result<(), BoxError> { Ok(()) }
+    ///     async fn hold(&self, id: &TaskId, grace: Duration) -> Result<(), BoxError> {
+    ///         // UPDATE jobs SET run_at = now() + $2 WHERE id = $1 AND status = 'Pending'
+    ///         Ok(())
+    ///     }
+    /// }
+    /// ```
+    fn hold(
+        &self,
+        id: &TaskId,
+        grace: Duration,
+    ) -> impl Future<Output = Result<(), BoxError>> + Send {
+        let _ = (id, grace);
+        async { Ok(()) }
+    }
 }
 
 /// A durable job already written to its storage, not runnable before its grace period:
@@ -62,6 +98,14 @@ pub trait Stage: Clone + Send + Sync + 'static {
 /// grace has passed, whether or not the response was complete (the process cannot say so
 /// any more). Choose a grace longer than a response takes, and make worker handlers
 /// idempotent.
+///
+/// Never runnable before its grace: apalis keeps a job's time to run in whole seconds, and
+/// the grace is rounded up to the next one (SQLite: a grace of 1.2 s makes the job runnable
+/// 1.2 to 2.2 s after it was staged), or kept to the microsecond where the storage can
+/// ([`Stage::hold`]: PostgreSQL, by the server's clock, which its workers compare with).
+/// On PostgreSQL, for the round trip between the push and the hold, the job carries this
+/// process's clock rounded up: only a server clock ahead of this process's by more than
+/// the grace could let a worker take it then.
 ///
 /// ```
 /// # use apalis_core::backend::{Backend, TaskSink};
@@ -107,10 +151,12 @@ impl StagedJob {
         // apalis adds the grace to the clock: keep the sum representable.
         let grace = grace.min(Duration::from_secs(100 * 365 * 24 * 60 * 60));
         let id = TaskId::from_ulid(ulid::Ulid::generate());
+        // Not `run_after`: it truncates to whole seconds, and a grace of 1.2 s could make
+        // the job runnable 0.2 s after it was written.
         let task = TaskBuilder::new(args)
             .task_id(id.clone())
             .idempotency_key(id.to_string())
-            .run_after(grace)
+            .run_at_timestamp(runnable_at(SystemTime::now(), grace))
             .build();
         sink.push_task(task).await?;
         let pending = Arc::new(Pending {
@@ -118,6 +164,9 @@ impl StagedJob {
             stage,
             decided: AtomicBool::new(false),
         });
+        // If the storage's clock cannot be set, the job is dropped here undecided: it is
+        // withdrawn, and the handler answers with the error.
+        pending.stage.hold(&pending.id, grace).await?;
         let kept = pending.clone();
         let release = Retryable::new(move || {
             let pending = pending.clone();
@@ -195,6 +244,13 @@ impl StagedJob {
         self.release = self.release.retry(retry);
         self
     }
+}
+
+/// When a job written now with `grace` may run, in whole seconds since the epoch, rounded
+/// up: never before `now + grace` for a worker that compares whole seconds of this clock.
+fn runnable_at(now: SystemTime, grace: Duration) -> u64 {
+    let at = now.duration_since(UNIX_EPOCH).unwrap_or_default() + grace;
+    at.as_secs() + u64::from(at.subsec_nanos() > 0)
 }
 
 /// The staged job, shared by the release's attempts and the skip hook: decided once a
