@@ -56,6 +56,13 @@ pub enum TaskErrorKind {
     /// The task started, then was stopped before its end, for this reason. Counted in
     /// [`Stats::cancelled`](crate::Stats::cancelled).
     Cancelled(CancelReason),
+    /// The task was the release of a [`StagedJob`](crate::StagedJob), and the release could
+    /// not be written to the storage (every attempt failed, timed out or panicked; this is
+    /// the last one's error). Nothing is lost: the job stays staged and runs once its
+    /// grace has passed. A failure of this crate's plumbing, not of work the user wrote:
+    /// it stops no sequence, withdraws no other job, and is counted in
+    /// [`Stats::not_released`](crate::Stats::not_released), not in `failed`.
+    NotReleased(BoxError),
 }
 
 /// Why a task never started. Every such task is counted in
@@ -232,6 +239,10 @@ impl fmt::Display for TaskError {
             TaskErrorKind::TimedOut(after) => write!(f, "timed out after {after:?}"),
             TaskErrorKind::Skipped(reason) => write!(f, "did not run: {reason}"),
             TaskErrorKind::Cancelled(reason) => write!(f, "was cancelled: {reason}"),
+            TaskErrorKind::NotReleased(e) => write!(
+                f,
+                "could not release its staged job, which runs once its grace has passed: {e}"
+            ),
         }
     }
 }
@@ -239,7 +250,7 @@ impl fmt::Display for TaskError {
 impl Error for TaskError {
     fn source(&self) -> Option<&(dyn Error + 'static)> {
         match &self.kind {
-            TaskErrorKind::Failed(e) => Some(&**e),
+            TaskErrorKind::Failed(e) | TaskErrorKind::NotReleased(e) => Some(&**e),
             _ => None,
         }
     }

@@ -543,3 +543,92 @@ async fn a_staged_job_is_never_runnable_before_its_grace() {
         );
     }
 }
+
+/// A stage whose releases all fail (the storage refuses the update), withdrawals working.
+#[derive(Clone)]
+struct UnreleasableStage {
+    inner: SqliteStage,
+    releases: std::sync::Arc<AtomicU64>,
+}
+
+impl tower_background::Stage for UnreleasableStage {
+    async fn release(&self, _id: &TaskId) -> Result<(), tower_background::BoxError> {
+        self.releases.fetch_add(1, SeqCst);
+        Err("database is locked".into())
+    }
+
+    async fn withdraw(&self, id: &TaskId) -> Result<(), tower_background::BoxError> {
+        self.inner.withdraw(id).await
+    }
+}
+
+/// Issue 18, part 4: in a sequence of two staged jobs (stopping at a failure, the
+/// default), A's release failed for good; that counted as a task failure, so B was
+/// skipped and withdrawn: B's client got its 202, the response completed, nothing crashed,
+/// and B never ran. A release that could not be written is this crate's plumbing: B is
+/// released, A stays staged (it runs after its grace), and A's report and counter say what
+/// happened, not `Failed`.
+#[tokio::test]
+async fn a_release_that_fails_never_withdraws_the_next_staged_job() {
+    let pool = database().await;
+    let (layer, errors) = reporting_layer();
+    let background = layer.handle();
+    let releases = std::sync::Arc::new(AtomicU64::new(0));
+    let failing = UnreleasableStage {
+        inner: SqliteStage::new(&pool),
+        releases: releases.clone(),
+    };
+    let a = stage_with(failing, &pool, "a.csv").await;
+    let b = stage_with(SqliteStage::new(&pool), &pool, "b.csv").await;
+    let (a_id, b_id) = (a.id().clone(), b.id().clone());
+    let mut tasks = Tasks::new();
+    tasks.push(a.retry(tower_background::Retry::attempts(3).backoff(Duration::ZERO)));
+    tasks.push(b);
+    let slot = Handoff::new();
+    slot.put(tasks);
+    let s = slot.clone();
+    let addr = serve(layer, move |_req| {
+        let mut res = Response::new(full("accepted"));
+        *res.status_mut() = http::StatusCode::ACCEPTED;
+        res.extensions_mut().insert::<Tasks>(s.take());
+        async move { res }
+    })
+    .await;
+    get(Proto::Http1, addr, "/").await;
+    let report = background.shutdown(PATIENCE).await;
+    assert!(report.is_drained(), "{report}");
+    let stats = report.stats();
+    assert_eq!(releases.load(SeqCst), 3, "A's release is retried");
+    assert_eq!(
+        (stats.succeeded, stats.not_released, stats.failed, stats.skipped),
+        (1, 1, 0, 0),
+        "{stats}"
+    );
+    assert_eq!(stats.attached, stats.settled(), "{stats}");
+    let error = errors.next().await;
+    assert!(
+        matches!(error.kind(), tower_background::TaskErrorKind::NotReleased(_)),
+        "{error}"
+    );
+    assert!(
+        error.to_string().contains("could not release its staged job"),
+        "{error}"
+    );
+    assert_eq!(error.attempts(), 3);
+    let b_at = run_at(&pool, &b_id).await.expect("B was withdrawn");
+    assert!(b_at <= now(), "B was not released: run_at {b_at}");
+    let a_at = run_at(&pool, &a_id).await.expect("A was withdrawn");
+    assert!(a_at >= now() + 3000, "A's grace was lost: run_at {a_at}");
+}
+
+/// Stages a job with `stage` in `pool`'s storage, with the tests' grace.
+async fn stage_with<T: tower_background::Stage>(
+    stage: T,
+    pool: &SqlitePool,
+    path: &str,
+) -> StagedJob {
+    let args = ProcessFile { path: path.into() };
+    StagedJob::stage(SqliteStorage::<ProcessFile>::new(pool), stage, args, GRACE)
+        .await
+        .unwrap()
+}

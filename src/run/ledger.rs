@@ -409,11 +409,24 @@ impl Ledger {
     }
 
     /// Records how a running task ended, reporting it if it did not end well. Returns
-    /// `true` if it succeeded.
+    /// `true` unless work the user wrote failed: a staged job's release that could not be
+    /// written is our plumbing, and stops nothing (the job runs after its grace).
     fn settle(&mut self, position: usize, outcome: Result<(), TaskErrorKind>) -> bool {
-        let ok = outcome.is_ok();
+        let outcome = match outcome {
+            Err(TaskErrorKind::Failed(error)) if self.jobs[position].is_release() => {
+                Err(TaskErrorKind::NotReleased(error))
+            }
+            Err(TaskErrorKind::TimedOut(after)) if self.jobs[position].is_release() => Err(
+                TaskErrorKind::NotReleased(format!("timed out after {after:?}").into()),
+            ),
+            Err(TaskErrorKind::Panicked(message)) if self.jobs[position].is_release() => Err(
+                TaskErrorKind::NotReleased(format!("panicked: {message}").into()),
+            ),
+            outcome => outcome,
+        };
+        let goes_on = matches!(outcome, Ok(()) | Err(TaskErrorKind::NotReleased(_)));
         self.record(position, outcome);
-        ok
+        goes_on
     }
 
     fn record(&mut self, position: usize, outcome: Result<(), TaskErrorKind>) {

@@ -6,7 +6,7 @@
 //!
 //! | name | kind | labels | what |
 //! |---|---|---|---|
-//! | `tower_background_tasks_total` | counter | `outcome`, `task` | tasks settled, by outcome: `succeeded`, `failed`, `panicked`, `timed_out`, `skipped`, `cancelled` |
+//! | `tower_background_tasks_total` | counter | `outcome`, `task` | tasks settled, by outcome: `succeeded`, `failed`, `panicked`, `timed_out`, `skipped`, `cancelled`, `not_released` |
 //! | `tower_background_retries_total` | counter | `task` | retries started |
 //! | `tower_background_tasks_waiting` | gauge | | tasks whose response has not completed |
 //! | `tower_background_tasks_queued` | gauge | | tasks waiting for their turn, a slot, or their next attempt |
@@ -53,13 +53,14 @@ const QUEUE_WAIT: &str = "tower_background_queue_wait_seconds";
 const RUN: &str = "tower_background_run_seconds";
 
 /// The outcomes, in the order of [`TaskSeries::outcomes`].
-const OUTCOMES: [&str; 6] = [
+const OUTCOMES: [&str; 7] = [
     "succeeded",
     "failed",
     "panicked",
     "timed_out",
     "skipped",
     "cancelled",
+    "not_released",
 ];
 
 /// Describes the metrics to the recorder, once per process.
@@ -107,7 +108,7 @@ struct Stages {
 
 /// The series of the tasks of one name (one `task` label).
 pub(crate) struct TaskSeries {
-    outcomes: [Counter; 6],
+    outcomes: [Counter; 7],
     pub(crate) retries: Counter,
     pub(crate) queue_wait: Histogram,
     pub(crate) run: Histogram,
@@ -203,6 +204,7 @@ impl TaskSeries {
             Err(TaskErrorKind::TimedOut(_)) => 3,
             Err(TaskErrorKind::Skipped(_)) => 4,
             Err(TaskErrorKind::Cancelled(_)) => 5,
+            Err(TaskErrorKind::NotReleased(_)) => 6,
         };
         self.outcomes[index].increment(1);
     }

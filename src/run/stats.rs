@@ -19,7 +19,8 @@ use crate::task::single::Stage;
 /// for a slot under [`max_concurrent`](crate::BackgroundLayer::max_concurrent)), running,
 /// or settled with one outcome. So, at any quiet moment:
 ///
-/// `attached == succeeded + failed + panicked + timed_out + skipped + cancelled + pending()`
+/// `attached == succeeded + failed + panicked + timed_out + skipped + cancelled +
+/// not_released + pending()`
 ///
 /// The counters are read one at a time, so a snapshot taken while tasks move may be off by
 /// the tasks in flight.
@@ -56,6 +57,10 @@ pub struct Stats {
     /// whatever the [`SkipReason`]: an early drop, an earlier failure, a drain's deadline,
     /// no runtime, no response, added too late).
     pub skipped: u64,
+    /// Releases of [`StagedJob`](crate::StagedJob)s that could not be written
+    /// ([`TaskErrorKind::NotReleased`]): this crate's plumbing failing, not the user's work.
+    /// Each such job stays staged and runs once its grace has passed.
+    pub not_released: u64,
     /// Tasks that started, then were stopped before their end
     /// ([`TaskErrorKind::Cancelled`], whatever the
     /// [`CancelReason`]: a stopped group, a drain's deadline, the runtime shutting down).
@@ -92,6 +97,7 @@ impl Stats {
             + self.timed_out
             + self.skipped
             + self.cancelled
+            + self.not_released
     }
 }
 
@@ -110,6 +116,9 @@ impl fmt::Display for Stats {
             self.cancelled,
             self.pending()
         )?;
+        if self.not_released > 0 {
+            write!(f, ", {} staged jobs not released", self.not_released)?;
+        }
         if self.retried > 0 {
             write!(f, ", {} retries", self.retried)?;
         }
@@ -132,6 +141,7 @@ pub(crate) struct Counters {
     timed_out: AtomicU64,
     skipped: AtomicU64,
     cancelled: AtomicU64,
+    not_released: AtomicU64,
     /// Tasks settled without ever starting.
     settled_unstarted: AtomicU64,
     /// Tasks skipped or cancelled while running.
@@ -225,6 +235,7 @@ impl Counters {
             Err(TaskErrorKind::TimedOut(_)) => &self.timed_out,
             Err(TaskErrorKind::Skipped(_)) => &self.skipped,
             Err(TaskErrorKind::Cancelled(_)) => &self.cancelled,
+            Err(TaskErrorKind::NotReleased(_)) => &self.not_released,
         };
         counter.fetch_add(1, Relaxed);
         if let Err(TaskErrorKind::Skipped(SkipReason::ConditionNotMet)) = outcome {
@@ -257,6 +268,7 @@ impl Counters {
         let timed_out = self.timed_out.load(Relaxed);
         let skipped = self.skipped.load(Relaxed);
         let cancelled = self.cancelled.load(Relaxed);
+        let not_released = self.not_released.load(Relaxed);
         let stopped_running = self.stopped_running.load(Relaxed);
         let settled_backing_off = self.settled_backing_off.load(Relaxed);
         let retried = self.retried.load(Relaxed);
@@ -265,7 +277,8 @@ impl Counters {
         let started = self.started.load(Relaxed);
         let handed_over = self.handed_over.load(Relaxed);
         let attached = self.attached.load(Relaxed);
-        let ended_running = succeeded + failed + panicked + timed_out + stopped_running;
+        let ended_running =
+            succeeded + failed + panicked + timed_out + not_released + stopped_running;
         Stats {
             attached,
             waiting: attached.saturating_sub(handed_over),
@@ -278,6 +291,7 @@ impl Counters {
             timed_out,
             skipped,
             cancelled,
+            not_released,
             not_met: self.not_met.load(Relaxed),
             retried,
         }

@@ -133,7 +133,10 @@ impl Retry {
             TaskErrorKind::Failed(_) => true,
             TaskErrorKind::TimedOut(_) => self.timeouts,
             TaskErrorKind::Panicked(_) => self.panics,
-            TaskErrorKind::Skipped(_) | TaskErrorKind::Cancelled(_) => false,
+            // Settled as such from a failed attempt, never an attempt's own outcome.
+            TaskErrorKind::Skipped(_)
+            | TaskErrorKind::Cancelled(_)
+            | TaskErrorKind::NotReleased(_) => false,
         };
         if !retried || attempt >= self.attempts {
             return None;
@@ -328,6 +331,16 @@ impl Retryable {
     ) -> Self {
         if let Some(Work::Repeat(repeat)) = self.job.work.as_mut() {
             repeat.on_skip = Some(Box::new(on_skip));
+        }
+        self
+    }
+
+    /// Marks the task as the release of a staged job: this crate's plumbing, whose
+    /// failure settles it [`NotReleased`](TaskErrorKind::NotReleased) and stops nothing.
+    #[cfg_attr(not(feature = "apalis"), allow(dead_code))]
+    pub(crate) fn releasing(mut self) -> Self {
+        if let Some(Work::Repeat(repeat)) = self.job.work.as_mut() {
+            repeat.release = true;
         }
         self
     }

@@ -86,6 +86,10 @@ pub(crate) struct Repeat {
     /// It gets a token of the layer's drain, if there is a layer: work it starts holding
     /// it is waited for by a drain.
     pub(crate) on_skip: Option<OnSkip>,
+    /// The release of a staged durable job: if it fails for good, that is this crate's
+    /// plumbing failing, not the user's work. Kept here, in the box, so that no other
+    /// task pays a byte for it.
+    pub(crate) release: bool,
 }
 
 /// Drops `value` (user code), catching and logging a panic in its `Drop`. `what` says
@@ -201,6 +205,11 @@ impl Job {
         }
     }
 
+    /// Whether the task is the release of a staged durable job.
+    pub(crate) fn is_release(&self) -> bool {
+        matches!(&self.work, Some(Work::Repeat(repeat)) if repeat.release)
+    }
+
     pub(crate) fn is_blocking(&self) -> bool {
         matches!(self.work, Some(Work::Once(Attempt::Blocking(_))))
     }
@@ -214,6 +223,7 @@ impl Job {
                 make,
                 retry: None,
                 on_skip: None,
+                release: false,
             }))),
             stage: Stage::Queued,
             gate: None,

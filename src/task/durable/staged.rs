@@ -188,6 +188,7 @@ impl StagedJob {
             spawn_withdrawal(kept.stage.clone(), kept.id.clone(), drain);
         })
         .named(type_name::<Args>())
+        .releasing()
         .retry(
             Retry::attempts(5)
                 .backoff(Duration::from_millis(100))
@@ -220,7 +221,9 @@ impl StagedJob {
     }
 
     /// How a failing release is retried (by default 5 attempts, from 100 ms, up to 5 s
-    /// apart). A release that fails for good leaves the job to run after its grace.
+    /// apart). A release that fails for good leaves the job to run after its grace, and is
+    /// reported [`NotReleased`](crate::TaskErrorKind::NotReleased): this crate's plumbing,
+    /// not the user's work, it stops no sequence and withdraws no other job.
     ///
     /// ```
     /// # use apalis_core::backend::{Backend, TaskSink};
