@@ -7,14 +7,15 @@
 use std::any::type_name;
 use std::fmt;
 use std::future::Future;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use apalis_core::backend::{Backend, TaskSink};
 use apalis_core::task::builder::TaskBuilder;
 use apalis_core::task::task_id::TaskId;
+use tokio::sync::Notify;
 
 use crate::BoxError;
 use crate::error::SkipReason;
@@ -268,10 +269,60 @@ struct Pending<T: Stage> {
 impl<T: Stage> Drop for Pending<T> {
     fn drop(&mut self) {
         // Undecided: the job never reached a layer (dropped with its response, or before
-        // it was attached). Withdraw it; no layer's drain knows of it.
+        // it was attached). Withdraw it; no layer's drain knows of it, so it counts among
+        // the unattached withdrawals every drain waits for.
         if !self.decided.load(SeqCst) {
             spawn_withdrawal(self.stage.clone(), self.id.clone(), None);
         }
+    }
+}
+
+/// Withdrawals in flight of staged jobs that never reached a layer (a handler staged a
+/// job, then answered without it): no layer holds a token for them, yet a drain must not
+/// report drained while their rows are still stored. Every drain in the process waits for
+/// them: a job dropped in a handler cannot say which layer served it.
+static UNATTACHED: Unattached = Unattached {
+    count: AtomicUsize::new(0),
+    done: Notify::const_new(),
+};
+
+/// A count of unattached withdrawals in flight, and a wake-up for when it reaches zero. One
+/// atomic: nothing can miss a store made to another.
+struct Unattached {
+    count: AtomicUsize,
+    done: Notify,
+}
+
+/// Keeps [`unattached_withdrawals`] waiting while it lives.
+struct UnattachedToken;
+
+impl UnattachedToken {
+    fn new() -> Self {
+        UNATTACHED.count.fetch_add(1, SeqCst);
+        UnattachedToken
+    }
+}
+
+impl Drop for UnattachedToken {
+    fn drop(&mut self) {
+        if UNATTACHED.count.fetch_sub(1, SeqCst) == 1 {
+            UNATTACHED.done.notify_waiters();
+        }
+    }
+}
+
+/// Resolves once no withdrawal of a staged job that never reached a layer is in flight in
+/// this process: a drain waits for it beside its own tracker.
+#[allow(dead_code)] // called by the drain (`BackgroundHandle::shutdown`)
+pub(crate) async fn unattached_withdrawals() {
+    loop {
+        let mut notified = pin!(UNATTACHED.done.notified());
+        // Registered before the check, so that a wake in between is not lost.
+        notified.as_mut().enable();
+        if UNATTACHED.count.load(SeqCst) == 0 {
+            return;
+        }
+        notified.await;
     }
 }
 
@@ -284,6 +335,8 @@ const FIRST_WAIT: Duration = Duration::from_millis(100);
 /// (a token of the layer's drain) until it is done. Without a runtime, or once every
 /// attempt failed, it logs an error: the job then runs when its grace has passed.
 fn spawn_withdrawal<T: Stage>(stage: T, id: TaskId, drain: Option<Token>) {
+    // No layer's token: every drain waits for it instead.
+    let unattached = drain.is_none().then(UnattachedToken::new);
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         log_error(format_args!(
             "a staged job ({id}) could not be withdrawn (no runtime): it runs when its grace \
@@ -292,7 +345,7 @@ fn spawn_withdrawal<T: Stage>(stage: T, id: TaskId, drain: Option<Token>) {
         return;
     };
     let withdraw: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
-        let _drain = drain;
+        let _drain = (drain, unattached);
         let mut wait = FIRST_WAIT;
         for attempt in 1..=WITHDRAWALS {
             match stage.withdraw(&id).await {
