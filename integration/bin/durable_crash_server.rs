@@ -1,22 +1,28 @@
 //! The server of `tests/durable_crash.rs`: attaches a durable job to each response, in the
-//! plain or the staged mode, over a SQLite file; the test kills it (SIGKILL) under load.
+//! plain or the staged mode, over a SQLite file or a PostgreSQL database; the test kills it
+//! (SIGKILL) under load.
 //!
 //! ```text
-//! durable_crash_server <sqlite file> <plain|staged> <grace in seconds>
+//! durable_crash_server <sqlite:file | postgres://url> <queue> <plain|staged> <grace in seconds>
 //! ```
 //!
-//! Prints `listening <address>` once it serves. `POST /jobs/{n}` answers `202` with the
-//! job's id in the body.
+//! The grace may have a fraction (`0.5`). Prints `listening <address>` once it serves.
+//! `POST /jobs/{n}` answers `202` with the job's id in the body.
 
 use std::time::Duration;
 
+use apalis_core::backend::{Backend, TaskSink};
+use apalis_postgres::{PgPool, PostgresStorage};
 use apalis_sqlite::{SqlitePool, SqliteStorage};
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::post;
 use serde::{Deserialize, Serialize};
-use tower_background::{BackgroundLayer, DurableJob, SqliteStage, StagedJob, Task, Tasks};
+use tower_background::{
+    BackgroundLayer, BoxError, DurableJob, PostgresStage, SqliteStage, Stage, StagedJob, Task,
+    Tasks,
+};
 
 /// A request's job: its number.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -24,43 +30,92 @@ pub struct CrashJob {
     pub n: u64,
 }
 
+/// The storage the jobs go to, with its stage.
+#[derive(Clone)]
+enum Storage {
+    Sqlite(SqliteStorage<CrashJob>, SqliteStage),
+    Postgres(PostgresStorage<CrashJob>, PostgresStage),
+}
+
 #[derive(Clone)]
 struct App {
-    storage: SqliteStorage<CrashJob>,
-    stage: SqliteStage,
+    storage: Storage,
     staged: bool,
     grace: Duration,
 }
 
+/// The job of request `n`: staged now, or pushed once the response is complete.
+async fn attach<S, K, T>(
+    storage: S,
+    stage: T,
+    args: CrashJob,
+    staged: bool,
+    grace: Duration,
+) -> Result<(String, Task), BoxError>
+where
+    S: TaskSink<CrashJob, K> + Clone + Send + 'static,
+    <S as Backend>::Error: std::error::Error + Send + Sync + 'static,
+    K: 'static,
+    T: Stage,
+{
+    Ok(if staged {
+        let job = StagedJob::stage(storage, stage, args, grace).await?;
+        (job.id().to_string(), Task::from(job))
+    } else {
+        let job = DurableJob::new(storage, args);
+        (job.id().to_string(), Task::from(job))
+    })
+}
+
 async fn job(State(app): State<App>, Path(n): Path<u64>, mut tasks: Tasks) -> (StatusCode, String) {
     let args = CrashJob { n };
-    let (id, task) = if app.staged {
-        match StagedJob::stage(app.storage, app.stage, args, app.grace).await {
-            Ok(job) => (job.id().to_string(), Task::from(job)),
-            Err(error) => return (StatusCode::SERVICE_UNAVAILABLE, error.to_string()),
+    let attached = match app.storage {
+        Storage::Sqlite(storage, stage) => {
+            attach(storage, stage, args, app.staged, app.grace).await
         }
-    } else {
-        let job = DurableJob::new(app.storage, args);
-        (job.id().to_string(), Task::from(job))
+        Storage::Postgres(storage, stage) => {
+            attach(storage, stage, args, app.staged, app.grace).await
+        }
     };
-    tasks.push(task);
-    (StatusCode::ACCEPTED, id)
+    match attached {
+        Ok((id, task)) => {
+            tasks.push(task);
+            (StatusCode::ACCEPTED, id)
+        }
+        Err(error) => (StatusCode::SERVICE_UNAVAILABLE, error.to_string()),
+    }
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let [_, path, mode, grace] = &args[..] else {
-        return Err("usage: durable_crash_server <sqlite file> <plain|staged> <grace s>".into());
+    let [_, url, queue, mode, grace] = &args[..] else {
+        return Err(
+            "usage: durable_crash_server <sqlite:file | postgres://url> <queue> <plain|staged> \
+             <grace s>"
+                .into(),
+        );
     };
-    let pool = SqlitePool::connect(&format!("sqlite:{path}?mode=rwc")).await?;
+    // A queue named here, not after the type: the test's worker is another crate.
+    let storage = if url.starts_with("postgres") {
+        let pool = PgPool::connect(url).await?;
+        let config = apalis_postgres::Config::default().queue(queue);
+        Storage::Postgres(
+            PostgresStorage::new(&pool).with_config(config),
+            PostgresStage::new(&pool),
+        )
+    } else {
+        let pool = SqlitePool::connect(url).await?;
+        let config = apalis_sqlite::Config::default().queue(queue);
+        Storage::Sqlite(
+            SqliteStorage::new(&pool).with_config(config),
+            SqliteStage::new(&pool),
+        )
+    };
     let app = App {
-        // A queue named here, not after the type: the test's worker is another crate.
-        storage: SqliteStorage::new(&pool)
-            .with_config(apalis_sqlite::Config::default().queue("crash")),
-        stage: SqliteStage::new(&pool),
+        storage,
         staged: mode == "staged",
-        grace: Duration::from_secs(grace.parse()?),
+        grace: Duration::try_from_secs_f64(grace.parse()?)?,
     };
     let router = Router::new()
         .route("/jobs/{n}", post(job))
