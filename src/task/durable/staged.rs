@@ -108,6 +108,12 @@ pub trait Stage: Clone + Send + Sync + 'static {
 /// process's clock rounded up: only a server clock ahead of this process's by more than
 /// the grace could let a worker take it then.
 ///
+/// A release that fails for good is this crate's plumbing failing, not the user's work: it
+/// is reported [`NotReleased`](crate::TaskErrorKind::NotReleased), stops nothing, and the
+/// job runs after its grace. A withdrawal (of a job whose tasks do not run, or that never
+/// reached a layer) is waited for by a drain. Staging costs a write before the response,
+/// which waits for it as for a push by hand, and the release one more after it.
+///
 /// ```
 /// # use apalis_core::backend::{Backend, TaskSink};
 /// # use tower_background::{Stage, StagedJob, Tasks};
