@@ -564,3 +564,134 @@ async fn a_response_version_hyper_cannot_write_is_not_complete() {
         .await;
     }
 }
+
+/// A body that answers `is_end_stream()` and `size_hint()` one way the first time it is
+/// asked and another way afterwards: a streamed body whose first look says "exact 6" (and
+/// then "not exact"), or an empty one whose first look says "not at its end yet" (and then
+/// "at its end"). hyper asks the layer's body wrapper, which asks this body: only the
+/// answers hyper got may decide when the response is complete.
+struct Fickle {
+    frames: tokio::sync::mpsc::UnboundedReceiver<Result<Frame<Bytes>, std::io::Error>>,
+    asked_hint: std::sync::atomic::AtomicUsize,
+    asked_end: std::sync::atomic::AtomicUsize,
+    /// The first `size_hint()` is exact 6; else every answer is "not exact".
+    exact_first: bool,
+    /// The first `is_end_stream()` is `false`, the later ones `true`; else always `false`.
+    ends_after_first_look: bool,
+}
+
+impl http_body::Body for Fickle {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        self.frames.poll_recv(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let calls = self
+            .asked_end
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.ends_after_first_look && calls > 0
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let calls = self
+            .asked_hint
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        match (self.exact_first, calls) {
+            (true, 0) => http_body::SizeHint::with_exact(6),
+            _ => http_body::SizeHint::default(),
+        }
+    }
+}
+
+fn fickle(exact_first: bool, ends_after_first_look: bool) -> (Chunks, BoxedBody) {
+    let (tx, frames) = tokio::sync::mpsc::unbounded_channel();
+    let body = Fickle {
+        frames,
+        asked_hint: Default::default(),
+        asked_end: Default::default(),
+        exact_first,
+        ends_after_first_look,
+    };
+    (tx, body.boxed_unsync())
+}
+
+/// Issue 18, case 2: a streamed body says "exact 6" the first time its size is asked and
+/// "not exact" afterwards, then yields "abc", "def" and "ghi". hyper frames it by the
+/// answer it got (chunked over HTTP/1.1, no length over HTTP/2) and sends all 9 bytes: the
+/// task waits for "ghi", and runs once the body is sent in full. (The layer once counted to
+/// 6 from its own earlier look, and started the task before "ghi" was handed over; over
+/// HTTP/2 it took the 9 bytes for more than declared, and skipped the task.)
+#[tokio::test]
+async fn completion_follows_the_size_hint_hyper_was_given() {
+    for proto in BOTH {
+        let probe = Probe::new();
+        let layer = strict_layer();
+        let background = layer.handle();
+        let bodies = Handoff::new();
+        let addr = {
+            let (probe, bodies) = (probe.clone(), bodies.clone());
+            serve(layer, move |_req| {
+                let (chunks, body) = fickle(true, false);
+                chunks.send(data("abc")).unwrap();
+                chunks.send(data("def")).unwrap();
+                bodies.put(chunks);
+                let res = with_task(&probe, "after ghi", Response::builder(), body);
+                async move { res }
+            })
+            .await
+        };
+        let res = within(client(proto).request(request(Method::GET, addr, "/")))
+            .await
+            .unwrap();
+        let mut body = res.into_body();
+        let mut received = Vec::new();
+        while received.len() < 6 {
+            let frame = within(body.frame()).await.expect("a frame").unwrap();
+            received.extend_from_slice(&frame.into_data().unwrap_or_default());
+        }
+        assert_eq!(
+            background.stats().waiting,
+            1,
+            "{proto:?}: the task was handed over before \"ghi\" was sent"
+        );
+        let chunks = bodies.take();
+        chunks.send(data("ghi")).unwrap();
+        drop(chunks);
+        let rest = within(body.collect()).await.unwrap().to_bytes();
+        received.extend_from_slice(&rest);
+        assert_eq!(received, b"abcdefghi", "{proto:?}");
+        assert_eq!(probe.next().await, "after ghi", "{proto:?}");
+        probe.assert_quiet("the task ran once").await;
+    }
+}
+
+/// Issue 18, case 2: an empty body says "not at its end" the first time it is asked and
+/// "at its end" afterwards. hyper, told it is at its end, sends an empty 200 and drops the
+/// body unpolled: the response is complete, and its task runs, even though the layer skips
+/// the tasks of responses dropped early. (The layer once decided from its own earlier look,
+/// and reported the task `Skipped(EarlyDrop)`.)
+#[tokio::test]
+async fn completion_follows_the_end_of_stream_hyper_was_given() {
+    for proto in BOTH {
+        let probe = Probe::new();
+        let addr = {
+            let probe = probe.clone();
+            serve(strict_layer(), move |_req| {
+                let (chunks, body) = fickle(false, true);
+                drop(chunks); // polled, it would end at once
+                let res = with_task(&probe, "ran", Response::builder(), body);
+                async move { res }
+            })
+            .await
+        };
+        let (status, body) = within(get(proto, addr, "/")).await;
+        assert_eq!((status, body.len()), (StatusCode::OK, 0), "{proto:?}");
+        assert_eq!(probe.next().await, "ran", "{proto:?}");
+    }
+}

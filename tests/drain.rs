@@ -565,3 +565,129 @@ async fn a_longer_drain_beside_a_shorter_one_returns_at_the_shorter_deadline() {
         "{report}"
     );
 }
+
+/// Requests one response per protocol whose handler waits for `release` before it
+/// answers; returns once both handlers are computing.
+async fn two_handlers_in_flight(
+    layer: BackgroundLayer,
+    attach: impl Fn(&Request<Incoming>, &Probe<&'static str>) -> Option<Task>
+    + Clone
+    + Send
+    + Sync
+    + 'static,
+    done: &Probe<&'static str>,
+) -> (
+    Arc<tokio::sync::Notify>,
+    Vec<tokio::task::JoinHandle<http::StatusCode>>,
+) {
+    let release = Arc::new(tokio::sync::Notify::new());
+    let computing = Probe::new();
+    let addr = {
+        let (release, computing, done) = (release.clone(), computing.clone(), done.clone());
+        serve(layer, move |req| {
+            let task = attach(&req, &done);
+            let (release, computing) = (release.clone(), computing.clone());
+            async move {
+                let released = release.notified();
+                computing.send(());
+                released.await;
+                let mut res = Response::new(full("ok"));
+                if let Some(task) = task {
+                    res.extensions_mut().insert(task);
+                }
+                res
+            }
+        })
+        .await
+    };
+    let clients = BOTH
+        .into_iter()
+        .map(|proto| tokio::spawn(async move { get(proto, addr, "/").await.0 }))
+        .collect();
+    computing.take(2).await;
+    (release, clients)
+}
+
+/// Issue 18, case 1: with request-scoped tasks, two handlers (HTTP/1.1 and HTTP/2) have
+/// pushed a task and are still computing when the drain starts: their tasks count at once
+/// (attached, waiting), the drain does not report "drained" while the handlers compute,
+/// and when it does, both tasks have run. (It once returned at once, "drained, 0
+/// attached", and the tasks ran afterwards or never.)
+#[tokio::test]
+async fn a_drain_waits_for_request_scoped_tasks_of_handlers_still_computing() {
+    let done = Probe::new();
+    let layer = BackgroundLayer::new().with_request_tasks();
+    let background = layer.handle();
+    let (release, clients) = two_handlers_in_flight(
+        layer,
+        |req, done| {
+            let mut tasks = req.extensions().get::<Tasks>().unwrap().clone();
+            let done = done.clone();
+            tasks.push(Task::new(async move { done.send("request-scoped") }));
+            None
+        },
+        &done,
+    )
+    .await;
+    let stats = background.stats();
+    assert_eq!((stats.attached, stats.waiting), (2, 2), "{stats}");
+
+    let mut drain = Box::pin(background.shutdown(PATIENCE * 3));
+    assert!(
+        still_pending(drain.as_mut()).await,
+        "drained while two handlers were computing"
+    );
+    release.notify_waiters();
+    let report = within(drain).await;
+    assert!(report.is_drained(), "{report}");
+    assert_eq!(
+        (report.stats().attached, report.stats().succeeded),
+        (2, 2),
+        "{report}"
+    );
+    assert_eq!(done.take(2).await, ["request-scoped"; 2]);
+    for client in clients {
+        assert_eq!(client.await.unwrap(), http::StatusCode::OK);
+    }
+}
+
+/// Issue 18, case 1: handlers still computing when the drain starts, without
+/// request-scoped tasks, attach a task to their responses once they answer: the drain
+/// waits for the handlers, then for the tasks.
+#[tokio::test]
+async fn a_drain_waits_for_the_response_tasks_of_handlers_in_flight() {
+    let done = Probe::new();
+    let layer = BackgroundLayer::new();
+    let background = layer.handle();
+    let (release, clients) = two_handlers_in_flight(
+        layer,
+        |_req, done| {
+            let done = done.clone();
+            Some(Task::new(async move { done.send("response") }))
+        },
+        &done,
+    )
+    .await;
+    let mut drain = Box::pin(background.shutdown(PATIENCE * 3));
+    assert!(
+        still_pending(drain.as_mut()).await,
+        "drained while two handlers were computing"
+    );
+    release.notify_waiters();
+    let report = within(drain).await;
+    assert!(report.is_drained(), "{report}");
+    assert_eq!(
+        (report.stats().attached, report.stats().succeeded),
+        (2, 2),
+        "{report}"
+    );
+    assert_eq!(done.take(2).await, ["response"; 2]);
+    for client in clients {
+        assert_eq!(client.await.unwrap(), http::StatusCode::OK);
+    }
+}
+
+/// Polls `future` once: `true` if it is not ready yet.
+async fn still_pending<F: std::future::Future>(mut future: std::pin::Pin<&mut F>) -> bool {
+    std::future::poll_fn(|cx| std::task::Poll::Ready(future.as_mut().poll(cx).is_pending())).await
+}

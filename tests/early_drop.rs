@@ -287,3 +287,58 @@ async fn request_tasks_of_a_failed_service_are_counted_and_reported() {
     let stats = background.stats();
     assert_eq!((stats.attached, stats.skipped), (1, 1), "{stats}");
 }
+
+/// Issue 18, case 5: a response still streaming when a drain's deadline passes, whose
+/// client then leaves, is an early drop like any other: under `OnEarlyDrop::Skip` its task
+/// is reported `Skipped(EarlyDrop)` (which withdraws a staged job), not
+/// `Skipped(Shutdown)` (which kept it). Under the default its task is skipped for the
+/// shutdown: the deadline has passed, and nothing starts after it.
+#[tokio::test]
+async fn an_early_drop_after_the_drain_deadline_is_an_early_drop() {
+    for (policy, reason) in [
+        (OnEarlyDrop::Skip, SkipReason::EarlyDrop),
+        (OnEarlyDrop::Run, SkipReason::Shutdown),
+    ] {
+        let (layer, errors) = reporting_layer();
+        let layer = layer.on_early_drop(policy);
+        let background = layer.handle();
+        let (chunks, body) = channel_body();
+        let bodies = Handoff::new();
+        bodies.put(body);
+        let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let addr = {
+            let ran = ran.clone();
+            serve(layer, move |_req| {
+                let mut res = Response::new(bodies.take());
+                let ran = ran.clone();
+                let task =
+                    Task::new(async move { ran.store(true, std::sync::atomic::Ordering::SeqCst) });
+                res.extensions_mut().insert(task.named("late"));
+                async move { res }
+            })
+            .await
+        };
+        let client = client(Proto::Http2);
+        let res = within(client.request(request(Method::GET, addr, "/")))
+            .await
+            .unwrap();
+        let mut body = res.into_body();
+        chunks.send(data("first")).unwrap();
+        within(body.frame()).await.unwrap().unwrap();
+
+        let report = within(background.shutdown(std::time::Duration::ZERO)).await;
+        assert!(!report.is_drained(), "{report}");
+        drop(body); // the client leaves: HTTP/2 resets the stream
+        let error = errors.next().await;
+        assert_eq!(error.name(), "late");
+        assert!(
+            matches!(error.kind(), TaskErrorKind::Skipped(r) if *r == reason),
+            "{policy:?}: {error}"
+        );
+        assert!(
+            !ran.load(std::sync::atomic::Ordering::SeqCst),
+            "{policy:?}: ran after the deadline"
+        );
+        drop(chunks);
+    }
+}

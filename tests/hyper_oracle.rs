@@ -132,7 +132,20 @@ struct Shape {
     ending: Ending,
     hint: Hint,
     end_stream: EndStream,
+    first_look: FirstLook,
     client: ClientDoes,
+}
+
+/// What the body answers the first time it is asked, when that differs from the later
+/// answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FirstLook {
+    /// The same as the later answers.
+    Same,
+    /// The first `size_hint()` is exactly this many bytes.
+    ExactHint(u64),
+    /// The first `is_end_stream()` is `false`.
+    NotAtEnd,
 }
 
 /// A `Transfer-Encoding: chunked` header on the response (hyper strips it over HTTP/2).
@@ -223,7 +236,7 @@ impl fmt::Debug for Shape {
         write!(
             f,
             "{} -> {} content-length: {:?}, transfer-encoding {:?}, frames {:?} ({} bytes), \
-             {:?}, size_hint {:?}, is_end_stream {:?}, client {:?}",
+             {:?}, size_hint {:?}, is_end_stream {:?}, first look {:?}, client {:?}",
             self.method,
             self.status,
             self.content_length,
@@ -233,6 +246,7 @@ impl fmt::Debug for Shape {
             self.ending,
             self.hint,
             self.end_stream,
+            self.first_look,
             self.client,
         )
     }
@@ -254,6 +268,10 @@ struct ShapedBody {
     items: VecDeque<Item>,
     hint: Hint,
     end_stream: EndStream,
+    first_look: FirstLook,
+    /// How many times `size_hint()` and `is_end_stream()` were asked.
+    asked_hint: AtomicUsize,
+    asked_end: AtomicUsize,
     /// Data bytes yielded so far.
     yielded: Arc<AtomicU64>,
     /// `poll_frame` returned `None`.
@@ -301,6 +319,10 @@ impl Body for ShapedBody {
     }
 
     fn is_end_stream(&self) -> bool {
+        let first = self.asked_end.fetch_add(1, SeqCst) == 0;
+        if first && self.first_look == FirstLook::NotAtEnd {
+            return false;
+        }
         match self.end_stream {
             EndStream::Never => false,
             EndStream::AfterLastData => !self.items.iter().any(|i| matches!(i, Item::Data(_))),
@@ -309,6 +331,10 @@ impl Body for ShapedBody {
     }
 
     fn size_hint(&self) -> SizeHint {
+        let first = self.asked_hint.fetch_add(1, SeqCst) == 0;
+        if let (true, FirstLook::ExactHint(n)) = (first, self.first_look) {
+            return SizeHint::with_exact(n);
+        }
         let sent = self.yielded.load(SeqCst);
         match self.hint {
             Hint::Exact(n) => SizeHint::with_exact(n.saturating_sub(sent)),
@@ -358,6 +384,9 @@ fn respond(shape: &Shape, side: &ServerSide) -> Response<common::BoxedBody> {
         items,
         hint: shape.hint,
         end_stream: shape.end_stream,
+        first_look: shape.first_look,
+        asked_hint: AtomicUsize::new(0),
+        asked_end: AtomicUsize::new(0),
         yielded: side.yielded.clone(),
         ended: side.ended.clone(),
         dropped: side.dropped.lock().unwrap().take(),
@@ -914,6 +943,11 @@ fn shape() -> impl Strategy<Value = Shape> {
         1 => Just(TransferEncoding::Before),
         1 => Just(TransferEncoding::After),
     ];
+    let first_look = prop_oneof![
+        6 => Just(None),
+        1 => (0u64..8).prop_map(Some),
+        1 => Just(Some(u64::MAX)),
+    ];
     let client = prop_oneof![
         4 => Just(ClientDoes::ReadAll),
         1 => (1u64..64).prop_map(ClientDoes::StopAfter),
@@ -927,7 +961,7 @@ fn shape() -> impl Strategy<Value = Shape> {
         ending,
         hint,
         end_stream,
-        (client, transfer_encoding),
+        (client, transfer_encoding, first_look),
     )
         .prop_map(
             |(
@@ -938,7 +972,7 @@ fn shape() -> impl Strategy<Value = Shape> {
                 ending,
                 hint,
                 end_stream,
-                (client, transfer_encoding),
+                (client, transfer_encoding, first_look),
             )| {
                 let len: u64 = frames.iter().map(|&n| n as u64).sum();
                 let ending = match ending {
@@ -963,6 +997,13 @@ fn shape() -> impl Strategy<Value = Shape> {
                     ending,
                     hint,
                     end_stream,
+                    // A first hint off the body's length by this much (`u64::MAX`: a first
+                    // `is_end_stream()` that is `false`).
+                    first_look: match first_look {
+                        None => FirstLook::Same,
+                        Some(u64::MAX) => FirstLook::NotAtEnd,
+                        Some(d) => FirstLook::ExactHint(len.saturating_sub(d)),
+                    },
                     client,
                 }
             },

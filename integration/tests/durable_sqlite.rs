@@ -669,7 +669,6 @@ impl tower_background::Stage for GatedStage {
 /// drain's deadline (the test holds it): the drain must say it did not drain, and the job
 /// is withdrawn once the storage answers.
 #[tokio::test]
-#[ignore = "needs the drain to wait for unattached withdrawals (src/run/handle.rs, issue 18 part 5)"]
 async fn a_withdrawal_of_a_job_its_handler_dropped_holds_the_drain() {
     let pool = database().await;
     let layer = BackgroundLayer::new();

@@ -113,23 +113,19 @@ impl<B: Body> Body for BackgroundBody<B> {
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
         let mut inner = this.inner;
+        if let Some(completion) = this.completion.as_mut() {
+            completion.on_poll();
+        }
         let frame = ready!(inner.as_mut().poll_frame(cx));
         if let Some(completion) = this.completion.as_mut() {
             let next = match &frame {
                 None => completion.on_end(),
                 Some(Err(_)) => completion.on_error(),
-                Some(Ok(frame)) => {
-                    let mut next = Next::Wait;
-                    if let Some(data) = frame.data_ref() {
-                        next = completion.on_data(data.remaining());
-                    } else if frame.is_trailers() {
-                        next = completion.on_end();
-                    }
-                    if matches!(next, Next::Wait) && inner.is_end_stream() {
-                        next = completion.on_end();
-                    }
-                    next
-                }
+                Some(Ok(frame)) => match frame.data_ref() {
+                    Some(data) => completion.on_data(data.remaining()),
+                    None if frame.is_trailers() => completion.on_end(),
+                    None => Next::Wait,
+                },
             };
             if let Next::Fire { early } = next {
                 if let Some(completion) = this.completion.take() {
@@ -141,11 +137,19 @@ impl<B: Body> Body for BackgroundBody<B> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        let end = self.inner.is_end_stream();
+        if let Some(completion) = &self.completion {
+            completion.told_end(end);
+        }
+        end
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let hint = self.inner.size_hint();
+        if let Some(completion) = &self.completion {
+            completion.told_size(hint.exact());
+        }
+        hint
     }
 }
 

@@ -5,6 +5,7 @@
 //! The body wrapper only forwards frames and tells this type what it saw; every decision
 //! about when the response counts as sent lives here.
 
+use std::cell::Cell;
 use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
@@ -14,7 +15,7 @@ use tokio::runtime::Handle;
 
 use crate::config::Config;
 use crate::error::{SkipReason, TaskErrorKind};
-use crate::layer::framing::{Framing, ResponseShape};
+use crate::layer::framing::{Framing, Plan, ResponseShape};
 use crate::run::ledger::Ledger;
 use crate::run::not_run::report_not_run;
 use crate::run::span::ParentSpan;
@@ -71,13 +72,13 @@ impl Attached {
         if request_tasks.is_none() && response_tasks.is_none() && single.is_none() {
             return None;
         }
-        let count = [&request_tasks, &response_tasks]
-            .into_iter()
-            .flatten()
-            .map(|claimed| claimed.count)
-            .sum::<usize>();
+        let claimed = [&request_tasks, &response_tasks].into_iter().flatten();
+        let (count, counted) = claimed.fold((0, 0), |(count, counted), claimed| {
+            (count + claimed.count, counted + claimed.counted)
+        });
         let expected = count + usize::from(single.is_some());
-        config.shared.counters.attach(expected);
+        // Request-scoped tasks were counted as they were added.
+        config.shared.counters.attach(expected - counted);
         Some(Attached {
             tasks: [request_tasks, response_tasks],
             single,
@@ -108,8 +109,14 @@ impl Attached {
             return;
         };
         let mut jobs = Vec::new();
-        claimed.take(config, |set| jobs.extend(set.jobs));
-        report_not_run(jobs, &Arc::downgrade(config), SkipReason::NoResponse);
+        let counted = claimed.counted;
+        let counted = counted + claimed.take(config, |set| jobs.extend(set.jobs));
+        report_not_run(
+            jobs,
+            &Arc::downgrade(config),
+            SkipReason::NoResponse,
+            counted,
+        );
     }
 }
 
@@ -121,15 +128,49 @@ impl Attached {
 /// carries one pointer in its body (not about 300 bytes to move at every step), and a
 /// response with tasks pays for this box what it paid before for the list of a lone task
 /// and a larger spawned run (`benches/instructions.sh`).
+///
+/// hyper asks the body wrapper, not the inner body, whether the body is at its end and how
+/// long it is, and a body may answer differently each time it is asked: so the wrapper
+/// tells this type every answer it gave ([`told_end`](Completion::told_end),
+/// [`told_size`](Completion::told_size)), and the framing is decided from the answers
+/// given before the body was first polled or dropped, which are those hyper wrote the
+/// head from.
 pub(crate) struct Completion {
     phase: Phase,
-    framing: Framing,
+    /// How hyper frames the body: planned from the head, decided from the body's answers
+    /// when the body is first polled or dropped.
+    framing: Decision,
+    /// What the body wrapper told whoever asked it (hyper).
+    told: Cell<Told>,
     http2: bool,
     /// Bytes of data handed to the server so far.
     sent: u64,
     /// Whether dropping now counts as completion: the body has been sent in full, or the
     /// response carries none (hyper then drops it without polling it).
     may_drop: bool,
+}
+
+/// The framing of a response's body, before and after it is decided.
+#[derive(Debug, Clone, Copy)]
+enum Decision {
+    /// The framing for each answer the body may give hyper, from the response's head.
+    Planned(Plan),
+    Decided(Framing),
+}
+
+/// The answers the body wrapper gave.
+#[derive(Debug, Clone, Copy, Default)]
+struct Told {
+    /// The last `is_end_stream()` answer before the body was first polled (at first, what
+    /// the body said of itself when wrapped: for a body no one asks, so not hyper).
+    at_end: bool,
+    /// The same for `size_hint().exact()`.
+    exact: Option<u64>,
+    /// The last frame the body yielded was data: hyper asks `is_end_stream()` right after
+    /// one, and stops there if it is `true`.
+    after_data: bool,
+    /// `is_end_stream()` answered `true` right after a data frame.
+    ended: bool,
 }
 
 /// What a [`Completion`] holds: the tasks found on the response until they fire, then the
@@ -151,15 +192,25 @@ pub(crate) enum Next {
 }
 
 impl Completion {
-    pub(crate) fn new(attached: Attached, shape: ResponseShape<'_>) -> Self {
-        let framing = Framing::of(&shape);
+    /// `own`: what the body said of itself when wrapped (`is_end_stream()`, its exact size
+    /// hint), which counts only if no one asks the wrapper before the body is first
+    /// polled or dropped.
+    pub(crate) fn new(
+        attached: Attached,
+        shape: ResponseShape<'_>,
+        own: (bool, Option<u64>),
+    ) -> Self {
         Completion {
             phase: Phase::Attached(attached),
-            framing,
+            framing: Decision::Planned(Plan::of(&shape)),
+            told: Cell::new(Told {
+                at_end: own.0,
+                exact: own.1,
+                ..Told::default()
+            }),
             http2: shape.request.http2,
             sent: 0,
-            may_drop: framing == Framing::Bodiless
-                || (framing == Framing::Length(0) && !shape.request.http2),
+            may_drop: false,
         }
     }
 
@@ -168,7 +219,8 @@ impl Completion {
     pub(crate) fn dropped_early(attached: Attached) {
         Box::new(Completion {
             phase: Phase::Attached(attached),
-            framing: Framing::Refused,
+            framing: Decision::Decided(Framing::Refused),
+            told: Cell::new(Told::default()),
             http2: false,
             sent: 0,
             may_drop: false,
@@ -176,13 +228,57 @@ impl Completion {
         .dropped();
     }
 
+    /// The body wrapper answered `is_end_stream()` with `end`.
+    pub(crate) fn told_end(&self, end: bool) {
+        let mut told = self.told.get();
+        if let Decision::Planned(_) = self.framing {
+            told.at_end = end;
+        } else if told.after_data && end {
+            told.ended = true;
+        }
+        self.told.set(told);
+    }
+
+    /// The body wrapper answered `size_hint()` with one whose exact value is `exact`.
+    pub(crate) fn told_size(&self, exact: Option<u64>) {
+        if let Decision::Planned(_) = self.framing {
+            let mut told = self.told.get();
+            told.exact = exact;
+            self.told.set(told);
+        }
+    }
+
+    /// Decides the framing, once, from what hyper was told when it wrote the head; what no
+    /// one asked is taken from what the body said of itself when wrapped.
+    fn decide(&mut self) {
+        let Decision::Planned(plan) = self.framing else {
+            return;
+        };
+        let told = self.told.get();
+        let framing = plan.framing(told.at_end, told.exact);
+        self.framing = Decision::Decided(framing);
+        self.may_drop =
+            framing == Framing::Bodiless || (framing == Framing::Length(0) && !self.http2);
+    }
+
+    /// The body is about to be polled: its head has been written by now.
+    pub(crate) fn on_poll(&mut self) {
+        self.decide();
+        let mut told = self.told.get();
+        (told.after_data, told.ended) = (false, false);
+        self.told.set(told);
+    }
+
     /// The body handed `len` bytes of data to the server.
     pub(crate) fn on_data(&mut self, len: usize) -> Next {
+        let mut told = self.told.get();
+        told.after_data = true;
+        self.told.set(told);
         self.sent = self.sent.saturating_add(len as u64);
-        if let Framing::Length(declared) = self.framing {
+        if let Decision::Decided(Framing::Length(declared)) = self.framing {
             if self.http2 && self.sent > declared {
                 // More than declared: the client will reset the stream.
-                self.framing = Framing::Refused;
+                self.framing = Decision::Decided(Framing::Refused);
                 return Next::Fire { early: true };
             } else if !self.http2 && self.sent >= declared {
                 // hyper stops here.
@@ -197,9 +293,13 @@ impl Completion {
         match self.framing {
             // HTTP/1 with too few bytes: hyper aborts the message; HTTP/2 with any other
             // count than declared: the client resets the stream.
-            Framing::Length(declared) if self.sent != declared => Next::Fire { early: true },
-            Framing::Refused => Next::Fire { early: true },
-            _ => self.complete(),
+            Decision::Decided(Framing::Length(declared)) if self.sent != declared => {
+                Next::Fire { early: true }
+            }
+            Decision::Decided(Framing::Refused) | Decision::Planned(_) => {
+                Next::Fire { early: true }
+            }
+            Decision::Decided(_) => self.complete(),
         }
     }
 
@@ -214,9 +314,15 @@ impl Completion {
     }
 
     /// The body is dropped: its tasks fire now, early unless the response was complete
-    /// (or carries no body).
-    pub(crate) fn dropped(self: Box<Self>) {
-        let early = !self.may_drop;
+    /// (or carries no body): hyper drops a body without polling it further once it has
+    /// sent all of it, or when it sends none.
+    pub(crate) fn dropped(mut self: Box<Self>) {
+        self.decide();
+        let early = match self.told.get().ended {
+            // hyper was told the body ended after its last data frame, and stopped there.
+            true => matches!(self.on_end(), Next::Fire { early: true }),
+            false => !self.may_drop,
+        };
         self.fire(early);
     }
 
@@ -248,8 +354,10 @@ impl Attached {
         // The span moves into the ledger: cloning it would call into the subscriber.
         let mut parent = Some(parent);
         let mut ledger: Option<Ledger> = None;
+        // Request-scoped tasks counted as attached when added, merged in since the claim.
+        let mut counted_since = 0;
         for claimed in tasks.into_iter().flatten() {
-            claimed.take(&config, |set| match (&mut ledger, parent.take()) {
+            counted_since += claimed.take(&config, |set| match (&mut ledger, parent.take()) {
                 (Some(ledger), _) => ledger.add_set(set),
                 (None, parent) => {
                     let parent = parent.unwrap_or_else(ParentSpan::current);
@@ -276,16 +384,21 @@ impl Attached {
             }
         };
         let shared = &ledger.config().shared;
-        shared.counters.response_done(expected, ledger.len());
+        shared
+            .counters
+            .response_done(expected + counted_since, ledger.len());
         // Decided when the response left the service, before anything else.
         ledger.skip_unmet(met);
-        let shared = &ledger.config().shared;
-        if shared.cancel.is_cancelled() {
+        // An early drop is an early drop, before or after a drain's deadline: tasks that
+        // skip on one are reported so (and a staged job withdrawn, if it still can be);
+        // only what would have run is then skipped for the shutdown.
+        if early {
+            ledger.skip_on_early_drop();
+        }
+        if ledger.config().shared.cancel.is_cancelled() {
             ledger.settle_all(Stage::Queued, || {
                 TaskErrorKind::Skipped(SkipReason::Shutdown)
             });
-        } else if early {
-            ledger.skip_on_early_drop();
         }
         (ledger, runtime, token)
     }

@@ -1,5 +1,8 @@
-//! [`Framing`]: how hyper will put a response's body on the wire, decided from the head
-//! when the response leaves the service.
+//! [`Framing`]: how hyper puts a response's body on the wire. What the head says is read
+//! when the response leaves the service ([`Plan`]); what the body says of itself is read
+//! from the answers the body wrapper gave hyper, when hyper asked ([`Plan::framing`]): a
+//! body may answer `is_end_stream()` and `size_hint()` differently each time it is asked,
+//! and only the answers hyper got decide how it framed the body.
 //!
 //! The rules transcribe hyper 1.x's own (`proto/h1/role.rs`, the HTTP/1 encoder;
 //! `proto/h2/server.rs`) and what hyper's and h2's clients accept on the receiving side
@@ -10,18 +13,84 @@ use http::header::CONNECTION;
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderValue, StatusCode, Version};
 
-/// What the request and the response tell about how hyper will send the body.
+/// What the request and the response's head tell about how hyper will send the body.
 pub(crate) struct ResponseShape<'a> {
     pub(crate) request: RequestKind,
     pub(crate) status: StatusCode,
     pub(crate) headers: &'a HeaderMap,
-    /// The body was already at its end when wrapped (`is_end_stream()`).
-    pub(crate) body_at_end: bool,
-    /// The body's exact size hint, if it has one.
-    pub(crate) exact_size: Option<u64>,
     /// The response's own version (a handler may set HTTP/1.0, as a proxy passing an
     /// upstream response through does).
     pub(crate) version: Version,
+}
+
+/// What the body told hyper of itself when hyper wrote the head: `is_end_stream()`, then,
+/// if that was `false`, its exact size hint if it had one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// At its end already: nothing to send.
+    AtEnd,
+    /// An exact size hint (its value is given to [`Plan::framing`]).
+    Known,
+    /// No exact size hint.
+    Unknown,
+}
+
+/// The framing for each answer the body may give, worked out from the head alone, once,
+/// as the response leaves the service (the head is hyper's afterwards).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Plan {
+    at_end: Framing,
+    unknown: Framing,
+    known: Known,
+}
+
+/// The framing of a body with an exact size hint, which depends on the hint's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Known {
+    /// This framing, whatever the hint says.
+    Is(Framing),
+    /// Exactly as many bytes as the hint says.
+    Hint,
+    /// As many bytes as the hint says, if they are this many (a `Content-Length` hyper
+    /// copies as it is); else refused.
+    HintIf(u64),
+}
+
+impl Plan {
+    pub(crate) fn of(shape: &ResponseShape<'_>) -> Self {
+        let decide = |answer| {
+            if shape.request.http2 {
+                Framing::http2(shape, answer)
+            } else {
+                Framing::http1(shape, answer)
+            }
+        };
+        let fixed = |known| match known {
+            Known::Is(framing) => framing,
+            // Only a body with an exact size hint depends on its value.
+            Known::Hint | Known::HintIf(_) => unreachable!("no size hint to depend on"),
+        };
+        Plan {
+            at_end: fixed(decide(Answer::AtEnd)),
+            unknown: fixed(decide(Answer::Unknown)),
+            known: decide(Answer::Known),
+        }
+    }
+
+    /// How hyper frames the body, given what the body told it: whether it was at its end,
+    /// and its exact size hint.
+    pub(crate) fn framing(&self, at_end: bool, exact: Option<u64>) -> Framing {
+        match (at_end, exact) {
+            (true, _) => self.at_end,
+            (false, None) => self.unknown,
+            (false, Some(len)) => match self.known {
+                Known::Is(framing) => framing,
+                Known::Hint => Framing::Length(len),
+                Known::HintIf(declared) if declared == len => Framing::Length(len),
+                Known::HintIf(_) => Framing::Refused,
+            },
+        }
+    }
 }
 
 /// What the layer keeps of a request: four flags, nothing allocated.
@@ -57,16 +126,8 @@ pub(crate) enum Framing {
 }
 
 impl Framing {
-    pub(crate) fn of(shape: &ResponseShape<'_>) -> Self {
-        if shape.request.http2 {
-            Framing::http2(shape)
-        } else {
-            Framing::http1(shape)
-        }
-    }
-
     /// hyper's HTTP/1 encoder (`Server::encode_headers`), then what hyper's client reads.
-    fn http1(shape: &ResponseShape<'_>) -> Self {
+    fn http1(shape: &ResponseShape<'_>, answer: Answer) -> Known {
         let RequestKind {
             is_head,
             is_connect,
@@ -78,13 +139,13 @@ impl Framing {
         // (Over an HTTP/1.0 connection it writes HTTP/1.0 whatever the handler set.)
         let known = [Version::HTTP_10, Version::HTTP_11, Version::HTTP_2];
         if !http10 && !known.contains(&shape.version) {
-            return Framing::Refused;
+            return Known::Is(Framing::Refused);
         }
         let http10 = http10 || shape.version == Version::HTTP_10;
         let status = shape.status;
         if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
             // hyper cannot send 1xx as a final response: it answers 500 instead.
-            return Framing::Refused;
+            return Known::Is(Framing::Refused);
         }
         let connect_2xx = is_connect && status.is_success();
         let bodiless = is_head
@@ -92,11 +153,7 @@ impl Framing {
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED
             || connect_2xx;
-        let body = match (shape.body_at_end, shape.exact_size) {
-            (true, _) => Body::None,
-            (false, Some(exact)) => Body::Known(exact),
-            (false, None) => Body::Unknown,
-        };
+        let body = answer;
         // The encoder walks the headers in order; a length or an encoding already written
         // (always, for a 2xx answer to CONNECT) makes another one cancel the response.
         let mut wrote_len = connect_2xx;
@@ -122,7 +179,7 @@ impl Framing {
             let mut name_written = false;
             for value in shape.headers.get_all(name) {
                 if wrote_len && !name_written {
-                    return Framing::Refused;
+                    return Known::Is(Framing::Refused);
                 }
                 if !length {
                     if http10 || bodiless {
@@ -132,16 +189,16 @@ impl Framing {
                     continue;
                 }
                 match body {
-                    Body::Known(_) => {
+                    Answer::Known => {
                         if !name_written {
                             written = Some(value);
                             (wrote_len, name_written) = (true, true);
                         }
                     }
-                    Body::Unknown => match (strict(value), framed) {
-                        (None, _) => return Framing::Refused,
+                    Answer::Unknown => match (strict(value), framed) {
+                        (None, _) => return Known::Is(Framing::Refused),
                         (Some(len), Some(previous)) if len != previous => {
-                            return Framing::Refused;
+                            return Known::Is(Framing::Refused);
                         }
                         (Some(len), _) => {
                             framed = Some(len);
@@ -149,31 +206,31 @@ impl Framing {
                         }
                     },
                     // Written as an ordinary header after HEAD, skipped otherwise.
-                    Body::None if is_head => wrote_len = true,
-                    Body::None => break,
+                    Answer::AtEnd if is_head => wrote_len = true,
+                    Answer::AtEnd => break,
                 }
             }
         }
-        if bodiless || body == Body::None {
+        if bodiless || body == Answer::AtEnd {
             // The client reads no body, whatever a length says.
-            return Framing::Bodiless;
+            return Known::Is(Framing::Bodiless);
         }
         if chunked {
-            return Framing::Stream;
+            return Known::Is(Framing::Stream);
         }
         match (body, written) {
             // hyper trusts the hint; the client reads the header hyper copied.
-            (Body::Known(exact), Some(written)) => match lenient(written) {
-                Some(len) if len == exact => Framing::Length(exact),
-                _ => Framing::Refused,
+            (Answer::Known, Some(written)) => match lenient(written) {
+                Some(len) => Known::HintIf(len),
+                None => Known::Is(Framing::Refused),
             },
-            (Body::Known(exact), None) => Framing::Length(exact),
-            _ => framed.map_or(Framing::Stream, Framing::Length),
+            (Answer::Known, None) => Known::Hint,
+            _ => Known::Is(framed.map_or(Framing::Stream, Framing::Length)),
         }
     }
 
     /// hyper's HTTP/2 server (`H2Stream::poll2`), then what h2's client accepts.
-    fn http2(shape: &ResponseShape<'_>) -> Self {
+    fn http2(shape: &ResponseShape<'_>, answer: Answer) -> Known {
         let RequestKind {
             is_head,
             is_connect,
@@ -182,7 +239,7 @@ impl Framing {
         let status = shape.status;
         if status.is_informational() {
             // Not a final status: the client fails the connection.
-            return Framing::Refused;
+            return Known::Is(Framing::Refused);
         }
         // hyper removes the headers that the (first) `Connection` header names, then the
         // `Connection` header itself, before it reads the length.
@@ -209,56 +266,49 @@ impl Framing {
                 Some(Some(len)) if lens.all(|other| other == Some(len)) => Some(len),
                 _ => None,
             };
-            return match declared {
+            return Known::Is(match declared {
                 Some(len) if len != 0 => Framing::Refused,
                 _ => Framing::Bodiless,
-            };
+            });
         }
         // h2's client parses every value strictly and refuses values that differ.
         let mut declared = None;
         for value in values {
             match (h2_strict(value), declared) {
-                (None, _) => return Framing::Refused,
-                (Some(len), Some(previous)) if len != previous => return Framing::Refused,
+                (None, _) => return Known::Is(Framing::Refused),
+                (Some(len), Some(previous)) if len != previous => {
+                    return Known::Is(Framing::Refused);
+                }
                 (len, _) => declared = len,
             }
         }
-        if shape.body_at_end {
+        if answer == Answer::AtEnd {
             // Sent as a HEADERS frame that ends the stream: malformed if it declares a
             // length other than 0 (but for HEAD, 204 and 304).
             let excused =
                 is_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
-            return match declared {
+            return Known::Is(match declared {
                 Some(len) if len > 0 && !excused => Framing::Refused,
                 _ => Framing::Bodiless,
-            };
+            });
         }
         if is_head {
             // hyper sends the head, then whatever the body holds, which the client
             // refuses; a HEAD response is complete once its head is out, and it is out
             // before the body is polled or dropped.
-            return Framing::Bodiless;
+            return Known::Is(Framing::Bodiless);
         }
         if is_connect {
             // hyper's client does not hold a non-2xx answer to CONNECT to its length.
-            return Framing::Stream;
+            return Known::Is(Framing::Stream);
         }
         // hyper fills a missing `Content-Length` from the exact size hint.
-        match declared.or(shape.exact_size) {
-            Some(len) => Framing::Length(len),
-            None => Framing::Stream,
+        match (declared, answer) {
+            (Some(len), _) => Known::Is(Framing::Length(len)),
+            (None, Answer::Known) => Known::Hint,
+            (None, _) => Known::Is(Framing::Stream),
         }
     }
-}
-
-/// What hyper's HTTP/1 encoder knows of a body's length when it writes the head.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Body {
-    /// At its end already: nothing to send.
-    None,
-    /// An exact size hint.
-    Known(u64),
-    Unknown,
 }
 
 /// A `Content-Length` value as hyper's HTTP/1 encoder reads it: a plain decimal number (no

@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::layer::body::BackgroundBody;
 use crate::layer::completion::{Attached, Completion};
 use crate::layer::framing::{RequestKind, ResponseShape};
+use crate::run::tracker::Entry;
 use crate::task::set::Tasks;
 
 pin_project! {
@@ -24,6 +25,10 @@ pin_project! {
     /// answered instead), or resolved to the inner service's error, it reports the
     /// request-scoped tasks, if any, as not run
     /// ([`SkipReason::NoResponse`](crate::SkipReason::NoResponse)).
+    ///
+    /// From the call until it resolves or is dropped, it keeps the layer's drain
+    /// ([`BackgroundHandle::shutdown`](crate::BackgroundHandle::shutdown)) waiting: the
+    /// handler may still attach tasks to its response.
     ///
     /// ```
     /// use http::{Request, Response};
@@ -45,6 +50,8 @@ pin_project! {
         request: RequestKind,
         request_tasks: Option<Tasks>,
         config: Arc<Config>,
+        // Keeps the drain waiting until the handler answered.
+        in_flight: Option<Entry>,
     }
 
     impl<F> PinnedDrop for ResponseFuture<F> {
@@ -52,6 +59,9 @@ pin_project! {
             let this = this.project();
             if let Some(tasks) = this.request_tasks.take() {
                 Attached::abandon(tasks, this.config);
+            }
+            if let Some(entry) = this.in_flight.take() {
+                this.config.shared.tracker.leave(entry);
             }
         }
     }
@@ -64,12 +74,14 @@ impl<F> ResponseFuture<F> {
         request: RequestKind,
         request_tasks: Option<Tasks>,
         config: Arc<Config>,
+        in_flight: Entry,
     ) -> Self {
         ResponseFuture {
             inner,
             request,
             request_tasks,
             config,
+            in_flight: Some(in_flight),
         }
     }
 }
@@ -86,25 +98,25 @@ where
         let this = self.project();
         let outcome = ready!(this.inner.poll(cx));
         let request_tasks = this.request_tasks.take();
+        // The response's tasks, if any, take a token of the drain of their own before the
+        // handler's is given back: the drain never sees a gap.
         let res = match outcome {
-            Ok(res) => res,
+            Ok(res) if request_tasks.is_none() && res.extensions().is_empty() => {
+                // The path of most responses: no tasks anywhere, nothing to look into.
+                Ok(res.map(BackgroundBody::passthrough))
+            }
+            Ok(res) => Ok(with_tasks(res, request_tasks, *this.request, this.config)),
             Err(error) => {
                 if let Some(tasks) = request_tasks {
                     Attached::abandon(tasks, this.config);
                 }
-                return Poll::Ready(Err(error));
+                Err(error)
             }
         };
-        // The path of most responses: no tasks anywhere, nothing to look into.
-        if request_tasks.is_none() && res.extensions().is_empty() {
-            return Poll::Ready(Ok(res.map(BackgroundBody::passthrough)));
+        if let Some(entry) = this.in_flight.take() {
+            this.config.shared.tracker.leave(entry);
         }
-        Poll::Ready(Ok(with_tasks(
-            res,
-            request_tasks,
-            *this.request,
-            this.config,
-        )))
+        Poll::Ready(res)
     }
 }
 
@@ -122,6 +134,8 @@ fn with_tasks<B: Body>(
         return res.map(BackgroundBody::passthrough);
     };
     attached.judge(res.status(), res.headers());
+    // What the body says of itself now counts only if no one asks the wrapper before the
+    // body is first polled or dropped (not hyper, which always asks: its answers decide).
     // The body's own methods are user code: if one panics, the response never leaves,
     // which is an early drop for the tasks already counted.
     let body = res.body();
@@ -139,10 +153,8 @@ fn with_tasks<B: Body>(
         request,
         status: res.status(),
         headers: res.headers(),
-        body_at_end,
-        exact_size,
         version: res.version(),
     };
-    let completion = Box::new(Completion::new(attached, shape));
+    let completion = Box::new(Completion::new(attached, shape, (body_at_end, exact_size)));
     res.map(|body| BackgroundBody::new(body, Some(completion)))
 }

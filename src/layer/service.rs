@@ -99,11 +99,19 @@ where
             http10: req.version() == Version::HTTP_10,
         };
         let request_tasks = self.config.request_tasks.then(|| {
-            let tasks = Tasks::new();
+            let tasks = Tasks::request_scoped(&self.config);
             req.extensions_mut().insert(tasks.clone());
             tasks
         });
+        // A drain waits for the handler from now on: its response may carry tasks.
+        let in_flight = self.config.shared.tracker.enter();
         let future = self.inner.call(req);
-        ResponseFuture::new(future, request, request_tasks, self.config.clone())
+        ResponseFuture::new(
+            future,
+            request,
+            request_tasks,
+            self.config.clone(),
+            in_flight,
+        )
     }
 }

@@ -14,8 +14,8 @@ use crate::run::tracker::Tracker;
 /// What every response of one layer shares with its handle.
 #[derive(Debug, Default)]
 pub(crate) struct Shared {
-    /// Everything a drain waits for: each response body that carries tasks, each run of
-    /// tasks, each blocking task's thread.
+    /// Everything a drain waits for: each request whose handler is computing, each
+    /// response body that carries tasks, each run of tasks, each blocking task's thread.
     pub(crate) tracker: Tracker,
     /// The runs alone: after the deadline, the drain waits for them to report their
     /// cancelled tasks (which they do at once), not for bodies or threads.
@@ -69,8 +69,16 @@ impl BackgroundHandle {
         self.shared.counters.snapshot()
     }
 
-    /// Waits until every task of this layer has run, including the tasks of responses still
-    /// being sent and tasks attached while the drain goes on, or until `timeout` has passed.
+    /// Waits until every task of this layer has run, or until `timeout` has passed. That
+    /// includes the tasks of responses still being sent, tasks attached while the drain goes
+    /// on, and the handlers still computing: from the moment the layer's service is called
+    /// until its response leaves, a request keeps the drain waiting, because its handler may
+    /// still attach tasks (request-scoped ones count as attached as soon as they are
+    /// added). With the `apalis` feature, it also waits for the withdrawal of every staged
+    /// job dropped before it reached a layer. So "drained" holds whatever order the
+    /// server's shutdown and the drain are called in; but a server that keeps accepting
+    /// requests keeps the drain waiting until its deadline: stop accepting first, or
+    /// together.
     /// At the deadline, what is left is cancelled: running async tasks are dropped and
     /// reported as [`Cancelled(Shutdown)`](crate::CancelReason::Shutdown); tasks that have
     /// not started (waiting for their response, their turn or a slot) never start, and are
@@ -114,7 +122,13 @@ impl BackgroundHandle {
         // Another drain's deadline (before this one, or during it) ends the wait too: from
         // then on nothing is left to wait for but the runs reporting what they cancelled.
         let waited = tokio::time::timeout(timeout, async {
-            let drained = pin!(self.shared.tracker.wait());
+            let drained = pin!(async {
+                self.shared.tracker.wait().await;
+                // Withdrawals of staged jobs dropped before they reached a layer hold no
+                // token of any layer's: every drain waits for them.
+                #[cfg(feature = "apalis")]
+                crate::task::durable::staged::unattached_withdrawals().await;
+            });
             let cancelled = pin!(self.shared.cancel.cancelled());
             matches!(select(drained, cancelled).await, Either::Left(_))
         })

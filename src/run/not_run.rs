@@ -28,9 +28,15 @@ thread_local! {
     static PENDING: RefCell<Vec<NotRun>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Counts `jobs` as attached to `layer` and reports each as skipped for `reason`, dropping
+/// Counts `jobs` as attached to `layer` (but for the first `counted`, which were counted
+/// when added: request-scoped tasks) and reports each as skipped for `reason`, dropping
 /// their work.
-pub(crate) fn report_not_run(jobs: Vec<Job>, layer: &Weak<Config>, reason: SkipReason) {
+pub(crate) fn report_not_run(
+    jobs: Vec<Job>,
+    layer: &Weak<Config>,
+    reason: SkipReason,
+    counted: usize,
+) {
     if jobs.is_empty() {
         return;
     }
@@ -38,6 +44,7 @@ pub(crate) fn report_not_run(jobs: Vec<Job>, layer: &Weak<Config>, reason: SkipR
         jobs,
         layer: layer.clone(),
         reason,
+        counted,
         to_callback: !in_callback(),
     };
     // A thread being torn down may have lost its thread-locals (or be losing them): then
@@ -95,6 +102,8 @@ struct NotRun {
     jobs: Vec<Job>,
     layer: Weak<Config>,
     reason: SkipReason,
+    /// How many of `jobs` were counted as attached already.
+    counted: usize,
     /// Report to `on_error` (else to the log: the batch was made inside `on_error`).
     to_callback: bool,
 }
@@ -115,7 +124,7 @@ impl NotRun {
             return;
         };
         let counters = &config.shared.counters;
-        counters.attach(self.jobs.len());
+        counters.attach(self.jobs.len().saturating_sub(self.counted));
         counters.response_done(self.jobs.len(), self.jobs.len());
         for (position, mut job) in self.jobs.into_iter().enumerate() {
             job.skipped(self.reason, Some(&config.shared.tracker));
@@ -142,7 +151,7 @@ impl NotRun {
         ));
         if let Some(config) = self.layer.upgrade() {
             let counters = &config.shared.counters;
-            counters.attach(self.jobs.len());
+            counters.attach(self.jobs.len().saturating_sub(self.counted));
             counters.response_done(self.jobs.len(), self.jobs.len());
             for job in &self.jobs {
                 let kind = TaskErrorKind::Skipped(self.reason);

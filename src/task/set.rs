@@ -91,6 +91,13 @@ struct Tree {
     /// The tasks have been taken out to run, by this layer: tasks added now are reported
     /// to it as not run, and dropped at once.
     taken: Option<Weak<Config>>,
+    /// The layer that gave a request these tasks ([`Tasks::request_scoped`]): each task
+    /// is counted there as attached (and waiting) as soon as it is added, while no
+    /// response has claimed the tree, so that the layer's counters never understate what
+    /// a handler still computing holds.
+    scope: Option<Weak<Config>>,
+    /// How many of the tree's tasks were counted so.
+    counted: usize,
 }
 
 /// One `Tasks`' own tasks and settings.
@@ -119,6 +126,8 @@ pub(crate) struct Claimed {
     tasks: Tasks,
     /// How many tasks the tree held when claimed.
     pub(crate) count: usize,
+    /// How many of those were counted as attached when they were added.
+    pub(crate) counted: usize,
     /// The conditions of its sets, to ask about the response (outside the lock: they are
     /// user code). Empty, and unallocated, without any.
     conditions: Vec<Condition>,
@@ -299,18 +308,28 @@ impl Tasks {
                     .iter_mut()
                     .flat_map(|set| std::mem::take(&mut set.jobs))
                     .collect();
+                let counted = std::mem::take(&mut that_tree.counted);
                 append(this_tree, &mut that, &this_owner);
-                break Some((jobs, layer));
+                break Some((jobs, layer, counted));
             }
+            // One tree from now on: a scope (request-scoped tasks) covers the other's tasks.
+            let scope = this_tree.scope.clone().or_else(|| that_tree.scope.clone());
+            let counted = this_tree.counted + that_tree.counted;
+            let jobs = this_tree.len() + that_tree.len();
             if this_tree.sets.len() >= that_tree.sets.len() {
+                let (scope, counted) = (scope.clone(), counted);
+                (this_tree.scope, this_tree.counted) = (scope, counted);
                 append(this_tree, &mut that, &this_owner);
+                this_tree.count_scoped(jobs - counted);
             } else {
+                (that_tree.scope, that_tree.counted) = (scope, counted);
                 prepend(&mut this, that_tree, &other_owner);
+                that_tree.count_scoped(jobs - counted);
             }
             break None;
         };
-        if let Some((jobs, layer)) = late {
-            report_not_run(jobs, &layer, SkipReason::AddedTooLate);
+        if let Some((jobs, layer, counted)) = late {
+            report_not_run(jobs, &layer, SkipReason::AddedTooLate, counted);
         }
     }
 
@@ -321,12 +340,13 @@ impl Tasks {
         let late = self.with_tree(|tree, position| match &tree.taken {
             None => {
                 tree.sets[position].push_job(job);
+                tree.count_scoped(1);
                 None
             }
             Some(layer) => Some((job, layer.clone())),
         });
         if let Some((job, layer)) = late {
-            report_not_run(vec![job], &layer, SkipReason::AddedTooLate);
+            report_not_run(vec![job], &layer, SkipReason::AddedTooLate, 0);
         }
     }
 
@@ -438,27 +458,37 @@ impl Tasks {
                     first: 0,
                     claimed: false,
                     taken: None,
+                    scope: None,
+                    counted: 0,
                 })),
             }),
         }
+    }
+
+    /// The request-scoped `Tasks` that `config`'s layer gives a request: its tasks count
+    /// as attached to the layer from the moment they are added.
+    pub(crate) fn request_scoped(config: &Arc<Config>) -> Self {
+        let tasks = Tasks::new();
+        tasks.with_tree(|tree, _| tree.scope = Some(Arc::downgrade(config)));
+        tasks
     }
 
     /// Claims the tree these tasks belong to for one response, once: a tree already
     /// claimed (through any of its sets, any clone) gives `None`. More tasks may be added
     /// until [`Claimed::take`].
     pub(crate) fn claim(&self) -> Option<Claimed> {
-        let (count, conditions) = self.with_tree(|tree, _| {
+        let (count, counted, conditions) = self.with_tree(|tree, _| {
             if tree.claimed {
                 return None;
             }
             tree.claimed = true;
-            let count = tree.sets.iter().map(|set| set.jobs.len()).sum();
             let conditions = tree.sets.iter().filter_map(|set| set.run_if.clone());
-            Some((count, conditions.collect()))
+            Some((tree.len(), tree.counted, conditions.collect()))
         })?;
         Some(Claimed {
             tasks: self.clone(),
             count,
+            counted,
             conditions,
         })
     }
@@ -552,14 +582,36 @@ impl Claimed {
 
     /// Takes every set of the claimed tree out to run, in order, handing each to `each`;
     /// from now on, tasks added to any of them are reported to `config`'s layer as not run.
-    /// Only the response that claimed them calls this, once.
-    pub(crate) fn take(self, config: &Arc<Config>, mut each: impl FnMut(TakenTasks)) {
+    /// Only the response that claimed them calls this, once. Returns how many of the tasks
+    /// taken were counted as attached when added, beyond those [`counted`](Claimed::counted)
+    /// at the claim (request-scoped tasks merged in since).
+    pub(crate) fn take(self, config: &Arc<Config>, mut each: impl FnMut(TakenTasks)) -> usize {
         self.tasks.with_tree(|tree, _| {
             tree.taken = Some(Arc::downgrade(config));
             for set in &mut tree.sets {
                 each(set.take());
             }
-        });
+            tree.counted - self.counted
+        })
+    }
+}
+
+impl Tree {
+    /// How many tasks the tree holds.
+    fn len(&self) -> usize {
+        self.sets.iter().map(|set| set.jobs.len()).sum()
+    }
+
+    /// `n` tasks were added to the tree: if it is request-scoped and no response has
+    /// claimed it yet, they count as attached to its layer now.
+    fn count_scoped(&mut self, n: usize) {
+        if n == 0 || self.claimed {
+            return;
+        }
+        if let Some(config) = self.scope.as_ref().and_then(Weak::upgrade) {
+            config.shared.counters.attach(n);
+            self.counted += n;
+        }
     }
 }
 

@@ -170,6 +170,11 @@ struct Model<'a> {
     /// The response is over: complete, or failed with a body error.
     over: bool,
     early: bool,
+    /// The last poll yielded a data frame (hyper asks `is_end_stream()` right after one).
+    after_data: bool,
+    /// `is_end_stream()` was `true` when asked right after a data frame: hyper stops
+    /// there, and its drop of the body is the end of the response.
+    told_end: bool,
 }
 
 impl<'a> Model<'a> {
@@ -209,6 +214,8 @@ impl<'a> Model<'a> {
             complete: at_end || (!refused && (bodiless || length == Some(0))),
             over: false,
             early: false,
+            after_data: false,
+            told_end: false,
         }
     }
 
@@ -226,6 +233,7 @@ impl<'a> Model<'a> {
     }
 
     fn poll(&mut self) {
+        (self.after_data, self.told_end) = (false, false);
         match self.script.pop_front() {
             None => self.finish(),
             Some(Step::Pending) => {}
@@ -238,20 +246,28 @@ impl<'a> Model<'a> {
             Some(step) => {
                 if let Step::Data(n) = step {
                     self.sent += n as u64;
+                    self.after_data = true;
                     if !self.refused && self.length.is_some_and(|length| self.sent >= length) {
                         self.finish();
                     }
                 } else {
                     self.finish(); // trailers
                 }
-                if self.case.eager_end && self.script.is_empty() {
-                    self.finish();
-                }
             }
         }
     }
 
+    /// The consumer asked `is_end_stream()`, and was told `end`.
+    fn asked_end(&mut self, end: bool) {
+        if self.after_data && end {
+            self.told_end = true;
+        }
+    }
+
     fn dropped(&mut self) -> Expected {
+        if self.told_end {
+            self.finish();
+        }
         if !self.over {
             self.over = true;
             self.early = !self.complete;
@@ -340,6 +356,7 @@ pub fn check(case: Case) -> Result<(), String> {
             Action::Drop => break,
             Action::AskEndOfStream => {
                 ensure_eq!(body.is_end_stream(), inner_end, "is_end_stream changed");
+                model.asked_end(inner_end);
             }
             Action::Poll => {
                 let _ = body.as_mut().poll_frame(&mut cx);

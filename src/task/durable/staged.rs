@@ -319,7 +319,6 @@ impl Drop for UnattachedToken {
 
 /// Resolves once no withdrawal of a staged job that never reached a layer is in flight in
 /// this process: a drain waits for it beside its own tracker.
-#[allow(dead_code)] // called by the drain (`BackgroundHandle::shutdown`)
 pub(crate) async fn unattached_withdrawals() {
     loop {
         let mut notified = pin!(UNATTACHED.done.notified());
