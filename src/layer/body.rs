@@ -112,26 +112,13 @@ impl<B: Body> Body for BackgroundBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
-        let mut inner = this.inner;
         if let Some(completion) = this.completion.as_mut() {
+            // From its first poll on, the body's head is written: what it was told is final.
             completion.on_poll();
         }
-        let frame = ready!(inner.as_mut().poll_frame(cx));
-        if let Some(completion) = this.completion.as_mut() {
-            let next = match &frame {
-                None => completion.on_end(),
-                Some(Err(_)) => completion.on_error(),
-                Some(Ok(frame)) => match frame.data_ref() {
-                    Some(data) => completion.on_data(data.remaining()),
-                    None if frame.is_trailers() => completion.on_end(),
-                    None => Next::Wait,
-                },
-            };
-            if let Next::Fire { early } = next {
-                if let Some(completion) = this.completion.take() {
-                    completion.fire(early);
-                }
-            }
+        let frame = ready!(this.inner.poll_frame(cx));
+        if this.completion.is_some() {
+            observe(this.completion, &frame);
         }
         Poll::Ready(frame)
     }
@@ -150,6 +137,29 @@ impl<B: Body> Body for BackgroundBody<B> {
             completion.told_size(hint.exact());
         }
         hint
+    }
+}
+
+/// Tells the completion what the body yielded, and fires it if that ends the response.
+/// Kept out of `poll_frame`, so that the path of a body without tasks stays small.
+#[inline(never)]
+fn observe<D: Buf, E>(slot: &mut Option<Box<Completion>>, frame: &Option<Result<Frame<D>, E>>) {
+    let Some(completion) = slot.as_mut() else {
+        return;
+    };
+    let next = match frame {
+        None => completion.on_end(),
+        Some(Err(_)) => completion.on_error(),
+        Some(Ok(frame)) => match frame.data_ref() {
+            Some(data) => completion.on_data(data.remaining()),
+            None if frame.is_trailers() => completion.on_end(),
+            None => Next::Wait,
+        },
+    };
+    if let Next::Fire { early } = next {
+        if let Some(completion) = slot.take() {
+            completion.fire(early);
+        }
     }
 }
 

@@ -262,6 +262,7 @@ impl Completion {
     }
 
     /// The body is about to be polled: its head has been written by now.
+    #[inline(never)]
     pub(crate) fn on_poll(&mut self) {
         self.decide();
         let mut told = self.told.get();

@@ -10,6 +10,7 @@
 //! checks them against a real hyper server and client, over both protocols.
 
 use http::header::CONNECTION;
+use http::header::GetAll;
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderValue, StatusCode, Version};
 
@@ -58,11 +59,13 @@ enum Known {
 
 impl Plan {
     pub(crate) fn of(shape: &ResponseShape<'_>) -> Self {
+        // The headers are looked up once, for the three answers.
+        let head = Lengths::of(shape);
         let decide = |answer| {
             if shape.request.http2 {
-                Framing::http2(shape, answer)
+                Framing::http2(shape, &head, answer)
             } else {
-                Framing::http1(shape, answer)
+                Framing::http1(shape, &head, answer)
             }
         };
         let fixed = |known| match known {
@@ -127,7 +130,7 @@ pub(crate) enum Framing {
 
 impl Framing {
     /// hyper's HTTP/1 encoder (`Server::encode_headers`), then what hyper's client reads.
-    fn http1(shape: &ResponseShape<'_>, answer: Answer) -> Known {
+    fn http1(shape: &ResponseShape<'_>, head: &Lengths<'_>, answer: Answer) -> Known {
         let RequestKind {
             is_head,
             is_connect,
@@ -160,24 +163,21 @@ impl Framing {
         let mut written = None; // the `Content-Length` copied as it is (exact size hint)
         let mut framed = None; // the `Content-Length` parsed (no size hint)
         let mut chunked = false;
-        // In the order they come in the head; only when both are there does it matter
-        // (and is worth a walk over the header names).
-        let encoding_first = shape.headers.contains_key(TRANSFER_ENCODING)
-            && shape.headers.contains_key(CONTENT_LENGTH)
-            && shape
-                .headers
-                .keys()
-                .find(|name| **name == CONTENT_LENGTH || **name == TRANSFER_ENCODING)
-                .is_some_and(|name| *name == TRANSFER_ENCODING);
-        let names = if encoding_first {
-            [TRANSFER_ENCODING, CONTENT_LENGTH]
-        } else {
-            [CONTENT_LENGTH, TRANSFER_ENCODING]
+        // In the order they come in the head.
+        let order = match head.encoding_first {
+            true => [false, true],
+            false => [true, false],
         };
-        for name in &names {
-            let length = *name == CONTENT_LENGTH;
+        // Neither header (the common case): nothing to walk.
+        let walk = if head.none { &[][..] } else { &order[..] };
+        for &length in walk {
             let mut name_written = false;
-            for value in shape.headers.get_all(name) {
+            let values = if length {
+                &head.lengths
+            } else {
+                &head.encodings
+            };
+            for value in values.iter().flat_map(GetAll::iter) {
                 if wrote_len && !name_written {
                     return Known::Is(Framing::Refused);
                 }
@@ -230,7 +230,7 @@ impl Framing {
     }
 
     /// hyper's HTTP/2 server (`H2Stream::poll2`), then what h2's client accepts.
-    fn http2(shape: &ResponseShape<'_>, answer: Answer) -> Known {
+    fn http2(shape: &ResponseShape<'_>, head: &Lengths<'_>, answer: Answer) -> Known {
         let RequestKind {
             is_head,
             is_connect,
@@ -241,27 +241,11 @@ impl Framing {
             // Not a final status: the client fails the connection.
             return Known::Is(Framing::Refused);
         }
-        // hyper removes the headers that the (first) `Connection` header names, then the
-        // `Connection` header itself, before it reads the length.
-        let stripped = shape
-            .headers
-            .get(CONNECTION)
-            .and_then(|value| value.to_str().ok())
-            .is_some_and(|names| {
-                names
-                    .split(',')
-                    .any(|name| name.trim().eq_ignore_ascii_case(CONTENT_LENGTH.as_str()))
-            });
-        let empty = HeaderMap::new();
-        let values = if stripped {
-            empty.get_all(CONTENT_LENGTH)
-        } else {
-            shape.headers.get_all(CONTENT_LENGTH)
-        };
+        let values = || head.lengths.iter().flat_map(GetAll::iter);
         if is_connect && status.is_success() {
             // hyper resets the stream if the length reads as a number other than 0, and
             // otherwise strips it and makes the stream a tunnel, dropping the body unpolled.
-            let mut lens = values.iter().map(lenient);
+            let mut lens = values().map(lenient);
             let declared = match lens.next() {
                 Some(Some(len)) if lens.all(|other| other == Some(len)) => Some(len),
                 _ => None,
@@ -273,7 +257,7 @@ impl Framing {
         }
         // h2's client parses every value strictly and refuses values that differ.
         let mut declared = None;
-        for value in values {
+        for value in values() {
             match (h2_strict(value), declared) {
                 (None, _) => return Known::Is(Framing::Refused),
                 (Some(len), Some(previous)) if len != previous => {
@@ -307,6 +291,62 @@ impl Framing {
             (Some(len), _) => Known::Is(Framing::Length(len)),
             (None, Answer::Known) => Known::Hint,
             (None, _) => Known::Is(Framing::Stream),
+        }
+    }
+}
+
+/// The head's `Content-Length` and `Transfer-Encoding` lines, looked up once.
+struct Lengths<'a> {
+    /// The `Content-Length` lines, as hyper reads them: over HTTP/2, none if the
+    /// `Connection` header names `Content-Length` (hyper removes what it names).
+    lengths: Option<GetAll<'a, HeaderValue>>,
+    encodings: Option<GetAll<'a, HeaderValue>>,
+    /// The `Transfer-Encoding` comes before the `Content-Length` in the head.
+    encoding_first: bool,
+    /// Neither header is there.
+    none: bool,
+}
+
+impl<'a> Lengths<'a> {
+    fn of(shape: &ResponseShape<'a>) -> Self {
+        let headers = shape.headers;
+        let lengths = headers.get_all(CONTENT_LENGTH);
+        if shape.request.http2 {
+            // hyper removes the headers that the (first) `Connection` header names, then
+            // the `Connection` header itself, before it reads the length.
+            let stripped = headers
+                .get(CONNECTION)
+                .and_then(|value| value.to_str().ok())
+                .is_some_and(|names| {
+                    names
+                        .split(',')
+                        .any(|name| name.trim().eq_ignore_ascii_case(CONTENT_LENGTH.as_str()))
+                });
+            return Lengths {
+                lengths: (!stripped).then_some(lengths),
+                encodings: None,
+                encoding_first: false,
+                none: false,
+            };
+        }
+        let encodings = headers.get_all(TRANSFER_ENCODING);
+        // Only when both are there does the order matter (and is worth a walk over the
+        // header names).
+        let (any_length, any_encoding) = (
+            lengths.iter().next().is_some(),
+            encodings.iter().next().is_some(),
+        );
+        let both = any_length && any_encoding;
+        let encoding_first = both
+            && headers
+                .keys()
+                .find(|name| **name == CONTENT_LENGTH || **name == TRANSFER_ENCODING)
+                .is_some_and(|name| *name == TRANSFER_ENCODING);
+        Lengths {
+            lengths: Some(lengths),
+            encodings: Some(encodings),
+            encoding_first,
+            none: !any_length && !any_encoding,
         }
     }
 }

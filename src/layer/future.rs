@@ -98,11 +98,9 @@ where
         let this = self.project();
         let outcome = ready!(this.inner.poll(cx));
         let request_tasks = this.request_tasks.take();
-        // The response's tasks, if any, take a token of the drain of their own before the
-        // handler's is given back: the drain never sees a gap.
         let res = match outcome {
+            // The path of most responses: no tasks anywhere, nothing to look into.
             Ok(res) if request_tasks.is_none() && res.extensions().is_empty() => {
-                // The path of most responses: no tasks anywhere, nothing to look into.
                 Ok(res.map(BackgroundBody::passthrough))
             }
             Ok(res) => Ok(with_tasks(res, request_tasks, *this.request, this.config)),
@@ -113,6 +111,8 @@ where
                 Err(error)
             }
         };
+        // The response's tasks, if any, took a token of the drain of their own: the drain
+        // never sees a gap.
         if let Some(entry) = this.in_flight.take() {
             this.config.shared.tracker.leave(entry);
         }
@@ -123,6 +123,7 @@ where
 /// The response of a request or a response that may carry tasks: takes them, and wraps
 /// the body in what starts them once the response is complete. Kept out of
 /// [`ResponseFuture::poll`], so that the path of a response without tasks stays small.
+#[inline(never)]
 fn with_tasks<B: Body>(
     mut res: Response<B>,
     request_tasks: Option<Tasks>,

@@ -32,7 +32,7 @@ use std::sync::atomic::AtomicUsize;
 
 use tokio::sync::Notify;
 
-/// How many shards a tracker splits its count over: a power of two. (Two under loom,
+/// How many shards a tracker splits its count over: a power of two, at most 256. (Two under loom,
 /// whose run time grows with every atomic step.)
 #[cfg(not(tower_background_loom))]
 const SHARDS: usize = 16;
@@ -78,7 +78,8 @@ pub(crate) struct Token {
 #[derive(Debug)]
 #[must_use = "an entry keeps the drain waiting until it is given back"]
 pub(crate) struct Entry {
-    shard: usize,
+    // A byte, so that an `Option<Entry>` in the response future stays two bytes.
+    shard: u8,
 }
 
 impl Tracker {
@@ -96,14 +97,14 @@ impl Tracker {
     #[inline]
     pub(crate) fn enter(&self) -> Entry {
         Entry {
-            shard: self.inner.shards.enter(),
+            shard: self.inner.shards.enter() as u8,
         }
     }
 
     /// Gives back an [`Entry`] of this tracker.
     #[inline]
     pub(crate) fn leave(&self, entry: Entry) {
-        self.inner.leave(entry.shard);
+        self.inner.leave(usize::from(entry.shard));
     }
 
     /// From now on, [`wait`](Tracker::wait) returns once no token is left.
@@ -130,8 +131,14 @@ impl Inner {
     #[inline]
     fn leave(&self, shard: usize) {
         if self.shards.leave(shard) {
-            self.empty.notify_waiters();
+            self.emptied();
         }
+    }
+
+    /// A closed shard emptied: only once a drain has begun.
+    #[cold]
+    fn emptied(&self) {
+        self.empty.notify_waiters();
     }
 }
 
