@@ -103,3 +103,57 @@ fn assert_balanced(stats: &Stats) {
         "{stats}"
     );
 }
+
+/// Outside review, F2: two layers, the outer with request-scoped tasks; the handler returns
+/// the request-scoped `Tasks` it extracted as a response part (an axum idiom). The tasks run
+/// once, with the layer that gave them to the request and counted them: the inner layer
+/// does not claim another layer's request-scoped tasks. Each layer's counters add up (they
+/// once showed 4 pending for ever on the outer layer, and more settled than attached on the
+/// inner one).
+#[tokio::test]
+async fn request_scoped_tasks_run_and_count_with_their_own_layer() {
+    use tower::ServiceBuilder;
+    use tower_background::BackgroundLayer;
+
+    let (outer, inner) = (
+        BackgroundLayer::new().with_request_tasks(),
+        BackgroundLayer::new(),
+    );
+    let (outer_handle, inner_handle) = (outer.handle(), inner.handle());
+    let ran = Probe::new();
+    let svc = {
+        let ran = ran.clone();
+        ServiceBuilder::new()
+            .layer(outer)
+            .layer(inner)
+            .service(tower::service_fn(
+                move |req: http::Request<hyper::body::Incoming>| {
+                    let mut tasks = req.extensions().get::<Tasks>().cloned().unwrap();
+                    for _ in 0..2 {
+                        let ran = ran.clone();
+                        tasks.push(Task::new(async move { ran.send("ran") }));
+                    }
+                    let mut res = Response::new(full("ok"));
+                    res.extensions_mut().insert(tasks);
+                    async move { Ok::<_, std::convert::Infallible>(res) }
+                },
+            ))
+    };
+    let addr = serve_service(svc).await;
+    for proto in BOTH {
+        let (status, _) = within(get(proto, addr, "/")).await;
+        assert_eq!(status, http::StatusCode::OK);
+    }
+    assert_eq!(ran.take(4).await, ["ran"; 4]);
+    let outer = within(outer_handle.shutdown(PATIENCE)).await;
+    let inner = within(inner_handle.shutdown(PATIENCE)).await;
+    assert!(outer.is_drained() && inner.is_drained(), "{outer}; {inner}");
+    let (outer, inner) = (outer.stats(), inner.stats());
+    assert_eq!(
+        (outer.attached, outer.succeeded, outer.pending()),
+        (4, 4, 0),
+        "{outer}"
+    );
+    assert_eq!(inner.attached, 0, "{inner}");
+    assert_eq!(inner.settled(), 0, "{inner}");
+}

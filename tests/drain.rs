@@ -686,3 +686,64 @@ async fn drain_while_computing(
 async fn still_pending<F: std::future::Future>(mut future: std::pin::Pin<&mut F>) -> bool {
     std::future::poll_fn(|cx| std::task::Poll::Ready(future.as_mut().poll(cx).is_pending())).await
 }
+
+/// Outside review, F1: a streamed response leaves the service with an empty `Tasks`, and a
+/// task is added to it while it streams (the `Tasks` rustdoc allows it: it runs with the
+/// response). The task counts at once, and a drain started then waits for it: it once
+/// reported "drained, 0 attached", and the task ran afterwards.
+#[tokio::test]
+async fn a_drain_waits_for_a_task_added_to_a_response_while_it_streams() {
+    for proto in BOTH {
+        let done = Probe::new();
+        let layer = BackgroundLayer::new();
+        let background = layer.handle();
+        let (handed, bodies) = (Handoff::new(), Handoff::new());
+        let (chunks, body) = channel_body();
+        bodies.put(body);
+        let addr = {
+            let handed = handed.clone();
+            serve(layer, move |_req| {
+                let tasks = Tasks::new();
+                handed.put(tasks.clone());
+                let mut res = Response::new(bodies.take());
+                res.extensions_mut().insert(tasks);
+                async move { res }
+            })
+            .await
+        };
+        let res = within(client(proto).request(request(Method::GET, addr, "/")))
+            .await
+            .unwrap();
+        let mut body = res.into_body();
+        chunks.send(data("first")).unwrap();
+        within(body.frame()).await.unwrap().unwrap();
+
+        let mut tasks: Tasks = handed.take();
+        let sender = done.clone();
+        tasks.push(Task::new(
+            async move { sender.send("added while streaming") },
+        ));
+        let stats = background.stats();
+        assert_eq!(
+            (stats.attached, stats.waiting),
+            (1, 1),
+            "{proto:?}: {stats}"
+        );
+        let mut drain = Box::pin(background.shutdown(PATIENCE * 3));
+        assert!(
+            still_pending(drain.as_mut()).await,
+            "{proto:?}: drained while a streaming response held a task"
+        );
+        chunks.send(data("last")).unwrap();
+        drop(chunks);
+        within(body.collect()).await.unwrap();
+        let report = within(drain).await;
+        assert!(report.is_drained(), "{proto:?}: {report}");
+        assert_eq!(
+            (report.stats().attached, report.stats().succeeded),
+            (1, 1),
+            "{proto:?}: {report}"
+        );
+        assert_eq!(done.next().await, "added while streaming");
+    }
+}

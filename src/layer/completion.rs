@@ -67,8 +67,8 @@ impl Attached {
             };
             (tasks, single)
         };
-        let request_tasks = request_tasks.and_then(|tasks| tasks.claim());
-        let response_tasks = response_tasks.and_then(|tasks| tasks.claim());
+        let request_tasks = request_tasks.and_then(|tasks| tasks.claim(config));
+        let response_tasks = response_tasks.and_then(|tasks| tasks.claim(config));
         if request_tasks.is_none() && response_tasks.is_none() && single.is_none() {
             return None;
         }
@@ -105,17 +105,17 @@ impl Attached {
     /// The request-scoped tasks of a request that got no response (its future was dropped,
     /// or the inner service failed): counted, and reported as not run.
     pub(crate) fn abandon(request_tasks: Tasks, config: &Arc<Config>) {
-        let Some(claimed) = request_tasks.claim() else {
+        let Some(claimed) = request_tasks.claim(config) else {
             return;
         };
         let mut jobs = Vec::new();
         let counted = claimed.counted;
-        let counted = counted + claimed.take(config, |set| jobs.extend(set.jobs));
+        let (since, _token) = claimed.take(config, |set| jobs.extend(set.jobs));
         report_not_run(
             jobs,
             &Arc::downgrade(config),
             SkipReason::NoResponse,
-            counted,
+            counted + since,
         );
     }
 }
@@ -355,16 +355,20 @@ impl Attached {
         // The span moves into the ledger: cloning it would call into the subscriber.
         let mut parent = Some(parent);
         let mut ledger: Option<Ledger> = None;
-        // Request-scoped tasks counted as attached when added, merged in since the claim.
-        let mut counted_since = 0;
+        // Tasks counted as attached when added since the claim (added to the claimed trees,
+        // or merged into them); and the token of the drain they took, if the response
+        // held none: the run carries it on.
+        let (mut counted_since, mut token) = (0, token);
         for claimed in tasks.into_iter().flatten() {
-            counted_since += claimed.take(&config, |set| match (&mut ledger, parent.take()) {
+            let (since, added) = claimed.take(&config, |set| match (&mut ledger, parent.take()) {
                 (Some(ledger), _) => ledger.add_set(set),
                 (None, parent) => {
                     let parent = parent.unwrap_or_else(ParentSpan::current);
                     ledger = Some(Ledger::new(set, config.clone(), parent));
                 }
             });
+            counted_since += since;
+            token = token.or(added);
         }
         let mut ledger = match ledger {
             Some(mut ledger) => {

@@ -226,7 +226,7 @@ impl BackgroundLayer {
     /// add to it (with the `axum` feature, a handler takes it as an argument). Off by
     /// default, because it costs allocations on every request, tasks or not: the `Tasks`,
     /// its place in the request's extensions, and the state that watches the response's
-    /// end (6 allocations, about 600 bytes; `benches/instructions.sh`).
+    /// end (6 allocations, about 700 bytes; `benches/instructions.sh`).
     ///
     /// Those tasks run when the response is complete, before any the response itself
     /// carries, under the same contract: neither set is ever dropped in favour of the other.
@@ -240,9 +240,16 @@ impl BackgroundLayer {
     /// or the inner service returns an error), the tasks never run: each is counted and
     /// reported as [`Skipped(NoResponse)`](crate::SkipReason::NoResponse).
     ///
-    /// A response that leaves the service with no task yet does not hold a
-    /// [drain](BackgroundHandle::shutdown) back (a long stream of server-sent events, say);
-    /// tasks added to it while it streams still run when it completes.
+    /// Each task counts as attached (and waiting) in this layer's
+    /// [`stats`](BackgroundHandle::stats) as soon as it is added, and a drain waits for the
+    /// handler while it computes. A response that leaves the service with no task yet does
+    /// not hold a [drain](BackgroundHandle::shutdown) back (a long stream of server-sent
+    /// events, say); a task added to it while it streams counts, and holds the drain, from
+    /// then on, and runs when the response completes.
+    ///
+    /// These tasks belong to this layer: another `BackgroundLayer` inside this one does not
+    /// take them, even from a response that carries them (a handler returning the `Tasks` it
+    /// extracted as a response part), and they are never merged with another layer's.
     ///
     /// ```
     /// use std::convert::Infallible;

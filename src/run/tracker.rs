@@ -12,13 +12,23 @@
 //! one of them comes last, and it sees both the bit and the zero. (Two separate atomics,
 //! each written then the other read, can miss each other: store buffering.)
 //!
-//! Across shards, no such order exists: a drain that reads the shards one after another
-//! may see shard 0 busy and shard 1 empty while the opposite is becoming true. So the drain
-//! never trusts a negative answer alone: it registers with [`Notify`] *before* reading the
-//! shards, and whoever empties a closed shard, or closes the tracker, calls
-//! [`Notify::notify_waiters`] *after* writing. Both take the `Notify`'s lock: if the wake
-//! took it first, its write happened before the drain's reads, which see it; if the drain
-//! registered first, the wake reaches it, and it reads again.
+//! Across shards, no such order exists, which matters twice:
+//!
+//! - **No wake is missed.** A drain that reads the shards one after another may see shard
+//!   0 busy and shard 1 empty while the opposite is becoming true. So the drain never
+//!   trusts a "not done" alone: it registers with [`Notify`] *before* reading the shards,
+//!   and whoever empties a closed shard, or closes the tracker, calls
+//!   [`Notify::notify_waiters`] *after* writing. Both take the `Notify`'s lock: if the wake
+//!   took it first, its write happened before the drain's reads, which see it; if the
+//!   drain registered first, the wake reaches it, and it reads again.
+//! - **No "done" while a token lives.** A token is handed on by taking the next one before
+//!   dropping the last (a request's entry, then its response's token), maybe on another
+//!   shard, from another thread. One pass may read the new token's shard before it was
+//!   taken and the old one's after it was dropped, and see every shard empty. So each word
+//!   also counts the tokens ever taken on it (its upper half, wrapping), and "done" takes
+//!   two passes that must read the same words: a token taken between them changes its
+//!   shard's word, and one taken before the first pass's read of the old shard is seen by
+//!   the second (it happened before the drop that read saw: Release, then Acquire).
 
 use std::cell::Cell;
 use std::pin::pin;
@@ -26,9 +36,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 
 #[cfg(tower_background_loom)]
-use loom::sync::atomic::AtomicUsize;
+use loom::sync::atomic::AtomicU64;
 #[cfg(not(tower_background_loom))]
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::AtomicU64;
 
 use tokio::sync::Notify;
 
@@ -39,9 +49,13 @@ const SHARDS: usize = 16;
 #[cfg(tower_background_loom)]
 const SHARDS: usize = 2;
 /// The closed bit of a shard's word.
-const CLOSED: usize = 1;
-/// One token, in a shard's word.
-const ONE: usize = 2;
+const CLOSED: u64 = 1;
+/// One live token, in a shard's word (bits 1 to 31).
+const ONE: u64 = 2;
+/// One token ever taken, in a shard's word (bits 32 to 63, wrapping).
+const TAKEN: u64 = 1 << 32;
+/// The closed bit and the live count.
+const LIVE: u64 = TAKEN - 1;
 
 /// A count of live [`Token`]s, and whether the tracker is closed.
 #[derive(Debug, Default, Clone)]
@@ -63,7 +77,7 @@ pub(crate) struct Shards([Shard; SHARDS]);
 /// pairs on x86).
 #[derive(Debug, Default)]
 #[repr(align(128))]
-struct Shard(AtomicUsize);
+struct Shard(AtomicU64);
 
 /// Keeps the tracker's drain waiting while it lives.
 #[derive(Debug)]
@@ -149,13 +163,20 @@ impl Drop for Token {
 }
 
 impl Shards {
+    /// Takes a token on `shard` (loom tests pick the shard).
+    #[cfg(all(test, tower_background_loom))]
+    fn enter_on(&self, shard: usize) -> usize {
+        self.0[shard].0.fetch_add(ONE + TAKEN, Relaxed);
+        shard
+    }
+
     /// Takes a token on this thread's shard; returns the shard.
     #[inline]
     pub(crate) fn enter(&self) -> usize {
         let shard = this_thread() & (SHARDS - 1);
         // Relaxed: taking a token orders nothing; a drain that reads the shards while a
         // token is being taken may or may not wait for it, as with tokio-util's.
-        self.0[shard].0.fetch_add(ONE, Relaxed);
+        self.0[shard].0.fetch_add(ONE + TAKEN, Relaxed);
         shard
     }
 
@@ -165,7 +186,7 @@ impl Shards {
     pub(crate) fn leave(&self, shard: usize) -> bool {
         // Release: what the token's holder did happens before a drain that sees it gone.
         // One read-modify-write of the word that holds the closed bit: see the module docs.
-        self.0[shard].0.fetch_sub(ONE, Release) == CLOSED | ONE
+        self.0[shard].0.fetch_sub(ONE, Release) & LIVE == CLOSED | ONE
     }
 
     /// Sets the closed bit of every shard.
@@ -175,10 +196,21 @@ impl Shards {
         }
     }
 
-    /// Every shard is closed and holds no token.
+    /// Every shard is closed and holds no token: read twice, the same both times (see the
+    /// module's docs).
     pub(crate) fn done(&self) -> bool {
         // Acquire: pairs with `leave`'s Release.
-        self.0.iter().all(|shard| shard.0.load(Acquire) == CLOSED)
+        let mut first = [0; SHARDS];
+        for (word, shard) in first.iter_mut().zip(&self.0) {
+            *word = shard.0.load(Acquire);
+            if *word & LIVE != CLOSED {
+                return false;
+            }
+        }
+        first
+            .iter()
+            .zip(&self.0)
+            .all(|(word, shard)| shard.0.load(Acquire) == *word)
     }
 }
 
@@ -247,7 +279,7 @@ mod loom_tests {
             let shards = Arc::new(Shards::default());
             let wakes = Arc::new(Wakes::default());
             for &shard in tokens_on {
-                shards.0[shard].0.fetch_add(ONE, Relaxed);
+                shards.enter_on(shard);
             }
             let mut threads = Vec::new();
             for &shard in tokens_on {
@@ -276,6 +308,32 @@ mod loom_tests {
                 thread.join().unwrap();
             }
             closer.join().unwrap();
+        });
+    }
+
+    /// A token handed on from one shard to another (the next taken, then the last dropped,
+    /// as a request's entry hands over to its response's token on another worker) is
+    /// never seen as "done": a token is live at every moment.
+    #[test]
+    fn a_token_handed_across_shards_is_never_done() {
+        let mut model = loom::model::Builder::new();
+        model.preemption_bound = Some(3);
+        model.check(|| {
+            let shards = Arc::new(Shards::default());
+            let entry = shards.enter_on(1);
+            let worker = {
+                let shards = shards.clone();
+                thread::spawn(move || {
+                    let token = shards.enter_on(0);
+                    shards.leave(entry);
+                    token
+                })
+            };
+            shards.close();
+            let done = shards.done();
+            let token = worker.join().unwrap();
+            assert!(!done, "done while a token was live");
+            shards.leave(token);
         });
     }
 

@@ -11,6 +11,7 @@ use crate::error::SkipReason;
 use crate::policy::{OnEarlyDrop, OnFailure};
 use crate::run::not_run::report_not_run;
 use crate::run::report::log_error;
+use crate::run::tracker::Token;
 use crate::task::condition::Condition;
 use crate::task::single::{Job, Task};
 use crate::task::task_fn::TaskFn;
@@ -91,13 +92,19 @@ struct Tree {
     /// The tasks have been taken out to run, by this layer: tasks added now are reported
     /// to it as not run, and dropped at once.
     taken: Option<Weak<Config>>,
-    /// The layer that gave a request these tasks ([`Tasks::request_scoped`]): each task
-    /// is counted there as attached (and waiting) as soon as it is added, while no
-    /// response has claimed the tree, so that the layer's counters never understate what
-    /// a handler still computing holds.
-    scope: Option<Weak<Config>>,
-    /// How many of the tree's tasks were counted so.
+    /// The layer the tree belongs to: the one that gave a request these tasks
+    /// ([`Tasks::request_scoped`]), or the one whose response claimed it. Each task added
+    /// is counted there as attached (and waiting) at once, so that the layer's counters
+    /// never understate what a handler still computing, or a response still streaming,
+    /// holds. Another layer's response never claims the tree, and it never merges with
+    /// another layer's: its tasks run with the layer that counted them.
+    layer: Option<Weak<Config>>,
+    /// How many of the tree's tasks were counted so (once claimed: all of them, those the
+    /// claiming response counted included).
     counted: usize,
+    /// Keeps the drain of the layer whose response claimed the tree waiting for the tasks
+    /// added to it since (a response that carried none when it left holds no token).
+    token: Option<Token>,
 }
 
 /// One `Tasks`' own tasks and settings.
@@ -268,7 +275,9 @@ impl Tasks {
     /// `Tasks` that are already joined (itself, one merged before, in either direction)
     /// does nothing, so merges never form a cycle, whatever order threads merge in. A
     /// `Tasks` that a response has already claimed stays with that response: merging it
-    /// elsewhere does nothing. Merging into a `Tasks` whose response is still being sent
+    /// elsewhere does nothing. So does merging the tasks of two layers (a layer's
+    /// request-scoped tasks, or tasks a layer's response claimed, with those of another
+    /// layer): each runs, and is counted, with its own layer. Merging into a `Tasks` whose response is still being sent
     /// runs `other` with it; merging into one whose tasks have already started reports
     /// `other`'s tasks as not run ([`SkipReason::AddedTooLate`](crate::SkipReason)).
     ///
@@ -300,6 +309,11 @@ impl Tasks {
             if that_tree.claimed {
                 return; // `other` belongs to a response already
             }
+            if let (Some(this_layer), Some(that_layer)) = (&this_tree.layer, &that_tree.layer) {
+                if !this_layer.ptr_eq(that_layer) {
+                    return; // two layers' tasks: each runs with the layer that counted it
+                }
+            }
             if let Some(layer) = this_tree.taken.clone() {
                 // These tasks have started: `other`'s can only be reported, and its handles
                 // join a taken tree, so that what is added to them later is reported too.
@@ -312,19 +326,19 @@ impl Tasks {
                 append(this_tree, &mut that, &this_owner);
                 break Some((jobs, layer, counted));
             }
-            // One tree from now on: a scope (request-scoped tasks) covers the other's tasks.
-            let scope = this_tree.scope.clone().or_else(|| that_tree.scope.clone());
+            // One tree from now on: its layer, if either has one, counts the other's tasks.
+            let layer = this_tree.layer.clone().or_else(|| that_tree.layer.clone());
             let counted = this_tree.counted + that_tree.counted;
+            let token = this_tree.token.take().or_else(|| that_tree.token.take());
             let jobs = this_tree.len() + that_tree.len();
             if this_tree.sets.len() >= that_tree.sets.len() {
-                let (scope, counted) = (scope.clone(), counted);
-                (this_tree.scope, this_tree.counted) = (scope, counted);
+                (this_tree.layer, this_tree.counted, this_tree.token) = (layer, counted, token);
                 append(this_tree, &mut that, &this_owner);
-                this_tree.count_scoped(jobs - counted);
+                this_tree.count_added(jobs - counted);
             } else {
-                (that_tree.scope, that_tree.counted) = (scope, counted);
+                (that_tree.layer, that_tree.counted, that_tree.token) = (layer, counted, token);
                 prepend(&mut this, that_tree, &other_owner);
-                that_tree.count_scoped(jobs - counted);
+                that_tree.count_added(jobs - counted);
             }
             break None;
         };
@@ -340,7 +354,7 @@ impl Tasks {
         let late = self.with_tree(|tree, position| match &tree.taken {
             None => {
                 tree.sets[position].push_job(job);
-                tree.count_scoped(1);
+                tree.count_added(1);
                 None
             }
             Some(layer) => Some((job, layer.clone())),
@@ -458,8 +472,9 @@ impl Tasks {
                     first: 0,
                     claimed: false,
                     taken: None,
-                    scope: None,
+                    layer: None,
                     counted: 0,
+                    token: None,
                 })),
             }),
         }
@@ -469,21 +484,37 @@ impl Tasks {
     /// as attached to the layer from the moment they are added.
     pub(crate) fn request_scoped(config: &Arc<Config>) -> Self {
         let tasks = Tasks::new();
-        tasks.with_tree(|tree, _| tree.scope = Some(Arc::downgrade(config)));
+        tasks.with_tree(|tree, _| tree.layer = Some(Arc::downgrade(config)));
         tasks
     }
 
-    /// Claims the tree these tasks belong to for one response, once: a tree already
-    /// claimed (through any of its sets, any clone) gives `None`. More tasks may be added
-    /// until [`Claimed::take`].
-    pub(crate) fn claim(&self) -> Option<Claimed> {
+    /// Claims the tree these tasks belong to for one response of `layer`, once: a tree
+    /// already claimed (through any of its sets, any clone), or one that belongs to another
+    /// layer that is still there (its request-scoped tasks), gives `None`. More tasks may be
+    /// added until [`Claimed::take`].
+    pub(crate) fn claim(&self, layer: &Arc<Config>) -> Option<Claimed> {
         let (count, counted, conditions) = self.with_tree(|tree, _| {
             if tree.claimed {
                 return None;
             }
+            match &tree.layer {
+                Some(own) if !std::ptr::eq(own.as_ptr(), Arc::as_ptr(layer)) => {
+                    if own.strong_count() > 0 {
+                        return None;
+                    }
+                    // Its layer is gone: nothing will claim it for that layer any more.
+                    (tree.layer, tree.counted) = (Some(Arc::downgrade(layer)), 0);
+                }
+                Some(_) => {}
+                None => tree.layer = Some(Arc::downgrade(layer)),
+            }
             tree.claimed = true;
             let conditions = tree.sets.iter().filter_map(|set| set.run_if.clone());
-            Some((tree.len(), tree.counted, conditions.collect()))
+            // The claiming response counts the rest as attached now: from here on, every
+            // task of the tree is counted.
+            let count = tree.len();
+            let counted = std::mem::replace(&mut tree.counted, count);
+            Some((count, counted, conditions.collect()))
         })?;
         Some(Claimed {
             tasks: self.clone(),
@@ -582,16 +613,20 @@ impl Claimed {
 
     /// Takes every set of the claimed tree out to run, in order, handing each to `each`;
     /// from now on, tasks added to any of them are reported to `config`'s layer as not run.
-    /// Only the response that claimed them calls this, once. Returns how many of the tasks
-    /// taken were counted as attached when added, beyond those [`counted`](Claimed::counted)
-    /// at the claim (request-scoped tasks merged in since).
-    pub(crate) fn take(self, config: &Arc<Config>, mut each: impl FnMut(TakenTasks)) -> usize {
+    /// Only the response that claimed them calls this, once. Returns how many tasks were
+    /// added (or merged in) since the claim, each counted as attached when added, and the
+    /// tree's token of the drain, if they gave it one: the run carries it on.
+    pub(crate) fn take(
+        self,
+        config: &Arc<Config>,
+        mut each: impl FnMut(TakenTasks),
+    ) -> (usize, Option<Token>) {
         self.tasks.with_tree(|tree, _| {
             tree.taken = Some(Arc::downgrade(config));
             for set in &mut tree.sets {
                 each(set.take());
             }
-            tree.counted - self.counted
+            (tree.counted - self.count, tree.token.take())
         })
     }
 }
@@ -602,15 +637,19 @@ impl Tree {
         self.sets.iter().map(|set| set.jobs.len()).sum()
     }
 
-    /// `n` tasks were added to the tree: if it is request-scoped and no response has
-    /// claimed it yet, they count as attached to its layer now.
-    fn count_scoped(&mut self, n: usize) {
-        if n == 0 || self.claimed {
+    /// `n` tasks were added to the tree (not yet taken): if it belongs to a layer, they
+    /// count as attached there now; if a response of that layer claimed it, its drain waits
+    /// for them from now on.
+    fn count_added(&mut self, n: usize) {
+        if n == 0 {
             return;
         }
-        if let Some(config) = self.scope.as_ref().and_then(Weak::upgrade) {
+        if let Some(config) = self.layer.as_ref().and_then(Weak::upgrade) {
             config.shared.counters.attach(n);
             self.counted += n;
+            if self.claimed && self.token.is_none() {
+                self.token = Some(config.shared.tracker.token());
+            }
         }
     }
 }
