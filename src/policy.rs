@@ -36,6 +36,9 @@ pub enum OnEarlyDrop {
 /// not written); a group [`Continue`](OnFailure::Continue)s, since its tasks were
 /// independent enough to run at once.
 ///
+/// It applies to the failures of your work. This crate's own plumbing failing (a durable
+/// job's push, a staged job's release) stops nothing, and withdraws no staged job.
+///
 /// ```
 /// use tower_background::{OnFailure, Tasks};
 ///

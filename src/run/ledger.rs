@@ -424,7 +424,9 @@ impl Ledger {
             ),
             outcome => outcome,
         };
-        let goes_on = matches!(outcome, Ok(()) | Err(TaskErrorKind::NotReleased(_)));
+        // Our plumbing failing (a push, a release) is not the user's work failing: it
+        // stops nothing, and withdraws no staged job.
+        let goes_on = outcome.is_ok() || self.jobs[position].is_plumbing();
         self.record(position, outcome);
         goes_on
     }

@@ -335,6 +335,16 @@ impl Retryable {
         self
     }
 
+    /// Marks the task as the push of a durable job: this crate's plumbing, whose failure
+    /// is reported as it is and stops nothing.
+    #[cfg_attr(not(feature = "apalis"), allow(dead_code))]
+    pub(crate) fn pushing(mut self) -> Self {
+        if let Some(Work::Repeat(repeat)) = self.job.work.as_mut() {
+            repeat.push = true;
+        }
+        self
+    }
+
     /// Marks the task as the release of a staged job: this crate's plumbing, whose
     /// failure settles it [`NotReleased`](TaskErrorKind::NotReleased) and stops nothing.
     #[cfg_attr(not(feature = "apalis"), allow(dead_code))]

@@ -90,6 +90,9 @@ pub(crate) struct Repeat {
     /// plumbing failing, not the user's work. Kept here, in the box, so that no other
     /// task pays a byte for it.
     pub(crate) release: bool,
+    /// The push of a durable job: this crate's plumbing too, whose failure stops no other
+    /// task.
+    pub(crate) push: bool,
 }
 
 /// Drops `value` (user code), catching and logging a panic in its `Drop`. `what` says
@@ -210,6 +213,12 @@ impl Job {
         matches!(&self.work, Some(Work::Repeat(repeat)) if repeat.release)
     }
 
+    /// Whether the task is this crate's plumbing (a durable job's push, a staged job's
+    /// release), whose failure stops no other task.
+    pub(crate) fn is_plumbing(&self) -> bool {
+        matches!(&self.work, Some(Work::Repeat(repeat)) if repeat.release || repeat.push)
+    }
+
     pub(crate) fn is_blocking(&self) -> bool {
         matches!(self.work, Some(Work::Once(Attempt::Blocking(_))))
     }
@@ -224,6 +233,7 @@ impl Job {
                 retry: None,
                 on_skip: None,
                 release: false,
+                push: false,
             }))),
             stage: Stage::Queued,
             gate: None,

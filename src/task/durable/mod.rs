@@ -31,7 +31,9 @@ use crate::task::single::Task;
 /// setting and the conditions, is counted, reported and drained, and a failing push is
 /// retried with backoff (5 attempts by default). A retried push never enqueues the job
 /// twice: it carries the job's id as its idempotency key, and a storage that already has
-/// it keeps the one it has.
+/// it keeps the one it has. A push that fails for good is reported as failed, but it is
+/// this crate's plumbing failing, not your work: it stops no other task of its `Tasks`,
+/// and withdraws no staged job ([`OnFailure`](crate::OnFailure) applies to your tasks).
 ///
 /// This is the plain mode: between the response's completion and the push's commit (a
 /// storage round trip), a crash of the process loses the job. Workers see each job at
@@ -94,7 +96,8 @@ impl DurableJob {
             Retry::attempts(5)
                 .backoff(Duration::from_millis(100))
                 .max_delay(Duration::from_secs(5)),
-        );
+        )
+        .pushing();
         DurableJob { id, push }
     }
 

@@ -141,8 +141,11 @@ pub struct StagedJob {
 
 impl StagedJob {
     /// Writes a job with `args` to `sink`, runnable only once `grace` has passed, and
-    /// returns it to attach to the response. An error here means the job was not written:
-    /// answer accordingly (the response has not been produced yet).
+    /// returns it to attach to the response. An error here means the job will not run:
+    /// answer accordingly (the response has not been produced yet). Either it was not
+    /// written, or it was written and its time to run could not be set
+    /// ([`Stage::hold`]), and it is being withdrawn, as a dropped job is; should that
+    /// withdrawal fail for good too (logged as an error), the job runs after its grace.
     pub async fn stage<S, Args, Kind, T>(
         mut sink: S,
         stage: T,
@@ -315,6 +318,12 @@ impl Drop for UnattachedToken {
             UNATTACHED.done.notify_waiters();
         }
     }
+}
+
+/// Whether a withdrawal of a staged job that never reached a layer is in flight in this
+/// process.
+pub(crate) fn unattached_pending() -> bool {
+    UNATTACHED.count.load(SeqCst) > 0
 }
 
 /// Resolves once no withdrawal of a staged job that never reached a layer is in flight in
