@@ -123,17 +123,14 @@ impl BackgroundHandle {
         // then on nothing is left to wait for but the runs reporting what they cancelled.
         let waited = tokio::time::timeout(timeout, async {
             let drained = pin!(async {
-                loop {
+                self.shared.tracker.wait().await;
+                // Withdrawals of staged jobs dropped before they reached a layer hold no
+                // token of any layer's: every drain waits for them. Then it looks at its
+                // own tracker again: requests may have come meanwhile.
+                #[cfg(feature = "apalis")]
+                while crate::task::durable::staged::unattached_pending() {
+                    crate::task::durable::staged::unattached_withdrawals().await;
                     self.shared.tracker.wait().await;
-                    // Withdrawals of staged jobs dropped before they reached a layer hold no
-                    // token of any layer's: every drain waits for them. Then it looks at
-                    // its own tracker again: requests may have come meanwhile.
-                    #[cfg(feature = "apalis")]
-                    if crate::task::durable::staged::unattached_pending() {
-                        crate::task::durable::staged::unattached_withdrawals().await;
-                        continue;
-                    }
-                    break;
                 }
             });
             let cancelled = pin!(self.shared.cancel.cancelled());
