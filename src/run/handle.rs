@@ -75,10 +75,17 @@ impl BackgroundHandle {
     /// until its response leaves, a request keeps the drain waiting, because its handler may
     /// still attach tasks (request-scoped ones count as attached as soon as they are
     /// added). With the `apalis` feature, it also waits for the withdrawal of every staged
-    /// job dropped before it reached a layer. So "drained" holds whatever order the
-    /// server's shutdown and the drain are called in; but a server that keeps accepting
-    /// requests keeps the drain waiting until its deadline: stop accepting first, or
-    /// together.
+    /// job dropped before it reached a layer. So handlers in flight are waited for whatever
+    /// order the server's shutdown and the drain are called in; a server that keeps
+    /// accepting requests keeps the drain waiting until its deadline.
+    ///
+    /// One thing only the usual order (the server's graceful shutdown first, then the
+    /// drain) covers: a response that left the service with no task and is still
+    /// streaming does not hold a drain (a stream of server-sent events would hold every
+    /// drain to its deadline). A task added to it *while a drain waits* is waited for; one
+    /// added after a drain reported drained runs, but no drain waits for it (a later one
+    /// would). If your streams may get tasks, let the server finish its connections first.
+    ///
     /// At the deadline, what is left is cancelled: running async tasks are dropped and
     /// reported as [`Cancelled(Shutdown)`](crate::CancelReason::Shutdown); tasks that have
     /// not started (waiting for their response, their turn or a slot) never start, and are

@@ -35,8 +35,9 @@ use crate::task::single::Stage;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {
-    /// Tasks found on responses (counted when the response leaves the service; tasks added
-    /// to a `Tasks` later are counted when its response completes).
+    /// Tasks attached: counted as soon as the layer can know of them (a request-scoped task
+    /// when it is added, a response's tasks when it leaves the service, a task added to a
+    /// `Tasks` a response carries when it is added).
     pub attached: u64,
     /// Tasks whose response has not completed yet.
     pub waiting: u64,
@@ -55,7 +56,7 @@ pub struct Stats {
     pub timed_out: u64,
     /// Tasks that never started ([`TaskErrorKind::Skipped`],
     /// whatever the [`SkipReason`]: an early drop, an earlier failure, a drain's deadline,
-    /// no runtime, no response, added too late).
+    /// no runtime, no response, added too late, a condition not met).
     pub skipped: u64,
     /// Releases of [`StagedJob`](crate::StagedJob)s that could not be written
     /// ([`TaskErrorKind::NotReleased`]): this crate's plumbing failing, not the user's work.

@@ -35,8 +35,13 @@ use crate::task::single::Task;
 /// this crate's plumbing failing, not your work: it stops no other task of its `Tasks`,
 /// and withdraws no staged job ([`OnFailure`](crate::OnFailure) applies to your tasks).
 ///
+/// The push is reported and counted (in `on_error`, the `tracing` events and the metrics'
+/// `task` label) under the name of the job's argument type,
+/// [`std::any::type_name`]`::<Args>()`: give each kind of job a type of its own.
+///
 /// This is the plain mode: between the response's completion and the push's commit (a
-/// storage round trip), a crash of the process loses the job. Workers see each job at
+/// storage round trip, or under load the whole queue of pending pushes), a crash of the
+/// process loses the job. Workers see each job at
 /// least once; their handlers should be idempotent.
 ///
 /// ```

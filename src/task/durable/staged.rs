@@ -95,6 +95,9 @@ pub trait Stage: Clone + Send + Sync + 'static {
 /// task, retried like the push of a [`DurableJob`](crate::DurableJob)); a response that
 /// does not run its tasks withdraws it.
 ///
+/// The release is reported and counted under the name of the job's argument type
+/// ([`std::any::type_name`]`::<Args>()`), as a [`DurableJob`](crate::DurableJob)'s push is.
+///
 /// At least once: if the process dies after the job was staged, the job runs when its
 /// grace has passed, whether or not the response was complete (the process cannot say so
 /// any more). Choose a grace longer than a response takes, and make worker handlers
