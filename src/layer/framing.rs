@@ -381,3 +381,314 @@ fn digits(bytes: &[u8]) -> Option<u64> {
         len.checked_mul(10)?.checked_add(u64::from(digit))
     })
 }
+
+#[cfg(test)]
+mod tests {
+    //! The framing decisions, one row per rule, each written from hyper 1.x's source (the
+    //! HTTP/1 encoder `proto/h1/role.rs`, the HTTP/1 dispatcher `proto/h1/dispatch.rs`, the
+    //! HTTP/2 server `proto/h2/server.rs`) or from what h2's client refuses (RFC 9113
+    //! §8.1.1). `tests/hyper_oracle.rs` checks the same rules against a real hyper server
+    //! and client; these rows say which rule is which, and fail on the line that changed.
+
+    use super::*;
+    use http::Method;
+
+    /// What the body tells hyper when it writes the head.
+    #[derive(Clone, Copy)]
+    enum Body {
+        AtEnd,
+        Exact(u64),
+        Unknown,
+    }
+
+    /// One row: the request, the response's head and body, and the framing it gets.
+    struct Row {
+        why: &'static str,
+        http2: bool,
+        method: Method,
+        status: u16,
+        headers: &'static [(&'static str, &'static str)],
+        body: Body,
+        framing: Framing,
+    }
+
+    fn decide(row: &Row) -> Framing {
+        let mut headers = HeaderMap::new();
+        for (name, value) in row.headers {
+            headers.append(*name, HeaderValue::from_static(value));
+        }
+        let shape = ResponseShape {
+            request: RequestKind {
+                is_head: row.method == Method::HEAD,
+                is_connect: row.method == Method::CONNECT,
+                http2: row.http2,
+                http10: false,
+            },
+            status: StatusCode::from_u16(row.status).unwrap(),
+            headers: &headers,
+            version: if row.http2 {
+                Version::HTTP_2
+            } else {
+                Version::HTTP_11
+            },
+        };
+        let plan = Plan::of(&shape);
+        match row.body {
+            Body::AtEnd => plan.framing(true, None),
+            Body::Exact(len) => plan.framing(false, Some(len)),
+            Body::Unknown => plan.framing(false, None),
+        }
+    }
+
+    const CL: &str = "content-length";
+    const TE: &str = "transfer-encoding";
+
+    fn h1(
+        why: &'static str,
+        method: Method,
+        status: u16,
+        headers: &'static [(&'static str, &'static str)],
+        body: Body,
+        framing: Framing,
+    ) -> Row {
+        Row {
+            why,
+            http2: false,
+            method,
+            status,
+            headers,
+            body,
+            framing,
+        }
+    }
+
+    fn h2(
+        why: &'static str,
+        method: Method,
+        status: u16,
+        headers: &'static [(&'static str, &'static str)],
+        body: Body,
+        framing: Framing,
+    ) -> Row {
+        Row {
+            http2: true,
+            ..h1(why, method, status, headers, body, framing)
+        }
+    }
+
+    #[test]
+    fn framing_follows_hypers_rules() {
+        use Framing::{Bodiless, Length, Refused, Stream};
+        use Method as M;
+        let rows = [
+            // HTTP/1.1: dispatch.rs writes the head with no body when `is_end_stream()`.
+            h1(
+                "h1 body at its end",
+                M::GET,
+                200,
+                &[],
+                Body::AtEnd,
+                Bodiless,
+            ),
+            h1(
+                "h1 at end, length ignored",
+                M::GET,
+                200,
+                &[(CL, "5")],
+                Body::AtEnd,
+                Bodiless,
+            ),
+            // role.rs: HEAD, 1xx, 204, 304 and a 2xx answer to CONNECT carry no body.
+            h1(
+                "h1 HEAD",
+                M::HEAD,
+                200,
+                &[(CL, "5")],
+                Body::Unknown,
+                Bodiless,
+            ),
+            h1("h1 204", M::GET, 204, &[], Body::Exact(3), Bodiless),
+            h1("h1 304", M::GET, 304, &[(CL, "9")], Body::Unknown, Bodiless),
+            h1(
+                "h1 2xx to CONNECT",
+                M::CONNECT,
+                200,
+                &[],
+                Body::Unknown,
+                Bodiless,
+            ),
+            // role.rs: an exact size hint frames the body, and a header is copied as it is.
+            h1("h1 exact hint", M::GET, 200, &[], Body::Exact(7), Length(7)),
+            h1(
+                "h1 hint and equal header",
+                M::GET,
+                200,
+                &[(CL, "7")],
+                Body::Exact(7),
+                Length(7),
+            ),
+            h1(
+                "h1 hint contradicted",
+                M::GET,
+                200,
+                &[(CL, "8")],
+                Body::Exact(7),
+                Refused,
+            ),
+            // role.rs: without a hint, a valid `Content-Length` frames it; else chunked.
+            h1(
+                "h1 header length",
+                M::GET,
+                200,
+                &[(CL, "12")],
+                Body::Unknown,
+                Length(12),
+            ),
+            h1(
+                "h1 no length: chunked",
+                M::GET,
+                200,
+                &[],
+                Body::Unknown,
+                Stream,
+            ),
+            h1(
+                "h1 malformed length",
+                M::GET,
+                200,
+                &[(CL, "+10")],
+                Body::Unknown,
+                Refused,
+            ),
+            h1(
+                "h1 list as length",
+                M::GET,
+                200,
+                &[(CL, "10, 10")],
+                Body::Unknown,
+                Refused,
+            ),
+            h1(
+                "h1 two differing lengths",
+                M::GET,
+                200,
+                &[(CL, "3"), (CL, "4")],
+                Body::Unknown,
+                Refused,
+            ),
+            h1(
+                "h1 two equal lengths",
+                M::GET,
+                200,
+                &[(CL, "3"), (CL, "3")],
+                Body::Unknown,
+                Length(3),
+            ),
+            // role.rs: `Transfer-Encoding` set by the handler makes it chunked; after a
+            // length already written it cancels the response.
+            h1(
+                "h1 chunked header",
+                M::GET,
+                200,
+                &[(TE, "chunked")],
+                Body::Unknown,
+                Stream,
+            ),
+            h1(
+                "h1 length, then encoding",
+                M::GET,
+                200,
+                &[(CL, "3"), (TE, "chunked")],
+                Body::Unknown,
+                Refused,
+            ),
+            // role.rs: a 1xx other than 101 cannot be a final response (hyper answers 500).
+            h1("h1 1xx as final", M::GET, 103, &[], Body::Unknown, Refused),
+            // HTTP/2, server.rs: a body at its end goes out as a HEADERS frame ending the
+            // stream; a length other than 0 there is malformed (but for HEAD, 204, 304).
+            h2("h2 at end", M::GET, 200, &[], Body::AtEnd, Bodiless),
+            h2(
+                "h2 at end, length 5",
+                M::GET,
+                200,
+                &[(CL, "5")],
+                Body::AtEnd,
+                Refused,
+            ),
+            h2(
+                "h2 204 at end, length 5",
+                M::GET,
+                204,
+                &[(CL, "5")],
+                Body::AtEnd,
+                Bodiless,
+            ),
+            // server.rs: HEAD's head is the whole response the client reads.
+            h2("h2 HEAD", M::HEAD, 200, &[], Body::Unknown, Bodiless),
+            // server.rs: a 2xx answer to CONNECT is a tunnel; a length other than 0 resets it.
+            h2(
+                "h2 CONNECT, length 0",
+                M::CONNECT,
+                200,
+                &[(CL, "0")],
+                Body::Unknown,
+                Bodiless,
+            ),
+            h2(
+                "h2 CONNECT, length 5",
+                M::CONNECT,
+                200,
+                &[(CL, "5")],
+                Body::Unknown,
+                Refused,
+            ),
+            // server.rs: a missing `Content-Length` is filled from the exact size hint.
+            h2("h2 exact hint", M::GET, 200, &[], Body::Exact(4), Length(4)),
+            h2(
+                "h2 header wins",
+                M::GET,
+                200,
+                &[(CL, "6")],
+                Body::Exact(4),
+                Length(6),
+            ),
+            h2("h2 no length", M::GET, 200, &[], Body::Unknown, Stream),
+            // server.rs strips what `Connection` names before it reads the length.
+            h2(
+                "h2 length named by Connection",
+                M::GET,
+                200,
+                &[("connection", "content-length"), (CL, "6")],
+                Body::Unknown,
+                Stream,
+            ),
+            // h2's client: strict digits, at most 19 of them, all values equal.
+            h2(
+                "h2 malformed",
+                M::GET,
+                200,
+                &[(CL, "6 ")],
+                Body::Unknown,
+                Refused,
+            ),
+            h2(
+                "h2 twenty digits",
+                M::GET,
+                200,
+                &[(CL, "00000000000000000006")],
+                Body::Unknown,
+                Refused,
+            ),
+            h2("h2 1xx as final", M::GET, 100, &[], Body::Unknown, Refused),
+        ];
+        let wrong: Vec<String> = rows
+            .iter()
+            .filter_map(|row| {
+                let got = decide(row);
+                (got != row.framing)
+                    .then(|| format!("{}: {:?}, expected {:?}", row.why, got, row.framing))
+            })
+            .collect();
+        assert!(wrong.is_empty(), "{wrong:#?}");
+    }
+}
