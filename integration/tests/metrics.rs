@@ -364,3 +364,84 @@ fn a_blocking_task_that_never_started_has_no_run_time_nor_queue_wait() {
         1
     );
 }
+
+/// A recorder whose registration of a series may call back into the layer (user code may
+/// do anything): here, registering the series of the task `m_outer` settles a task
+/// `m_inner` on the same layer, on the same thread. With the layer's lock held while the
+/// recorder registered, that deadlocked (issue 19, part 4); now the series are registered
+/// outside any lock of the layer's.
+#[test]
+fn the_recorder_is_never_called_under_a_lock_of_the_layer() {
+    use std::convert::Infallible;
+    use std::sync::Arc;
+    use std::task::{Context, Poll, Waker};
+
+    use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, SharedString, Unit};
+    use tower::{Layer, Service};
+    use tower_background::OnEarlyDrop;
+
+    /// Serves one response carrying a task named `name`, and drops it before its body is
+    /// sent: under `OnEarlyDrop::Skip`, the task settles (and is counted) at once, here.
+    fn drop_early(layer: &BackgroundLayer, name: &'static str) {
+        let mut svc = layer
+            .clone()
+            .layer(tower::service_fn(move |_req: http::Request<()>| {
+                let mut res = Response::new(full("never sent"));
+                res.extensions_mut().insert(Task::new(async {}).named(name));
+                std::future::ready(Ok::<_, Infallible>(res))
+            }));
+        let mut future = std::pin::pin!(svc.call(http::Request::new(())));
+        let Poll::Ready(Ok(res)) = future
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+        else {
+            panic!("the service answers at once");
+        };
+        drop(res);
+    }
+
+    struct Reentrant(Arc<dyn Fn(&Key) + Send + Sync>);
+
+    impl metrics::Recorder for Reentrant {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+            (self.0)(key);
+            Counter::noop()
+        }
+        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::noop()
+        }
+        fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+            Histogram::noop()
+        }
+    }
+
+    let (done, finished) = std::sync::mpsc::channel();
+    // On a thread of its own: a deadlock fails the test instead of hanging it.
+    std::thread::spawn(move || {
+        let layer = BackgroundLayer::new()
+            .on_early_drop(OnEarlyDrop::Skip)
+            .on_error(|_| {});
+        let background = layer.handle();
+        let reentered = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let recorder = {
+            let (layer, reentered) = (layer.clone(), reentered.clone());
+            Reentrant(Arc::new(move |key: &Key| {
+                let outer = key
+                    .labels()
+                    .any(|label| label.key() == "task" && label.value() == "m_outer");
+                if outer && !reentered.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    drop_early(&layer, "m_inner");
+                }
+            }))
+        };
+        metrics::with_local_recorder(&recorder, || drop_early(&layer, "m_outer"));
+        let _ = done.send(background.stats());
+    });
+    let stats = finished
+        .recv_timeout(PATIENCE)
+        .expect("deadlocked: the recorder was called under the layer's lock");
+    assert_eq!((stats.attached, stats.skipped), (2, 2), "{stats}");
+}

@@ -160,25 +160,35 @@ impl LayerMetrics {
         self.stages().running.increment(delta);
     }
 
-    /// The series of the tasks named `name`.
+    /// The series of the tasks named `name`. Registering them calls the recorder (user
+    /// code): never under this layer's lock. Two threads that register the same name at
+    /// once get handles to the same series from the recorder; the first one stored is kept.
     pub(crate) fn task(&self, name: &Cow<'static, str>) -> Arc<TaskSeries> {
-        let mut table = self.tasks.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(series) = table.by_name.get(name.as_ref()) {
+        if let Some(series) = self.table().by_name.get(name.as_ref()) {
             return series.clone();
         }
         let label = match name {
-            Cow::Borrowed(name) => SharedString::const_str(name),
-            Cow::Owned(name) if admit(name) => SharedString::from(name.clone()),
-            Cow::Owned(_) => {
-                return table
-                    .other
-                    .get_or_insert_with(|| Arc::new(TaskSeries::register("other".into())))
-                    .clone();
+            Cow::Borrowed(name) => Some(SharedString::const_str(name)),
+            Cow::Owned(name) if admit(name) => Some(SharedString::from(name.clone())),
+            Cow::Owned(_) => None,
+        };
+        let Some(label) = label else {
+            if let Some(other) = &self.table().other {
+                return other.clone();
             }
+            let other = Arc::new(TaskSeries::register("other".into()));
+            return self.table().other.get_or_insert(other).clone();
         };
         let series = Arc::new(TaskSeries::register(label));
-        table.by_name.insert(name.clone(), series.clone());
-        series
+        self.table()
+            .by_name
+            .entry(name.clone())
+            .or_insert(series)
+            .clone()
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, TaskTable> {
+        self.tasks.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
