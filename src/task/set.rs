@@ -151,7 +151,7 @@ impl Tasks {
     /// assert!(tasks.is_empty() && !tasks.is_group());
     /// ```
     pub fn new() -> Self {
-        Tasks::with_mode(false)
+        Tasks::with_mode(false, None)
     }
 
     /// An empty `Tasks` whose tasks all start at once, as Lilya's `as_group=True`: async
@@ -167,7 +167,7 @@ impl Tasks {
     /// assert!(tasks.is_group());
     /// ```
     pub fn group() -> Self {
-        Tasks::with_mode(true)
+        Tasks::with_mode(true, None)
     }
 
     /// Turns this `Tasks` into a group: its tasks all start at once.
@@ -455,7 +455,7 @@ impl Tasks {
         self.with_set(|set| set.group)
     }
 
-    fn with_mode(group: bool) -> Self {
+    fn with_mode(group: bool, layer: Option<Weak<Config>>) -> Self {
         let mut sets = VecDeque::with_capacity(1);
         sets.push_back(Set {
             jobs: Vec::new(),
@@ -472,7 +472,7 @@ impl Tasks {
                     first: 0,
                     claimed: false,
                     taken: None,
-                    layer: None,
+                    layer,
                     counted: 0,
                     token: None,
                 })),
@@ -483,9 +483,7 @@ impl Tasks {
     /// The request-scoped `Tasks` that `config`'s layer gives a request: its tasks count
     /// as attached to the layer from the moment they are added.
     pub(crate) fn request_scoped(config: &Arc<Config>) -> Self {
-        let tasks = Tasks::new();
-        tasks.with_tree(|tree, _| tree.layer = Some(Arc::downgrade(config)));
-        tasks
+        Tasks::with_mode(false, Some(Arc::downgrade(config)))
     }
 
     /// Claims the tree these tasks belong to for one response of `layer`, once: a tree
