@@ -87,9 +87,7 @@ async fn tasks_start_only_after_the_last_chunk_is_sent() {
         };
         let (tx, body) = channel_body();
         chunks.put(body);
-        let res = within(client(proto).request(request(Method::GET, addr, "/")))
-            .await
-            .unwrap();
+        let res = open(proto, addr, "/").await;
         let mut body = res.into_body();
 
         tx.send(data("first")).unwrap();
@@ -220,9 +218,7 @@ async fn content_length_reached_runs_its_tasks_once() {
         };
         let (tx, body) = channel_body();
         chunks.put(body);
-        let res = within(client(proto).request(request(Method::GET, addr, "/")))
-            .await
-            .unwrap();
+        let res = open(proto, addr, "/").await;
         let mut body = res.into_body();
         tx.send(data("hello")).unwrap();
         tx.send(data("world")).unwrap();
@@ -260,9 +256,7 @@ async fn response_without_tasks_passes_through_unchanged() {
                 .unwrap()
         })
         .await;
-        let res = within(client(proto).request(request(Method::GET, addr, "/")))
-            .await
-            .unwrap();
+        let res = open(proto, addr, "/").await;
         assert_eq!(res.status(), StatusCode::ACCEPTED);
         assert_eq!(res.headers()["x-kept"], "yes");
         let body = within(res.into_body().collect()).await.unwrap().to_bytes();
@@ -646,9 +640,7 @@ async fn completion_follows_the_size_hint_hyper_was_given() {
             })
             .await
         };
-        let res = within(client(proto).request(request(Method::GET, addr, "/")))
-            .await
-            .unwrap();
+        let res = open(proto, addr, "/").await;
         let mut body = res.into_body();
         let mut received = Vec::new();
         while received.len() < 6 {

@@ -711,9 +711,7 @@ async fn a_drain_waits_for_a_task_added_to_a_response_while_it_streams() {
             })
             .await
         };
-        let res = within(client(proto).request(request(Method::GET, addr, "/")))
-            .await
-            .unwrap();
+        let res = open(proto, addr, "/").await;
         let mut body = res.into_body();
         chunks.send(data("first")).unwrap();
         within(body.frame()).await.unwrap().unwrap();

@@ -142,11 +142,16 @@ pub fn request(method: http::Method, addr: SocketAddr, path: &str) -> Request<Em
         .unwrap()
 }
 
+/// Sends a GET on a fresh client and returns the response once its head arrived.
+pub async fn open(proto: Proto, addr: SocketAddr, path: &str) -> Response<Incoming> {
+    within(client(proto).request(request(http::Method::GET, addr, path)))
+        .await
+        .unwrap()
+}
+
 /// Sends a GET and reads the whole response body.
 pub async fn get(proto: Proto, addr: SocketAddr, path: &str) -> (http::StatusCode, Bytes) {
-    let res = within(client(proto).request(request(http::Method::GET, addr, path)))
-        .await
-        .unwrap();
+    let res = open(proto, addr, path).await;
     let status = res.status();
     let body = within(res.into_body().collect()).await.unwrap().to_bytes();
     (status, body)
