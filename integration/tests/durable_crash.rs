@@ -20,6 +20,7 @@
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
+mod durable_common;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
@@ -113,15 +114,7 @@ impl Db {
     /// The PostgreSQL test database with apalis's tables, or `None` when no server was
     /// given and none is required.
     async fn postgres() -> Option<(Db, String)> {
-        let Ok(url) = std::env::var("TOWER_BACKGROUND_POSTGRES") else {
-            if std::env::var("TOWER_BACKGROUND_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") {
-                panic!("TOWER_BACKGROUND_POSTGRES is not set: run `.ci/postgres.sh`");
-            }
-            eprintln!(
-                "skipped: no PostgreSQL server (export TOWER_BACKGROUND_POSTGRES=$(.ci/postgres.sh))"
-            );
-            return None;
-        };
+        let url = durable_common::postgres_url()?;
         let pool = PgPool::connect(&url).await.expect("the PostgreSQL server");
         PostgresStorage::<()>::setup(&pool).await.unwrap();
         Some((Db::Postgres(pool), url))

@@ -39,15 +39,7 @@ struct ProcessFile {
 /// is required.
 async fn database() -> Option<PgPool> {
     static SET_UP: tokio::sync::Mutex<bool> = tokio::sync::Mutex::const_new(false);
-    let Ok(url) = std::env::var("TOWER_BACKGROUND_POSTGRES") else {
-        if std::env::var("TOWER_BACKGROUND_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") {
-            panic!("TOWER_BACKGROUND_POSTGRES is not set: run `.ci/postgres.sh`");
-        }
-        eprintln!(
-            "skipped: no PostgreSQL server (export TOWER_BACKGROUND_POSTGRES=$(.ci/postgres.sh))"
-        );
-        return None;
-    };
+    let url = durable_common::postgres_url()?;
     let pool = PgPool::connect(&url).await.expect("the PostgreSQL server");
     let mut set_up = SET_UP.lock().await;
     if !*set_up {

@@ -38,3 +38,19 @@ where
     });
     (serve_service(svc).await, ids, chunks)
 }
+
+/// The URL of the PostgreSQL test server (`TOWER_BACKGROUND_POSTGRES`), or `None` when none
+/// was given and none is required (`TOWER_BACKGROUND_REQUIRE_POSTGRES=1`, as in CI, makes
+/// a missing server a failure).
+pub fn postgres_url() -> Option<String> {
+    let Ok(url) = std::env::var("TOWER_BACKGROUND_POSTGRES") else {
+        if std::env::var("TOWER_BACKGROUND_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") {
+            panic!("TOWER_BACKGROUND_POSTGRES is not set: run `.ci/postgres.sh`");
+        }
+        eprintln!(
+            "skipped: no PostgreSQL server (export TOWER_BACKGROUND_POSTGRES=$(.ci/postgres.sh))"
+        );
+        return None;
+    };
+    Some(url)
+}
