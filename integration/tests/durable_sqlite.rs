@@ -450,13 +450,7 @@ async fn a_staged_job_skipped_by_an_earlier_failure_is_withdrawn() {
     tasks.push(job);
     let slot = Handoff::new();
     slot.put(tasks);
-    let s = slot.clone();
-    let addr = serve(layer, move |_req| {
-        let mut res = Response::new(full("accepted"));
-        res.extensions_mut().insert::<Tasks>(s.take());
-        async move { res }
-    })
-    .await;
+    let addr = serve_handed_tasks(layer, &slot).await;
     get(Proto::Http1, addr, "/").await;
     assert!(background.shutdown(PATIENCE).await.is_drained());
     assert_eq!(background.stats().skipped, 1);
@@ -586,14 +580,7 @@ async fn a_release_that_fails_never_withdraws_the_next_staged_job() {
     tasks.push(b);
     let slot = Handoff::new();
     slot.put(tasks);
-    let s = slot.clone();
-    let addr = serve(layer, move |_req| {
-        let mut res = Response::new(full("accepted"));
-        *res.status_mut() = http::StatusCode::ACCEPTED;
-        res.extensions_mut().insert::<Tasks>(s.take());
-        async move { res }
-    })
-    .await;
+    let addr = serve_handed_tasks(layer, &slot).await;
     get(Proto::Http1, addr, "/").await;
     let report = background.shutdown(PATIENCE).await;
     assert!(report.is_drained(), "{report}");
