@@ -9,7 +9,7 @@ use axum_core::response::{IntoResponse, IntoResponseParts, Response, ResponsePar
 use http::StatusCode;
 use http::request::Parts;
 
-use crate::run::report::log_error;
+use crate::contain::log_error;
 use crate::task::set::Tasks;
 use crate::task::single::Task;
 use crate::task::with_tasks::{attach_task, attach_tasks};

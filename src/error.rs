@@ -4,7 +4,17 @@ use std::borrow::Cow;
 use std::error::Error;
 use std::fmt;
 
-use crate::BoxError;
+/// The error type a failing task is reported with: any error, boxed.
+///
+/// ```
+/// use tower_background::{BoxError, Task};
+///
+/// async fn charge_card() -> Result<(), BoxError> {
+///     Err("card declined".into())
+/// }
+/// let task = Task::new(charge_card());
+/// ```
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A report about one task that failed, panicked, was cancelled or never ran.
 ///
@@ -279,5 +289,32 @@ impl fmt::Display for CancelReason {
             CancelReason::RuntimeShutdown => "the tokio runtime shut down before it finished",
             CancelReason::Shutdown => "the shutdown's deadline passed while it ran",
         })
+    }
+}
+
+/// Why a run stops before all its tasks have ended. What it leaves is mapped to an
+/// outcome here, and only here: a task that never started is skipped, one that started
+/// is cancelled, each with the reason that goes with the stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stop {
+    /// A task of the set failed under [`OnFailure::Stop`](crate::OnFailure::Stop).
+    EarlierFailure,
+    /// A drain reached its deadline.
+    Shutdown,
+    /// The runtime shut down, or there was none to run on.
+    NoRuntime,
+}
+
+impl Stop {
+    /// The outcome of a task this stop leaves: `started` if an attempt of it ever started.
+    pub(crate) fn outcome(self, started: bool) -> TaskErrorKind {
+        match (self, started) {
+            (Stop::EarlierFailure, false) => TaskErrorKind::Skipped(SkipReason::EarlierFailure),
+            (Stop::EarlierFailure, true) => TaskErrorKind::Cancelled(CancelReason::GroupStopped),
+            (Stop::Shutdown, false) => TaskErrorKind::Skipped(SkipReason::Shutdown),
+            (Stop::Shutdown, true) => TaskErrorKind::Cancelled(CancelReason::Shutdown),
+            (Stop::NoRuntime, false) => TaskErrorKind::Skipped(SkipReason::NoRuntime),
+            (Stop::NoRuntime, true) => TaskErrorKind::Cancelled(CancelReason::RuntimeShutdown),
+        }
     }
 }

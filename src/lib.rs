@@ -84,38 +84,38 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+// The house, from the ground up: `error`, `policy`, `retry`, `contain`, `tracker`, `series`
+// and `job` (the record of one task, with a glossary of the names a task goes by) import
+// nothing above them; `task/` is what a handler builds; `run/` is how tasks run and are
+// reported; `layer/` is what sees the response end and hands its tasks over.
 #[cfg(feature = "axum")]
 mod axum;
-mod config;
+mod contain;
 mod error;
 pub mod guide;
+mod job;
 mod layer;
 mod policy;
+mod retry;
 mod run;
+#[cfg(feature = "metrics")]
+mod series;
 mod task;
+mod tracker;
 
 #[cfg(feature = "axum")]
 pub use axum::MissingRequestTasks;
-pub use error::{CancelReason, SkipReason, TaskError, TaskErrorKind};
+pub use error::{BoxError, CancelReason, SkipReason, TaskError, TaskErrorKind};
 pub use layer::{Background, BackgroundBody, BackgroundLayer, ResponseFuture};
 pub use policy::{OnEarlyDrop, OnFailure, TaskSpans};
+pub use retry::Retry;
 pub use run::{BackgroundHandle, ShutdownReport, Stats};
 #[cfg(feature = "apalis-postgres")]
 pub use task::PostgresStage;
 #[cfg(feature = "apalis-sqlite")]
 pub use task::SqliteStage;
-pub use task::{Condition, Retry, Retryable, Task, TaskFn, TaskOutput, Tasks, WithTasks, task_fn};
+#[doc(hidden)]
+pub use task::task_fn;
+pub use task::{Condition, Retryable, Task, TaskFn, TaskOutput, Tasks, WithTasks};
 #[cfg(feature = "apalis")]
 pub use task::{DurableJob, Stage, StagedJob};
-
-/// The error type a failing task is reported with: any error, boxed.
-///
-/// ```
-/// use tower_background::{BoxError, Task};
-///
-/// async fn charge_card() -> Result<(), BoxError> {
-///     Err("card declined".into())
-/// }
-/// let task = Task::new(charge_card());
-/// ```
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -7,20 +7,22 @@
 
 use std::cell::Cell;
 use std::ops::{Deref, DerefMut};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
-use crate::run::tracker::Token;
 use http::{Extensions, HeaderMap, StatusCode};
 use tokio::runtime::Handle;
 
-use crate::config::Config;
-use crate::error::{SkipReason, TaskErrorKind};
+use crate::error::{SkipReason, Stop};
+use crate::job::Job;
+use crate::job::host::Host;
+use crate::job::not_run::report_not_run;
 use crate::layer::framing::{Framing, Plan, ResponseShape};
+use crate::run::config::Config;
 use crate::run::ledger::Ledger;
-use crate::run::not_run::report_not_run;
 use crate::run::span::ParentSpan;
-use crate::task::set::{Claimed, TakenTasks, Tasks};
-use crate::task::single::{Job, Stage, Task};
+use crate::task::set::{Claimed, TakenSet, Tasks};
+use crate::task::single::Task;
+use crate::tracker::Token;
 
 /// The tasks found on one response, with what is needed to run them.
 pub(crate) struct Attached {
@@ -110,13 +112,9 @@ impl Attached {
         };
         let mut jobs = Vec::new();
         let counted = claimed.counted;
-        let (since, _token) = claimed.take(config, |set| jobs.extend(set.jobs));
-        report_not_run(
-            jobs,
-            &Arc::downgrade(config),
-            SkipReason::NoResponse,
-            counted + since,
-        );
+        let (since, _token) = claimed.take(|set| jobs.extend(set.jobs));
+        let layer = Arc::downgrade(config) as Weak<dyn Host>;
+        report_not_run(jobs, Some(&layer), SkipReason::NoResponse, counted + since);
     }
 }
 
@@ -360,7 +358,7 @@ impl Attached {
         // held none: the run carries it on.
         let (mut counted_since, mut token) = (0, token);
         for claimed in tasks.into_iter().flatten() {
-            let (since, added) = claimed.take(&config, |set| match (&mut ledger, parent.take()) {
+            let (since, added) = claimed.take(|set| match (&mut ledger, parent.take()) {
                 (Some(ledger), _) => ledger.add_set(set),
                 (None, parent) => {
                     let parent = parent.unwrap_or_else(ParentSpan::current);
@@ -376,7 +374,7 @@ impl Attached {
                 // its own under the layer's settings (as `with_task` makes it): it takes no
                 // setting, such as a condition, from a `Tasks` it was not put in.
                 if let Some(job) = single {
-                    ledger.add_set(TakenTasks::sequence(vec![job]));
+                    ledger.add_set(TakenSet::sequence(vec![job]));
                 }
                 ledger
             }
@@ -384,7 +382,7 @@ impl Attached {
                 let parent = parent.unwrap_or_else(ParentSpan::current);
                 match single {
                     Some(job) => Ledger::alone(job, config, parent),
-                    None => Ledger::new(TakenTasks::sequence(Vec::new()), config, parent),
+                    None => Ledger::new(TakenSet::sequence(Vec::new()), config, parent),
                 }
             }
         };
@@ -401,9 +399,7 @@ impl Attached {
             ledger.skip_on_early_drop();
         }
         if ledger.config().shared.cancel.is_cancelled() {
-            ledger.settle_all(Stage::Queued, || {
-                TaskErrorKind::Skipped(SkipReason::Shutdown)
-            });
+            ledger.stop_all(Stop::Shutdown);
         }
         (ledger, runtime, token)
     }

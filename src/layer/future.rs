@@ -10,12 +10,12 @@ use http::Response;
 use http_body::Body;
 use pin_project_lite::pin_project;
 
-use crate::config::Config;
 use crate::layer::body::BackgroundBody;
 use crate::layer::completion::{Attached, Completion};
 use crate::layer::framing::{RequestKind, ResponseShape};
-use crate::run::tracker::Entry;
+use crate::run::config::Config;
 use crate::task::set::Tasks;
+use crate::tracker::Entry;
 
 pin_project! {
     /// The response future of [`Background`](crate::Background): resolves to the inner

@@ -20,13 +20,13 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tower_layer::Layer;
 
-use crate::config::Config;
 use crate::error::TaskError;
 use crate::policy::{OnEarlyDrop, TaskSpans};
+use crate::retry::Retry;
+use crate::run::config::Config;
 use crate::run::handle::BackgroundHandle;
 use crate::run::report::Reporter;
 use crate::task::condition::Condition;
-use crate::task::retry::Retry;
 
 /// A [`Layer`] that runs the [`Tasks`](crate::Tasks) (or the single
 /// [`Task`](crate::Task)) found in a response's extensions once the response has been

@@ -7,9 +7,10 @@ use http::{Method, Request, Response, Version};
 use http_body::Body;
 use tower_service::Service;
 
-use crate::config::Config;
+use crate::layer::body::BackgroundBody;
 use crate::layer::framing::RequestKind;
 use crate::layer::future::ResponseFuture;
+use crate::run::config::Config;
 use crate::task::set::Tasks;
 
 /// The service made by [`BackgroundLayer`](crate::BackgroundLayer): calls the inner
@@ -81,7 +82,7 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     ResBody: Body,
 {
-    type Response = Response<crate::BackgroundBody<ResBody>>;
+    type Response = Response<BackgroundBody<ResBody>>;
     type Error = S::Error;
     type Future = ResponseFuture<S::Future>;
 

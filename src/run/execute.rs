@@ -6,7 +6,6 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering::AcqRel, Ordering::Acquire};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -14,12 +13,13 @@ use futures_util::FutureExt;
 use futures_util::future::Either;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::error::{CancelReason, SkipReason, TaskErrorKind};
+use crate::contain::discard;
+use crate::error::{Stop, TaskErrorKind};
+use crate::job::{Attempt, Gate, TaskResult};
 use crate::run::handle::Shared;
 #[cfg(feature = "metrics")]
-use crate::run::metrics::StartMetrics;
-use crate::run::tracker::Token;
-use crate::task::single::{Attempt, TaskResult, discard};
+use crate::series::StartMetrics;
+use crate::tracker::Token;
 
 /// Waits out `delay` if there is one (a retry's backoff, holding no slot), then for a
 /// slot under the layer's limit.
@@ -60,7 +60,17 @@ pub(crate) struct Started {
     pub(crate) span: tracing::Span,
 }
 
-/// Runs one task to its end, or to its timeout, in its span: `Ok`, or what went wrong.
+/// How one attempt ended.
+pub(crate) enum Ended {
+    /// It ran: `Ok`, or how it failed (an error, its timeout, a panic).
+    Ran(Result<(), TaskErrorKind>),
+    /// The run stopped it, for this reason, before it could end: a blocking attempt that
+    /// no thread started (and none will), or whose thread the runtime dropped. Whether the
+    /// task had started is the job's to say ([`Job::close_attempt`](crate::job::Job::close_attempt)).
+    Stopped(Stop),
+}
+
+/// Runs one task to its end, or to its timeout, in its span: how it ended.
 /// `permit` is released when the work is done (for a blocking task, when its thread is
 /// done).
 ///
@@ -70,7 +80,7 @@ pub(crate) struct Started {
 pub(crate) fn execute(
     started: Started,
     permit: Option<OwnedSemaphorePermit>,
-) -> impl Future<Output = Result<(), TaskErrorKind>> {
+) -> impl Future<Output = Ended> {
     let Started {
         work,
         timeout,
@@ -141,7 +151,7 @@ enum AsyncWork {
 }
 
 impl Future for RunAsync {
-    type Output = Result<(), TaskErrorKind>;
+    type Output = Ended;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
@@ -157,12 +167,12 @@ impl Future for RunAsync {
         // released.
         this.work = AsyncWork::Done;
         drop(this.permit.take());
-        Poll::Ready(match outcome {
+        Poll::Ready(Ended::Ran(match outcome {
             Err(timed_out) => Err(timed_out),
             Ok(Ok(Ok(()))) => Ok(()),
             Ok(Ok(Err(error))) => Err(TaskErrorKind::Failed(error)),
             Ok(Err(panic)) => Err(TaskErrorKind::Panicked(panic_message(panic))),
-        })
+        }))
     }
 }
 
@@ -176,50 +186,49 @@ async fn run_blocking(
     gate: Arc<Gate>,
     counted: Counted,
     timeout: Option<Duration>,
-) -> Result<(), TaskErrorKind> {
+) -> Ended {
     // The task's span is current here (`execute` instruments this future): carry it to the
     // thread.
     #[cfg(feature = "tracing")]
     let span = tracing::Span::current();
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
-    let thread = {
-        let gate = gate.clone();
-        move || {
-            let (_permit, _token) = (permit, token);
-            // A drain's deadline may have passed while the task waited for a thread, before
-            // its run had a chance to abandon it: it must not start now.
-            if counted.shared.cancel.is_cancelled() {
-                gate.abandon();
-            }
-            if !gate.start() {
-                return None;
-            }
-            counted.started();
-            let _ = started_tx.send(());
-            #[cfg(feature = "tracing")]
-            let _entered = span.enter();
-            Some(f())
+    let thread = move || {
+        let (_permit, _token) = (permit, token);
+        // A drain's deadline may have passed while the task waited for a thread, before
+        // its run had a chance to abandon it: it must not start now.
+        if counted.shared.cancel.is_cancelled() {
+            gate.abandon();
         }
+        if !gate.start() {
+            return None;
+        }
+        counted.started();
+        let _ = started_tx.send(());
+        #[cfg(feature = "tracing")]
+        let _entered = span.enter();
+        Some(f())
     };
     let handle = tokio::task::spawn_blocking(thread);
     // Err if the closure ended without starting, or was dropped unrun: the join says which.
     let _ = started_rx.await;
     let joined = match timeout {
-        Some(limit) => Box::pin(tokio::time::timeout(limit, handle))
-            .await
-            .map_err(|_| TaskErrorKind::TimedOut(limit))?,
+        Some(limit) => match Box::pin(tokio::time::timeout(limit, handle)).await {
+            Ok(joined) => joined,
+            Err(_) => return Ended::Ran(Err(TaskErrorKind::TimedOut(limit))),
+        },
         None => handle.await,
     };
     match joined {
-        Ok(Some(Ok(()))) => Ok(()),
-        Ok(Some(Err(error))) => Err(TaskErrorKind::Failed(error)),
-        Ok(None) => Err(TaskErrorKind::Skipped(SkipReason::Shutdown)),
-        Err(join) if join.is_panic() => {
-            Err(TaskErrorKind::Panicked(panic_message(join.into_panic())))
-        }
-        // The runtime shut down: tokio drops blocking work it has not started.
-        Err(_) if gate.abandon() => Err(TaskErrorKind::Skipped(SkipReason::NoRuntime)),
-        Err(_) => Err(TaskErrorKind::Cancelled(CancelReason::RuntimeShutdown)),
+        Ok(Some(Ok(()))) => Ended::Ran(Ok(())),
+        Ok(Some(Err(error))) => Ended::Ran(Err(TaskErrorKind::Failed(error))),
+        // The thread saw a drain's deadline before it could start the attempt.
+        Ok(None) => Ended::Stopped(Stop::Shutdown),
+        Err(join) if join.is_panic() => Ended::Ran(Err(TaskErrorKind::Panicked(panic_message(
+            join.into_panic(),
+        )))),
+        // The runtime shut down: tokio drops blocking work it has not started, and the
+        // join of work it has.
+        Err(_) => Ended::Stopped(Stop::NoRuntime),
     }
 }
 
@@ -243,37 +252,6 @@ impl Counted {
         if let Some(start) = self.start_metrics {
             start.record();
         }
-    }
-}
-
-/// Whether a blocking task's thread has started it: decided once, by whichever comes first,
-/// the thread ([`Gate::start`]) or the runner giving up on it ([`Gate::abandon`]).
-#[derive(Debug, Default)]
-pub(crate) struct Gate(AtomicU8);
-
-impl Gate {
-    const WAITING: u8 = 0;
-    const STARTED: u8 = 1;
-    const ABANDONED: u8 = 2;
-
-    /// The thread is about to run the task: `false` if it was abandoned first.
-    pub(crate) fn start(&self) -> bool {
-        self.0
-            .compare_exchange(Self::WAITING, Self::STARTED, AcqRel, Acquire)
-            .is_ok()
-    }
-
-    /// `true` once a thread has started the task.
-    pub(crate) fn started(&self) -> bool {
-        self.0.load(Acquire) == Self::STARTED
-    }
-
-    /// The runner gives up on the task: `true` if no thread had started it (and none
-    /// will).
-    pub(crate) fn abandon(&self) -> bool {
-        self.0
-            .compare_exchange(Self::WAITING, Self::ABANDONED, AcqRel, Acquire)
-            .is_ok()
     }
 }
 

@@ -9,7 +9,7 @@ use futures_util::future::{Either, select};
 
 use crate::run::cancel::Cancel;
 use crate::run::stats::{Counters, Stats};
-use crate::run::tracker::Tracker;
+use crate::tracker::Tracker;
 
 /// What every response of one layer shares with its handle.
 #[derive(Debug, Default)]

@@ -2,7 +2,7 @@
 
 use std::ops::{Deref, DerefMut};
 
-use crate::task::single::Job;
+use crate::job::Job;
 
 /// The tasks of one run. Most responses carry one [`Task`](crate::Task): it is kept in
 /// place rather than in a list of its own, which would cost an allocation per response

@@ -13,19 +13,18 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::runtime::Handle;
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::config::Config;
-use crate::error::{CancelReason, SkipReason, TaskError, TaskErrorKind};
+use crate::error::{SkipReason, Stop, TaskError, TaskErrorKind};
+use crate::job::{Attempt, Gate, Job, Progress, Work};
 use crate::policy::{OnEarlyDrop, OnFailure};
-use crate::run::execute::{Gate, Started, admit_after, execute};
+use crate::run::config::Config;
+use crate::run::execute::{Ended, Started, admit_after, execute};
 use crate::run::jobs::Jobs;
-#[cfg(feature = "metrics")]
-use crate::run::metrics::StartMetrics;
 use crate::run::report::log_retry;
 use crate::run::span::ParentSpan;
-use crate::run::tracker::Token;
-use crate::task::retry::make_attempt;
-use crate::task::set::TakenTasks;
-use crate::task::single::{Attempt, Job, Stage, Work};
+#[cfg(feature = "metrics")]
+use crate::series::StartMetrics;
+use crate::task::set::{Rules, TakenSet};
+use crate::tracker::Token;
 
 /// Every task of one response, set after set, and where each stands: each task is counted
 /// and reported exactly once, and every task not settled when the run is dropped (the
@@ -34,8 +33,8 @@ pub(crate) struct Ledger {
     /// The tasks of every set, in the order the sets run.
     jobs: Jobs,
     /// The first set, and the others (rarely any: merged sets, request-scoped tasks).
-    first: Set,
-    more: Vec<Set>,
+    first: Placed,
+    more: Vec<Placed>,
     config: Arc<Config>,
     #[cfg_attr(not(feature = "tracing"), allow(dead_code))]
     parent: ParentSpan,
@@ -44,42 +43,33 @@ pub(crate) struct Ledger {
     completed: std::time::Instant,
 }
 
-/// One set of tasks: `jobs[start..end]` of its ledger, with its own settings.
-struct Set {
+/// A set as the ledger holds it: `jobs[start..end]`, under its own rules.
+struct Placed {
     end: usize,
-    group: bool,
-    on_failure: OnFailure,
-    on_early_drop: Option<OnEarlyDrop>,
-    verdict: Option<bool>,
-}
-
-impl Set {
-    fn of(tasks: &TakenTasks, end: usize) -> Self {
-        Set {
-            end,
-            group: tasks.group,
-            on_failure: tasks.on_failure,
-            on_early_drop: tasks.on_early_drop,
-            verdict: tasks.verdict,
-        }
-    }
+    rules: Rules,
 }
 
 impl Ledger {
     /// A ledger whose first set is `first`: its list of jobs becomes the ledger's.
-    pub(crate) fn new(first: TakenTasks, config: Arc<Config>, parent: ParentSpan) -> Self {
-        let set = Set::of(&first, first.jobs.len());
+    pub(crate) fn new(first: TakenSet, config: Arc<Config>, parent: ParentSpan) -> Self {
+        let set = Placed {
+            end: first.jobs.len(),
+            rules: first.rules,
+        };
         Ledger::of(Jobs::Many(first.jobs), set, config, parent)
     }
 
     /// A ledger of one [`Task`](crate::Task), alone on its response: a sequence of one
     /// under the layer's settings, kept without a list.
     pub(crate) fn alone(job: Job, config: Arc<Config>, parent: ParentSpan) -> Self {
-        let set = Set::of(&TakenTasks::sequence(Vec::new()), 1);
+        let set = Placed {
+            end: 1,
+            rules: Rules::SEQUENCE,
+        };
         Ledger::of(Jobs::One(job), set, config, parent)
     }
 
-    fn of(jobs: Jobs, first: Set, config: Arc<Config>, parent: ParentSpan) -> Self {
+    fn of(jobs: Jobs, first: Placed, config: Arc<Config>, parent: ParentSpan) -> Self {
         Ledger {
             jobs,
             first,
@@ -92,15 +82,20 @@ impl Ledger {
     }
 
     /// Adds a set, to run after the others.
-    pub(crate) fn add_set(&mut self, tasks: TakenTasks) {
-        let set = Set::of(&tasks, self.jobs.len() + tasks.jobs.len());
-        self.jobs.extend(tasks.jobs);
-        self.more.push(set);
+    pub(crate) fn add_set(&mut self, set: TakenSet) {
+        let placed = Placed {
+            end: self.jobs.len() + set.jobs.len(),
+            rules: set.rules,
+        };
+        self.jobs.extend(set.jobs);
+        self.more.push(placed);
     }
 
     /// Whether every task has been settled: nothing left to run or to report.
     fn all_settled(&self) -> bool {
-        self.jobs.iter().all(|job| job.stage == Stage::Settled)
+        self.jobs
+            .iter()
+            .all(|job| job.progress == Progress::Settled)
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -111,8 +106,8 @@ impl Ledger {
         &self.config
     }
 
-    /// Set number `index`: its range of jobs, and its settings.
-    fn set(&self, index: usize) -> Option<(Range<usize>, &Set)> {
+    /// Set number `index`: its range of jobs, and its rules.
+    fn set(&self, index: usize) -> Option<(Range<usize>, &Rules)> {
         let set = match index {
             0 => &self.first,
             _ => self.more.get(index - 1)?,
@@ -122,7 +117,7 @@ impl Ledger {
             1 => self.first.end,
             _ => self.more[index - 2].end,
         };
-        Some((start..set.end, set))
+        Some((start..set.end, &set.rules))
     }
 
     /// Reports the tasks of every set whose early-drop setting (or else the layer's) is
@@ -157,13 +152,22 @@ impl Ledger {
         }
     }
 
-    /// Settles every task still in `stage` with the outcome `kind` makes.
-    pub(crate) fn settle_all(&mut self, stage: Stage, kind: impl Fn() -> TaskErrorKind) {
-        for position in 0..self.jobs.len() {
-            if self.jobs[position].stage == stage {
-                self.record(position, Err(kind()));
+    /// Settles every task of `range` that has not settled yet: the run stops there, for
+    /// `why`. One mapping for every stop ([`Stop::outcome`]): a task that never started is
+    /// skipped, one that started is cancelled.
+    // Out of line: a stop is rare, and the run's hot loops stay small without it.
+    #[inline(never)]
+    pub(crate) fn stop(&mut self, range: Range<usize>, why: Stop) {
+        for position in range {
+            if self.jobs[position].progress != Progress::Settled {
+                self.close(position, Ended::Stopped(why));
             }
         }
+    }
+
+    /// [`stop`](Ledger::stop) for every task.
+    pub(crate) fn stop_all(&mut self, why: Stop) {
+        self.stop(0..self.jobs.len(), why);
     }
 
     /// Starts the tasks of `ledger` on `runtime`, or reports them all as not run if there
@@ -194,9 +198,7 @@ impl Ledger {
             }
             None => {
                 drop(token);
-                ledger.settle_all(Stage::Queued, || {
-                    TaskErrorKind::Skipped(SkipReason::NoRuntime)
-                });
+                ledger.stop_all(Stop::NoRuntime);
             }
         }
     }
@@ -238,12 +240,7 @@ impl Ledger {
                 };
                 if let Some(outcome) = outcome {
                     if !self.settle(position, outcome) && on_failure == OnFailure::Stop {
-                        for rest in position + 1..end {
-                            if self.jobs[rest].stage == Stage::Queued {
-                                let skipped = TaskErrorKind::Skipped(SkipReason::EarlierFailure);
-                                self.record(rest, Err(skipped));
-                            }
-                        }
+                        self.stop(position + 1..end, Stop::EarlierFailure);
                         break;
                     }
                 }
@@ -285,16 +282,7 @@ impl Ledger {
                     };
                     if !self.settle(position, outcome) && on_failure == OnFailure::Stop {
                         drop(steps);
-                        for rest in range {
-                            let kind = match self.jobs[rest].stage {
-                                Stage::Running | Stage::Backoff => {
-                                    TaskErrorKind::Cancelled(CancelReason::GroupStopped)
-                                }
-                                Stage::Queued => TaskErrorKind::Skipped(SkipReason::EarlierFailure),
-                                Stage::Settled => continue,
-                            };
-                            self.record(rest, Err(kind));
-                        }
+                        self.stop(range, Stop::EarlierFailure);
                         return;
                     }
                 }
@@ -319,27 +307,23 @@ impl Ledger {
         async move { (position, Step::Admitted(admit_after(delay, limit).await)) }
     }
 
-    /// Whether the attempt of task `position` that ended with `outcome` is tried again:
-    /// `Ok(backoff)` if so (the failed attempt is logged, and the task waits), else the
-    /// outcome back, to settle the task with.
-    fn retry(
-        &mut self,
-        position: usize,
-        outcome: Result<(), TaskErrorKind>,
-    ) -> Result<Duration, Result<(), TaskErrorKind>> {
+    /// Whether the attempt of task `position` that ended so is tried again: `Ok(backoff)`
+    /// if so (the failed attempt is logged, and the task waits), else how it ended back,
+    /// to settle the task with.
+    fn retry(&mut self, position: usize, ended: Ended) -> Result<Duration, Ended> {
         let job = &mut self.jobs[position];
-        let delay = match (&outcome, &job.work) {
-            (Err(kind), Some(Work::Repeat(repeat))) => repeat
+        let delay = match (&ended, &job.work) {
+            (Ended::Ran(Err(kind)), Some(Work::Repeat(repeat))) => repeat
                 .retry
                 .or(self.config.retry)
                 .and_then(|retry| retry.next(job.attempts, kind)),
             _ => None,
         };
-        let (delay, kind) = match (delay, outcome) {
-            (Some(delay), Err(kind)) => (delay, kind),
-            (_, outcome) => return Err(outcome),
+        let (delay, kind) = match (delay, ended) {
+            (Some(delay), Ended::Ran(Err(kind))) => (delay, kind),
+            (_, ended) => return Err(ended),
         };
-        job.stage = Stage::Backoff;
+        job.progress = Progress::Backoff;
         job.gate = None;
         self.config.shared.counters.backed_off();
         let error = TaskError::new(position, job.name.clone(), kind, job.attempts);
@@ -351,28 +335,22 @@ impl Ledger {
     /// its next one after a backoff.
     fn start_task(&mut self, position: usize) -> Option<Started> {
         let job = &mut self.jobs[position];
-        let retry = match job.stage {
-            Stage::Queued => false,
-            Stage::Backoff => true,
-            Stage::Running | Stage::Settled => return None,
+        let retry = match job.progress {
+            Progress::Queued => false,
+            Progress::Backoff => true,
+            Progress::Running | Progress::Settled => return None,
         };
-        let work = match job.work.as_mut()? {
-            Work::Repeat(repeat) => make_attempt(&mut *repeat.make),
-            Work::Once(_) => match job.work.take() {
-                Some(Work::Once(attempt)) => attempt,
-                _ => return None,
-            },
-        };
-        job.stage = Stage::Running;
-        job.attempts += 1;
+        let work = job.next_attempt()?;
+        job.progress = Progress::Running;
         let blocking = matches!(work, Attempt::Blocking(_));
         #[cfg(feature = "metrics")]
         let start_metrics = {
             if !retry {
                 job.started_at = Some(std::time::Instant::now());
             }
-            let series = self.config.shared.counters.metrics.task(&job.name);
-            let start = StartMetrics::new(series, (!retry).then_some(self.completed));
+            let metrics = &self.config.shared.counters.metrics;
+            let series = job.series.get_or_insert_with(|| metrics.task(&job.name));
+            let start = StartMetrics::new(series.clone(), (!retry).then_some(self.completed));
             // A blocking attempt is recorded by the thread that starts it.
             match blocking {
                 true => Some(start),
@@ -409,83 +387,59 @@ impl Ledger {
     }
 
     /// Records how a running task ended, reporting it if it did not end well. Returns
-    /// `true` unless work the user wrote failed: a staged job's release that could not be
-    /// written is our plumbing, and stops nothing (the job runs after its grace).
-    fn settle(&mut self, position: usize, outcome: Result<(), TaskErrorKind>) -> bool {
-        let outcome = match outcome {
-            Err(TaskErrorKind::Failed(error)) if self.jobs[position].is_release() => {
-                Err(TaskErrorKind::NotReleased(error))
-            }
-            Err(TaskErrorKind::TimedOut(after)) if self.jobs[position].is_release() => Err(
-                TaskErrorKind::NotReleased(format!("timed out after {after:?}").into()),
-            ),
-            Err(TaskErrorKind::Panicked(message)) if self.jobs[position].is_release() => Err(
-                TaskErrorKind::NotReleased(format!("panicked: {message}").into()),
-            ),
-            outcome => outcome,
+    /// `true` unless work the user wrote failed: this crate's plumbing failing (a durable
+    /// job's push, a staged job's release) stops nothing and withdraws no staged job.
+    fn settle(&mut self, position: usize, ended: Ended) -> bool {
+        let job = &self.jobs[position];
+        let goes_on = matches!(ended, Ended::Ran(Ok(()))) || job.plumbing().is_some();
+        let ended = match ended {
+            Ended::Ran(Err(kind)) => Ended::Ran(Err(job.failure(kind))),
+            ended => ended,
         };
-        // Our plumbing failing (a push, a release) is not the user's work failing: it
-        // stops nothing, and withdraws no staged job.
-        let goes_on = outcome.is_ok() || self.jobs[position].is_plumbing();
-        self.record(position, outcome);
+        self.close(position, ended);
         goes_on
     }
 
+    /// Settles task `position` with `outcome`, decided already.
     fn record(&mut self, position: usize, outcome: Result<(), TaskErrorKind>) {
+        self.close(position, Ended::Ran(outcome));
+    }
+
+    /// Settles task `position`, once: where it stands is decided first
+    /// ([`Job::close_attempt`]), then its outcome: how it ran, or, if the run stopped it,
+    /// what the stop makes of a task that did or did not start ([`Stop::outcome`]). The
+    /// outcome is counted and, if it is not a success, reported.
+    fn close(&mut self, position: usize, ended: Ended) {
         let job = &mut self.jobs[position];
-        let stage = std::mem::replace(&mut job.stage, Stage::Settled);
-        if stage == Stage::Settled {
+        let Some(standing) = job.close_attempt() else {
             return;
-        }
-        // A blocking attempt stopped from here may still be queued in tokio's pool: if no
-        // thread has started it, none will. If it was the task's first, the task never
-        // started; a retry's task started before, and waits for its next attempt still.
-        let first = job.attempts <= 1;
-        // Abandoned here, or by the thread itself (it saw the deadline first).
-        let never_started = match &job.gate {
-            Some(gate) => {
-                gate.abandon();
-                !gate.started()
-            }
-            None => false,
         };
-        let outcome = match outcome {
-            Err(TaskErrorKind::Cancelled(reason)) if never_started && first => {
-                Err(TaskErrorKind::Skipped(match reason {
-                    CancelReason::GroupStopped => SkipReason::EarlierFailure,
-                    CancelReason::Shutdown => SkipReason::Shutdown,
-                    CancelReason::RuntimeShutdown => SkipReason::NoRuntime,
-                }))
-            }
-            // The thread gave up on a retry: the task had started, with its first attempt.
-            Err(TaskErrorKind::Skipped(reason)) if never_started && !first => {
-                Err(TaskErrorKind::Cancelled(match reason {
-                    SkipReason::EarlierFailure => CancelReason::GroupStopped,
-                    SkipReason::NoRuntime => CancelReason::RuntimeShutdown,
-                    _ => CancelReason::Shutdown,
-                }))
-            }
-            outcome => outcome,
-        };
-        let (stage, attempts) = match never_started {
-            // Its last attempt never started: a first one means the task never did.
-            true if first => (Stage::Queued, 0),
-            true => (Stage::Backoff, job.attempts - 1),
-            false => (stage, job.attempts),
+        let outcome = match ended {
+            Ended::Ran(outcome) => outcome,
+            Ended::Stopped(why) => Err(why.outcome(standing.started())),
         };
         // A task that never started still holds its work: drop it now, before reporting.
         if let Err(TaskErrorKind::Skipped(reason)) = &outcome {
-            job.skipped(*reason, Some(&self.config.shared.tracker));
+            job.skipped(*reason, || Some(self.config.shared.tracker.token()));
         }
         job.discard_work();
         let counters = &self.config.shared.counters;
-        counters.settled(stage, outcome.as_ref().map(|_| ()), &job.name);
         #[cfg(feature = "metrics")]
-        if let Some(started) = job.started_at.filter(|_| attempts > 0) {
-            counters.metrics.task(&job.name).run_time(started.elapsed());
+        let series = job
+            .series
+            .get_or_insert_with(|| counters.metrics.task(&job.name));
+        counters.settled(
+            standing.progress,
+            outcome.as_ref().map(|_| ()),
+            #[cfg(feature = "metrics")]
+            series,
+        );
+        #[cfg(feature = "metrics")]
+        if let Some(started) = job.started_at.filter(|_| standing.started()) {
+            series.run_time(started.elapsed());
         }
         if let Err(kind) = outcome {
-            let error = TaskError::new(position, job.name.clone(), kind, attempts);
+            let error = TaskError::new(position, job.name.clone(), kind, standing.attempts);
             self.config.reporter.report(error);
         }
     }
@@ -514,12 +468,7 @@ where
         // A drain's deadline: what runs now is cancelled, and what has not started
         // never will (`may_start` keeps waiting tasks from starting after it).
         if config.shared.cancel.is_cancelled() {
-            for started in [Stage::Running, Stage::Backoff] {
-                ledger.settle_all(started, || TaskErrorKind::Cancelled(CancelReason::Shutdown));
-            }
-            ledger.settle_all(Stage::Queued, || {
-                TaskErrorKind::Skipped(SkipReason::Shutdown)
-            });
+            ledger.stop_all(Stop::Shutdown);
         }
     }
 }
@@ -529,21 +478,14 @@ impl Drop for Ledger {
         // Only reached with tasks unsettled if the run was dropped before its end: tokio
         // drops the futures of a runtime that shuts down (or has shut down before the run
         // could start).
-        if self.all_settled() {
-            return;
+        if !self.all_settled() {
+            self.stop_all(Stop::NoRuntime);
         }
-        for started in [Stage::Running, Stage::Backoff] {
-            self.settle_all(started, || {
-                TaskErrorKind::Cancelled(CancelReason::RuntimeShutdown)
-            });
-        }
-        self.settle_all(Stage::Queued, || {
-            TaskErrorKind::Skipped(SkipReason::NoRuntime)
-        });
     }
 }
 
 /// A group's step that runs task `position`, started, to its end.
+#[inline]
 fn finish(
     position: usize,
     started: Started,
@@ -558,5 +500,5 @@ fn finish(
 /// One step of a group: a task got its slot under the limit, or finished.
 enum Step {
     Admitted(Option<OwnedSemaphorePermit>),
-    Finished(Result<(), TaskErrorKind>),
+    Finished(Ended),
 }

@@ -1,11 +1,9 @@
 //! Where [`TaskError`]s go: the layer's callback, or a log line by default.
 
-use std::any::Any;
-use std::cell::Cell;
 use std::fmt;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
+use crate::contain::{as_callback, contain, log_error};
 use crate::error::{SkipReason, TaskError, TaskErrorKind};
 
 type Callback = Arc<dyn Fn(TaskError) + Send + Sync>;
@@ -27,15 +25,11 @@ impl Reporter {
     pub(crate) fn report(&self, error: TaskError) {
         match &self.callback {
             Some(callback) => {
-                let outer = IN_CALLBACK
-                    .try_with(|flag| flag.replace(true))
-                    .unwrap_or(false);
-                if contain(|| callback(error)) {
+                if as_callback(|| callback(error)) {
                     log_error(format_args!(
                         "the on_error callback of BackgroundLayer panicked"
                     ));
                 }
-                let _ = IN_CALLBACK.try_with(|flag| flag.set(outer));
             }
             None => self.log(error),
         }
@@ -53,41 +47,6 @@ impl Reporter {
             ));
         }
     }
-}
-
-thread_local! {
-    /// The `on_error` callback is running on this thread.
-    static IN_CALLBACK: Cell<bool> = const { Cell::new(false) };
-}
-
-/// `true` while the `on_error` callback runs on this thread.
-pub(crate) fn in_callback() -> bool {
-    IN_CALLBACK.try_with(Cell::get).unwrap_or(false)
-}
-
-/// Runs `f` (user code, or code that drops user data), catching a panic; returns `true` if
-/// it panicked. The caught payload is user data too (`std::panic::panic_any` takes any
-/// value), and its own `Drop` may panic: it is dropped the same way, a few levels deep,
-/// then leaked.
-pub(crate) fn contain(f: impl FnOnce()) -> bool {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(()) => false,
-        Err(payload) => {
-            drop_payload(payload);
-            true
-        }
-    }
-}
-
-/// Drops a caught panic payload without letting a panic out.
-pub(crate) fn drop_payload(mut payload: Box<dyn Any + Send>) {
-    for _ in 0..8 {
-        match catch_unwind(AssertUnwindSafe(move || drop(payload))) {
-            Ok(()) => return,
-            Err(next) => payload = next,
-        }
-    }
-    std::mem::forget(payload);
 }
 
 impl fmt::Debug for Reporter {
@@ -138,18 +97,5 @@ pub(crate) fn log_retry(error: TaskError, delay: std::time::Duration) {
         log_error(format_args!(
             "a background task's error panicked while being logged or dropped"
         ));
-    }
-}
-
-/// Logs a line about background work that has no task report of its own. A `tracing`
-/// subscriber is user code too: a panic in it stays here.
-pub(crate) fn log_error(message: fmt::Arguments<'_>) {
-    #[cfg(feature = "tracing")]
-    let _ = contain(|| tracing::error!("{message}"));
-    #[cfg(not(feature = "tracing"))]
-    {
-        use std::io::Write;
-        // Never panic here: this runs in `Drop` impls, and stderr may be closed.
-        let _ = writeln!(std::io::stderr(), "tower-background: {message}");
     }
 }

@@ -1,15 +1,14 @@
 //! Counters of what the layer's tasks did: atomics, no lock, read as a [`Stats`] snapshot.
 
-use std::borrow::Cow;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 #[cfg(doc)]
 use crate::error::CancelReason;
 use crate::error::{SkipReason, TaskErrorKind};
+use crate::job::Progress;
 #[cfg(feature = "metrics")]
-use crate::run::metrics::LayerMetrics;
-use crate::task::single::Stage;
+use crate::series::{LayerMetrics, TaskSeries};
 
 /// A snapshot of the counters of one [`BackgroundLayer`](crate::BackgroundLayer), from
 /// [`BackgroundHandle::stats`](crate::BackgroundHandle::stats).
@@ -212,22 +211,21 @@ impl Counters {
         }
     }
 
-    /// Task `name` left `stage` with `outcome`.
-    #[allow(clippy::ptr_arg)] // a `'static` name is a metrics label without an allocation
+    /// A task left `progress` with `outcome`; `series` are its metrics.
     pub(crate) fn settled(
         &self,
-        stage: Stage,
+        progress: Progress,
         outcome: Result<(), &TaskErrorKind>,
-        #[cfg_attr(not(feature = "metrics"), allow(unused_variables))] name: &Cow<'static, str>,
+        #[cfg(feature = "metrics")] series: &TaskSeries,
     ) {
         #[cfg(feature = "metrics")]
         {
-            match stage {
-                Stage::Queued | Stage::Backoff => self.metrics.queued(-1.0),
-                Stage::Running => self.metrics.running(-1.0),
-                Stage::Settled => {}
+            match progress {
+                Progress::Queued | Progress::Backoff => self.metrics.queued(-1.0),
+                Progress::Running => self.metrics.running(-1.0),
+                Progress::Settled => {}
             }
-            self.metrics.task(name).settled(outcome);
+            series.settled(outcome);
         }
         let counter = match outcome {
             Ok(()) => &self.succeeded,
@@ -246,17 +244,17 @@ impl Counters {
             outcome,
             Err(TaskErrorKind::Skipped(_) | TaskErrorKind::Cancelled(_))
         );
-        match stage {
-            Stage::Queued => {
+        match progress {
+            Progress::Queued => {
                 self.settled_unstarted.fetch_add(1, Relaxed);
             }
-            Stage::Running if stopped => {
+            Progress::Running if stopped => {
                 self.stopped_running.fetch_add(1, Relaxed);
             }
-            Stage::Backoff => {
+            Progress::Backoff => {
                 self.settled_backing_off.fetch_add(1, Relaxed);
             }
-            Stage::Running | Stage::Settled => {}
+            Progress::Running | Progress::Settled => {}
         }
     }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use http::{HeaderMap, StatusCode};
 
-use crate::run::report::{drop_payload, log_error};
+use crate::contain::{drop_payload, log_error};
 
 /// A test on a response's head that decides whether its tasks run. Set it on the layer
 /// ([`BackgroundLayer::run_if`](crate::BackgroundLayer::run_if)) or on one `Tasks`

@@ -1,13 +1,17 @@
 //! What a handler builds: a [`Task`] (one unit of work), a [`Retryable`] one (made again
-//! for each attempt, under a [`Retry`] setting), [`Tasks`] (a set of them, in
-//! order or as a group, that can be merged and shared), the [`TaskFn`] trait that lets
-//! `add_task` take an `async fn` or a plain `fn`, and [`WithTasks`] to attach them to a
-//! response.
+//! for each attempt, under a [`Retry`](crate::Retry) setting), [`Tasks`] (a set of them,
+//! in order or as a group, that can be merged and shared), the [`TaskFn`] trait that lets
+//! `add_task` take an `async fn` or a plain `fn`, a [`Condition`] on the response, and
+//! [`WithTasks`] to attach them to a response.
+//!
+//! Everything here builds [`Job`](crate::job::Job)s; nothing here runs them. A `Tasks`
+//! knows the layer it belongs to only as a [`Host`](crate::job::host::Host).
 
 pub(crate) mod condition;
 #[cfg(feature = "apalis")]
 pub(crate) mod durable;
-pub(crate) mod retry;
+pub(crate) mod output;
+pub(crate) mod retryable;
 pub(crate) mod set;
 pub(crate) mod single;
 pub mod task_fn;
@@ -22,8 +26,9 @@ pub use durable::postgres::PostgresStage;
 pub use durable::sqlite::SqliteStage;
 #[cfg(feature = "apalis")]
 pub use durable::staged::{Stage, StagedJob};
-pub use retry::{Retry, Retryable};
+pub use output::TaskOutput;
+pub use retryable::Retryable;
 pub use set::Tasks;
-pub use single::{Task, TaskOutput};
+pub use single::Task;
 pub use task_fn::TaskFn;
 pub use with_tasks::WithTasks;

@@ -6,15 +6,16 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 use http::{HeaderMap, StatusCode};
 
-use crate::config::Config;
+use crate::contain::log_error;
 use crate::error::SkipReason;
+use crate::job::Job;
+use crate::job::host::Host;
+use crate::job::not_run::report_not_run;
 use crate::policy::{OnEarlyDrop, OnFailure};
-use crate::run::not_run::report_not_run;
-use crate::run::report::log_error;
-use crate::run::tracker::Token;
 use crate::task::condition::Condition;
-use crate::task::single::{Job, Task};
+use crate::task::single::Task;
 use crate::task::task_fn::TaskFn;
+use crate::tracker::Token;
 
 /// The tasks of one response: run one after another in insertion order
 /// ([`Tasks::new`]), or all at once ([`Tasks::group`], Lilya's `as_group=True`).
@@ -89,16 +90,16 @@ struct Tree {
     first: i64,
     /// A response has carried this tree to the layer: no other response runs it.
     claimed: bool,
-    /// The tasks have been taken out to run, by this layer: tasks added now are reported
-    /// to it as not run, and dropped at once.
-    taken: Option<Weak<Config>>,
+    /// The tasks have been taken out to run, by `layer`: tasks added now are reported to
+    /// it as not run, and dropped at once.
+    taken: bool,
     /// The layer the tree belongs to: the one that gave a request these tasks
     /// ([`Tasks::request_scoped`]), or the one whose response claimed it. Each task added
     /// is counted there as attached (and waiting) at once, so that the layer's counters
     /// never understate what a handler still computing, or a response still streaming,
     /// holds. Another layer's response never claims the tree, and it never merges with
     /// another layer's: its tasks run with the layer that counted them.
-    layer: Option<Weak<Config>>,
+    layer: Option<Weak<dyn Host>>,
     /// How many of the tree's tasks were counted so (once claimed: all of them, those the
     /// claiming response counted included).
     counted: usize,
@@ -118,14 +119,31 @@ struct Set {
     verdict: Option<bool>,
 }
 
-/// What the layer takes out of a [`Tasks`] to run it.
-pub(crate) struct TakenTasks {
+/// What the layer takes out of one set to run it: its jobs, and the rules they run under.
+pub(crate) struct TakenSet {
     pub(crate) jobs: Vec<Job>,
+    pub(crate) rules: Rules,
+}
+
+/// The rules one set's jobs run under, decided when the set is taken.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Rules {
     pub(crate) group: bool,
     pub(crate) on_failure: OnFailure,
     pub(crate) on_early_drop: Option<OnEarlyDrop>,
     /// Whether the set's own condition let its tasks run; `None`: the layer's decides.
     pub(crate) verdict: Option<bool>,
+}
+
+impl Rules {
+    /// A sequence under the layer's settings: what a single [`Task`] found on a response
+    /// runs under.
+    pub(crate) const SEQUENCE: Rules = Rules {
+        group: false,
+        on_failure: OnFailure::Stop,
+        on_early_drop: None,
+        verdict: None,
+    };
 }
 
 /// A tree of sets claimed by one response: taken out when the response is done.
@@ -310,11 +328,12 @@ impl Tasks {
                 return; // `other` belongs to a response already
             }
             if let (Some(this_layer), Some(that_layer)) = (&this_tree.layer, &that_tree.layer) {
-                if !this_layer.ptr_eq(that_layer) {
+                if !same(this_layer, that_layer) {
                     return; // two layers' tasks: each runs with the layer that counted it
                 }
             }
-            if let Some(layer) = this_tree.taken.clone() {
+            if this_tree.taken {
+                let layer = this_tree.layer.clone();
                 // These tasks have started: `other`'s can only be reported, and its handles
                 // join a taken tree, so that what is added to them later is reported too.
                 let jobs: Vec<Job> = that_tree
@@ -343,7 +362,7 @@ impl Tasks {
             break None;
         };
         if let Some((jobs, layer, counted)) = late {
-            report_not_run(jobs, &layer, SkipReason::AddedTooLate, counted);
+            report_not_run(jobs, layer.as_ref(), SkipReason::AddedTooLate, counted);
         }
     }
 
@@ -351,16 +370,16 @@ impl Tasks {
     /// stored, it could only be dropped later, and a job that holds this `Tasks` would keep
     /// itself alive forever.
     fn push_job(&mut self, job: Job) {
-        let late = self.with_tree(|tree, position| match &tree.taken {
-            None => {
+        let late = self.with_tree(|tree, position| match tree.taken {
+            false => {
                 tree.sets[position].push_job(job);
                 tree.count_added(1);
                 None
             }
-            Some(layer) => Some((job, layer.clone())),
+            true => Some((job, tree.layer.clone())),
         });
         if let Some((job, layer)) = late {
-            report_not_run(vec![job], &layer, SkipReason::AddedTooLate, 0);
+            report_not_run(vec![job], layer.as_ref(), SkipReason::AddedTooLate, 0);
         }
     }
 
@@ -455,7 +474,7 @@ impl Tasks {
         self.with_set(|set| set.group)
     }
 
-    fn with_mode(group: bool, layer: Option<Weak<Config>>) -> Self {
+    fn with_mode(group: bool, layer: Option<Weak<dyn Host>>) -> Self {
         let mut sets = VecDeque::with_capacity(1);
         sets.push_back(Set {
             jobs: Vec::new(),
@@ -471,7 +490,7 @@ impl Tasks {
                     sets,
                     first: 0,
                     claimed: false,
-                    taken: None,
+                    taken: false,
                     layer,
                     counted: 0,
                     token: None,
@@ -480,31 +499,31 @@ impl Tasks {
         }
     }
 
-    /// The request-scoped `Tasks` that `config`'s layer gives a request: its tasks count
-    /// as attached to the layer from the moment they are added.
-    pub(crate) fn request_scoped(config: &Arc<Config>) -> Self {
-        Tasks::with_mode(false, Some(Arc::downgrade(config)))
+    /// The request-scoped `Tasks` that `layer` gives a request: its tasks count as
+    /// attached to the layer from the moment they are added.
+    pub(crate) fn request_scoped<H: Host + 'static>(layer: &Arc<H>) -> Self {
+        Tasks::with_mode(false, Some(downgrade(layer)))
     }
 
     /// Claims the tree these tasks belong to for one response of `layer`, once: a tree
     /// already claimed (through any of its sets, any clone), or one that belongs to another
     /// layer that is still there (its request-scoped tasks), gives `None`. More tasks may be
     /// added until [`Claimed::take`].
-    pub(crate) fn claim(&self, layer: &Arc<Config>) -> Option<Claimed> {
+    pub(crate) fn claim<H: Host + 'static>(&self, layer: &Arc<H>) -> Option<Claimed> {
         let (count, counted, conditions) = self.with_tree(|tree, _| {
             if tree.claimed {
                 return None;
             }
             match &tree.layer {
-                Some(own) if !std::ptr::eq(own.as_ptr(), Arc::as_ptr(layer)) => {
+                Some(own) if !std::ptr::addr_eq(own.as_ptr(), Arc::as_ptr(layer)) => {
                     if own.strong_count() > 0 {
                         return None;
                     }
                     // Its layer is gone: nothing will claim it for that layer any more.
-                    (tree.layer, tree.counted) = (Some(Arc::downgrade(layer)), 0);
+                    (tree.layer, tree.counted) = (Some(downgrade(layer)), 0);
                 }
                 Some(_) => {}
-                None => tree.layer = Some(Arc::downgrade(layer)),
+                None => tree.layer = Some(downgrade(layer)),
             }
             tree.claimed = true;
             let conditions = tree.sets.iter().filter_map(|set| set.run_if.clone());
@@ -521,6 +540,16 @@ impl Tasks {
             conditions,
         })
     }
+}
+
+/// `layer` as a tree holds it.
+fn downgrade<H: Host + 'static>(layer: &Arc<H>) -> Weak<dyn Host> {
+    Arc::downgrade(layer) as Weak<dyn Host>
+}
+
+/// Whether two trees belong to one layer.
+fn same(a: &Weak<dyn Host>, b: &Weak<dyn Host>) -> bool {
+    std::ptr::addr_eq(a.as_ptr(), b.as_ptr())
 }
 
 impl Node {
@@ -610,17 +639,13 @@ impl Claimed {
     }
 
     /// Takes every set of the claimed tree out to run, in order, handing each to `each`;
-    /// from now on, tasks added to any of them are reported to `config`'s layer as not run.
-    /// Only the response that claimed them calls this, once. Returns how many tasks were
-    /// added (or merged in) since the claim, each counted as attached when added, and the
-    /// tree's token of the drain, if they gave it one: the run carries it on.
-    pub(crate) fn take(
-        self,
-        config: &Arc<Config>,
-        mut each: impl FnMut(TakenTasks),
-    ) -> (usize, Option<Token>) {
+    /// from now on, tasks added to any of them are reported to the layer that claimed
+    /// them as not run. Only the response that claimed them calls this, once. Returns how
+    /// many tasks were added (or merged in) since the claim, each counted as attached when
+    /// added, and the tree's token of the drain, if they gave it one: the run carries it on.
+    pub(crate) fn take(self, mut each: impl FnMut(TakenSet)) -> (usize, Option<Token>) {
         self.tasks.with_tree(|tree, _| {
-            tree.taken = Some(Arc::downgrade(config));
+            tree.taken = true;
             for set in &mut tree.sets {
                 each(set.take());
             }
@@ -638,30 +663,27 @@ impl Tree {
     /// `n` tasks were added to the tree (not yet taken): if it belongs to a layer, they
     /// count as attached there now; if a response of that layer claimed it, its drain waits
     /// for them from now on.
+    #[inline]
     fn count_added(&mut self, n: usize) {
         if n == 0 {
             return;
         }
-        if let Some(config) = self.layer.as_ref().and_then(Weak::upgrade) {
-            config.shared.counters.attach(n);
+        if let Some(layer) = self.layer.as_ref().and_then(Weak::upgrade) {
+            layer.attach(n);
             self.counted += n;
             if self.claimed && self.token.is_none() {
-                self.token = Some(config.shared.tracker.token());
+                self.token = Some(layer.token());
             }
         }
     }
 }
 
-impl TakenTasks {
-    /// A sequence of `jobs` with the default settings: what a single [`Task`] found alone on
-    /// a response runs in.
+impl TakenSet {
+    /// A sequence of `jobs` under the layer's settings ([`Rules::SEQUENCE`]).
     pub(crate) fn sequence(jobs: Vec<Job>) -> Self {
-        TakenTasks {
+        TakenSet {
             jobs,
-            group: false,
-            on_failure: OnFailure::Stop,
-            on_early_drop: None,
-            verdict: None,
+            rules: Rules::SEQUENCE,
         }
     }
 }
@@ -707,7 +729,7 @@ impl fmt::Debug for Tasks {
                     set.on_failure,
                     set.on_early_drop,
                     tree.sets.len(),
-                    tree.taken.is_some(),
+                    tree.taken,
                 )
             });
         f.debug_struct("Tasks")
@@ -730,17 +752,19 @@ impl Set {
         self.jobs.push(job);
     }
 
-    fn take(&mut self) -> TakenTasks {
-        TakenTasks {
+    fn take(&mut self) -> TakenSet {
+        TakenSet {
             jobs: std::mem::take(&mut self.jobs),
-            group: self.group,
-            on_failure: self.on_failure.unwrap_or(if self.group {
-                OnFailure::Continue
-            } else {
-                OnFailure::Stop
-            }),
-            on_early_drop: self.on_early_drop,
-            verdict: self.verdict,
+            rules: Rules {
+                group: self.group,
+                on_failure: self.on_failure.unwrap_or(if self.group {
+                    OnFailure::Continue
+                } else {
+                    OnFailure::Stop
+                }),
+                on_early_drop: self.on_early_drop,
+                verdict: self.verdict,
+            },
         }
     }
 }

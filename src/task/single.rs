@@ -3,244 +3,38 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use crate::BoxError;
-use crate::error::SkipReason;
-use crate::run::execute::Gate;
-use crate::run::report::{contain, log_error};
-use crate::run::tracker::{Token, Tracker};
-use crate::task::retry::Retry;
+use crate::contain::log_error;
+use crate::job::{Attempt, Job};
+use crate::task::output::TaskOutput;
 use crate::task::task_fn::TaskFn;
 
-/// What a task's work returns once it has run: `Ok(())`, or the error it failed with.
-pub(crate) type TaskResult = Result<(), BoxError>;
-
-/// The output a task may have: `()` or `Result<(), E>` with `E: Into<BoxError>`.
-///
-/// This trait is sealed: it names the two shapes that background work may return, so
-/// that a failure can be told from a success and reported. Anything else (a value that
-/// nobody would ever read) is refused at compile time.
-///
-/// ```
-/// use tower_background::Task;
-///
-/// let _ = Task::new(async {});
-/// let _ = Task::new(async { Ok::<(), std::io::Error>(()) });
-/// let _ = Task::blocking(|| Err::<(), _>("disk full"));
-/// ```
-pub trait TaskOutput: sealed::Sealed + Send + 'static {
-    /// Turns the output into `Ok(())` or the error that a failed task is reported with.
-    fn into_result(self) -> Result<(), BoxError>;
-}
-
-impl TaskOutput for () {
-    fn into_result(self) -> Result<(), BoxError> {
-        Ok(())
-    }
-}
-
-impl<E> TaskOutput for Result<(), E>
-where
-    E: Into<BoxError> + Send + 'static,
-{
-    fn into_result(self) -> Result<(), BoxError> {
-        self.map_err(Into::into)
-    }
-}
-
-mod sealed {
-    pub trait Sealed {}
-    impl Sealed for () {}
-    impl<E> Sealed for Result<(), E> {}
-}
-
-/// The work itself, type-erased: one attempt, or what makes each attempt of a task that
-/// can be retried.
-pub(crate) enum Work {
-    Once(Attempt),
-    /// A task that can be made again, for retries. It stays in its [`Job`] while the task
-    /// runs, until the task settles.
-    Repeat(Box<Repeat>),
-}
-
-/// One attempt at a task: a future polled on a worker thread, or a closure sent to
-/// tokio's blocking pool.
-pub(crate) enum Attempt {
-    Async(Pin<Box<dyn Future<Output = TaskResult> + Send>>),
-    Blocking(Box<dyn FnOnce() -> TaskResult + Send>),
-}
-
-/// What a task's work is told when the task is skipped: why, and a token of the drain.
-pub(crate) type OnSkip = Box<dyn FnOnce(SkipReason, Option<Token>) + Send>;
-
-/// The work of a [`Retryable`](crate::Retryable): what makes each attempt, and its own
-/// retry setting (else the layer's).
-pub(crate) struct Repeat {
-    pub(crate) make: Box<dyn FnMut() -> Attempt + Send>,
-    pub(crate) retry: Option<Retry>,
-    /// Told why, if the task is skipped (never started): how a staged durable job knows
-    /// whether to withdraw itself.
-    /// It gets a token of the layer's drain, if there is a layer: work it starts holding
-    /// it is waited for by a drain.
-    pub(crate) on_skip: Option<OnSkip>,
-    /// The release of a staged durable job: if it fails for good, that is this crate's
-    /// plumbing failing, not the user's work. Kept here, in the box, so that no other
-    /// task pays a byte for it.
-    pub(crate) release: bool,
-    /// The push of a durable job: this crate's plumbing too, whose failure stops no other
-    /// task.
-    pub(crate) push: bool,
-}
-
-/// Drops `value` (user code), catching and logging a panic in its `Drop`. `what` says
-/// which task it was, for the log.
-pub(crate) fn discard<T>(value: T, what: &str) {
-    if contain(|| drop(value)) {
-        log_error(format_args!(
-            "{what}: its future or closure panicked while being dropped"
-        ));
-    }
-}
-
-/// A task taken out of its [`Task`] handle: its name and its work, ready to run.
-///
-/// `pub` only so that [`TaskFn`] can name it; it is not reachable from
-/// outside the crate.
-pub struct Job {
-    pub(crate) name: Cow<'static, str>,
-    pub(crate) timeout: Option<Duration>,
-    /// The work, until the task starts.
-    pub(crate) work: Option<Work>,
-    /// Where the task stands once a run holds it. Kept here rather than beside, so that a
-    /// run reuses the `Tasks`' own list of jobs and allocates none of its own.
-    pub(crate) stage: Stage,
-    /// For a blocking task handed to tokio's pool: whether a thread has started it.
-    pub(crate) gate: Option<Arc<Gate>>,
-    /// Attempts started so far (more than one only for a retried task).
-    pub(crate) attempts: u32,
-    /// When its first attempt started.
-    #[cfg(feature = "metrics")]
-    pub(crate) started_at: Option<std::time::Instant>,
-}
-
-/// Where a task stands in its run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Stage {
-    /// Waiting: for its response, its turn, or a slot under the limit.
-    Queued,
-    Running,
-    /// Started, failed, and waiting out its backoff before its next attempt (holding no
-    /// slot under the limit).
-    Backoff,
-    /// Ran, or was reported as not having run to its end.
-    Settled,
-}
-
 impl Job {
+    /// A job that awaits `future`, named `async task` until named otherwise.
+    #[inline]
     pub(crate) fn from_future<F>(future: F) -> Self
     where
         F: Future + Send + 'static,
         F::Output: TaskOutput,
     {
-        Job {
-            name: Cow::Borrowed("async task"),
-            timeout: None,
-            work: Some(Work::Once(Attempt::Async(Box::pin(async move {
-                future.await.into_result()
-            })))),
-            stage: Stage::Queued,
-            gate: None,
-            attempts: 0,
-            #[cfg(feature = "metrics")]
-            started_at: None,
-        }
+        let attempt = Box::pin(async move { future.await.into_result() });
+        Job::once("async task", Attempt::Async(attempt))
     }
 
+    /// A job that runs `f` on tokio's blocking pool, named `blocking task` until named
+    /// otherwise.
+    #[inline]
     pub(crate) fn from_blocking<F, O>(f: F) -> Self
     where
         F: FnOnce() -> O + Send + 'static,
         O: TaskOutput,
     {
-        Job {
-            name: Cow::Borrowed("blocking task"),
-            timeout: None,
-            work: Some(Work::Once(Attempt::Blocking(Box::new(move || {
-                f().into_result()
-            })))),
-            stage: Stage::Queued,
-            gate: None,
-            attempts: 0,
-            #[cfg(feature = "metrics")]
-            started_at: None,
-        }
-    }
-
-    pub(crate) fn named(mut self, name: impl Into<Cow<'static, str>>) -> Self {
-        self.name = name.into();
-        self
-    }
-
-    /// The task will never start, for `reason`: tells its work, if it asked to know (user
-    /// code: a panic is caught and logged).
-    pub(crate) fn skipped(&mut self, reason: SkipReason, drain: Option<&Tracker>) {
-        if let Some(Work::Repeat(repeat)) = &mut self.work {
-            if let Some(on_skip) = repeat.on_skip.take() {
-                let token = drain.map(Tracker::token);
-                if contain(|| on_skip(reason, token)) {
-                    log_error(format_args!(
-                        "background task `{}`: its skip hook panicked",
-                        self.name
-                    ));
-                }
-            }
-        }
-    }
-
-    /// Drops the work without running it. The work is user code (a future, a closure and
-    /// what they captured), and this runs in `Drop` impls and in the runner, so a panic in
-    /// its `Drop` is caught here and logged.
-    pub(crate) fn discard_work(&mut self) {
-        if let Some(work) = self.work.take() {
-            discard(work, &format!("background task `{}`, never run", self.name));
-        }
-    }
-
-    /// Whether the task is the release of a staged durable job.
-    pub(crate) fn is_release(&self) -> bool {
-        matches!(&self.work, Some(Work::Repeat(repeat)) if repeat.release)
-    }
-
-    /// Whether the task is this crate's plumbing (a durable job's push, a staged job's
-    /// release), whose failure stops no other task.
-    pub(crate) fn is_plumbing(&self) -> bool {
-        matches!(&self.work, Some(Work::Repeat(repeat)) if repeat.release || repeat.push)
-    }
-
-    pub(crate) fn is_blocking(&self) -> bool {
-        matches!(self.work, Some(Work::Once(Attempt::Blocking(_))))
-    }
-
-    /// A job whose work is made again for each attempt.
-    pub(crate) fn repeat(name: &'static str, make: Box<dyn FnMut() -> Attempt + Send>) -> Self {
-        Job {
-            name: Cow::Borrowed(name),
-            timeout: None,
-            work: Some(Work::Repeat(Box::new(Repeat {
-                make,
-                retry: None,
-                on_skip: None,
-                release: false,
-                push: false,
-            }))),
-            stage: Stage::Queued,
-            gate: None,
-            attempts: 0,
-            #[cfg(feature = "metrics")]
-            started_at: None,
-        }
+        Job::once(
+            "blocking task",
+            Attempt::Blocking(Box::new(move || f().into_result())),
+        )
     }
 }
 
@@ -307,6 +101,7 @@ impl Task {
     ///
     /// let task = Task::new(async { println!("after the response") });
     /// ```
+    #[inline]
     pub fn new<F>(future: F) -> Self
     where
         F: Future + Send + 'static,
@@ -326,6 +121,7 @@ impl Task {
     ///
     /// let task = Task::blocking(|| std::fs::write("/tmp/audit.log", b"registered\n"));
     /// ```
+    #[inline]
     pub fn blocking<F, O>(f: F) -> Self
     where
         F: FnOnce() -> O + Send + 'static,

@@ -8,10 +8,17 @@
 //! applies to any given function, so the compiler picks it without the caller naming it,
 //! as axum does for handlers.
 
+//!
+//! The trait's one method returns the crate's private record of a task: no one outside
+//! can call it or implement the trait, which is what keeps the trait to the two impls here
+//! (sealed without a sealing trait).
+#![allow(private_interfaces)]
+
 use std::any::type_name;
 use std::future::Future;
 
-use crate::task::single::{Job, TaskOutput};
+use crate::job::Job;
+use crate::task::output::TaskOutput;
 
 /// Marks an `async fn` (or a closure returning a future): its future is awaited on the
 /// runtime's worker threads.

@@ -17,8 +17,9 @@ use apalis_core::backend::{Backend, TaskSink};
 use apalis_core::task::builder::TaskBuilder;
 use apalis_core::task::task_id::TaskId;
 
-use crate::BoxError;
-use crate::task::retry::{Retry, Retryable};
+use crate::error::BoxError;
+use crate::retry::Retry;
+use crate::task::retryable::Retryable;
 use crate::task::single::Task;
 
 /// An apalis job attached to a response: its arguments are pushed to an apalis storage

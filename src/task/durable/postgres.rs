@@ -7,7 +7,7 @@ use std::time::Duration;
 use apalis_core::task::task_id::TaskId;
 use sqlx::PgPool;
 
-use crate::BoxError;
+use crate::error::BoxError;
 use crate::task::durable::staged::Stage;
 
 /// Releases and withdraws [`StagedJob`](crate::StagedJob)s in an apalis-postgres storage.

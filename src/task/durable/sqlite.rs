@@ -8,7 +8,7 @@
 use apalis_core::task::task_id::TaskId;
 use sqlx::SqlitePool;
 
-use crate::BoxError;
+use crate::error::BoxError;
 use crate::task::durable::staged::Stage;
 
 /// Releases and withdraws [`StagedJob`](crate::StagedJob)s in an apalis-sqlite storage.

@@ -17,12 +17,13 @@ use apalis_core::task::builder::TaskBuilder;
 use apalis_core::task::task_id::TaskId;
 use tokio::sync::Notify;
 
-use crate::BoxError;
+use crate::contain::log_error;
+use crate::error::BoxError;
 use crate::error::SkipReason;
-use crate::run::report::log_error;
-use crate::run::tracker::Token;
-use crate::task::retry::{Retry, Retryable};
+use crate::retry::Retry;
+use crate::task::retryable::Retryable;
 use crate::task::single::Task;
+use crate::tracker::Token;
 
 /// What a storage needs to release or withdraw a staged job: SQL against the storage's own
 /// tables, since apalis's storages offer no way to change a job's time to run. One

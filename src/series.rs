@@ -22,8 +22,8 @@
 //! Name tasks after what they do (`send_email`), not after data.
 //!
 //! Each layer registers its series once, when it first needs them, and keeps the handles:
-//! a task then costs a few atomic operations and one lookup of its name, and no
-//! allocation. So install the recorder before the layer serves: a layer that served a task
+//! a task then costs a few atomic operations and one lookup of its name (under a read
+//! lock), and no allocation. So install the recorder before the layer serves: a layer that served a task
 //! with no recorder installed keeps the no-op handles it got.
 
 // Task names are taken as `&Cow<'static, str>`, not `&str`: a `'static` name becomes a
@@ -33,7 +33,7 @@
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::{Arc, Mutex, Once, OnceLock, PoisonError};
+use std::sync::{Arc, Once, OnceLock, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use metrics::{Counter, Gauge, Histogram, SharedString, Unit};
@@ -97,7 +97,7 @@ fn describe() {
 #[derive(Default)]
 pub(crate) struct LayerMetrics {
     stages: OnceLock<Stages>,
-    tasks: Mutex<TaskTable>,
+    tasks: RwLock<TaskTable>,
 }
 
 struct Stages {
@@ -123,8 +123,14 @@ struct TaskTable {
 /// Whether a task name made at run time gets a label of its own: the first
 /// [`MAX_TASK_LABELS`] distinct ones in the process do, whatever layer saw them.
 fn admit(name: &str) -> bool {
-    static ADMITTED: Mutex<Option<HashSet<String>>> = Mutex::new(None);
-    let mut admitted = ADMITTED.lock().unwrap_or_else(PoisonError::into_inner);
+    static ADMITTED: RwLock<Option<HashSet<String>>> = RwLock::new(None);
+    let seen = ADMITTED.read().unwrap_or_else(PoisonError::into_inner);
+    match &*seen {
+        Some(admitted) if admitted.contains(name) => return true,
+        Some(admitted) if admitted.len() >= MAX_TASK_LABELS => return false,
+        _ => drop(seen),
+    }
+    let mut admitted = ADMITTED.write().unwrap_or_else(PoisonError::into_inner);
     let admitted = admitted.get_or_insert_with(HashSet::new);
     if admitted.contains(name) {
         return true;
@@ -160,11 +166,12 @@ impl LayerMetrics {
         self.stages().running.increment(delta);
     }
 
-    /// The series of the tasks named `name`. Registering them calls the recorder (user
-    /// code): never under this layer's lock. Two threads that register the same name at
-    /// once get handles to the same series from the recorder; the first one stored is kept.
+    /// The series of the tasks named `name`: a run resolves them once per task and keeps
+    /// them in its record. Registering them calls the recorder (user code): never under
+    /// this layer's lock. Two threads that register the same name at once get handles to
+    /// the same series from the recorder; the first one stored is kept.
     pub(crate) fn task(&self, name: &Cow<'static, str>) -> Arc<TaskSeries> {
-        if let Some(series) = self.table().by_name.get(name.as_ref()) {
+        if let Some(series) = self.read().by_name.get(name.as_ref()) {
             return series.clone();
         }
         let label = match name {
@@ -173,22 +180,26 @@ impl LayerMetrics {
             Cow::Owned(_) => None,
         };
         let Some(label) = label else {
-            if let Some(other) = &self.table().other {
+            if let Some(other) = &self.read().other {
                 return other.clone();
             }
             let other = Arc::new(TaskSeries::register("other".into()));
-            return self.table().other.get_or_insert(other).clone();
+            return self.write().other.get_or_insert(other).clone();
         };
         let series = Arc::new(TaskSeries::register(label));
-        self.table()
+        self.write()
             .by_name
             .entry(name.clone())
             .or_insert(series)
             .clone()
     }
 
-    fn table(&self) -> std::sync::MutexGuard<'_, TaskTable> {
-        self.tasks.lock().unwrap_or_else(PoisonError::into_inner)
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, TaskTable> {
+        self.tasks.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, TaskTable> {
+        self.tasks.write().unwrap_or_else(PoisonError::into_inner)
     }
 }
 

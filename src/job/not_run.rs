@@ -13,10 +13,10 @@
 use std::cell::{Cell, RefCell};
 use std::sync::Weak;
 
-use crate::config::Config;
-use crate::error::{SkipReason, TaskError, TaskErrorKind};
-use crate::run::report::{in_callback, log_error};
-use crate::task::single::{Job, Stage};
+use crate::contain::{in_callback, log_error};
+use crate::error::SkipReason;
+use crate::job::Job;
+use crate::job::host::Host;
 
 /// How many generations of re-added work one outer call settles before it leaks the rest.
 const ROUNDS: usize = 1024;
@@ -30,10 +30,11 @@ thread_local! {
 
 /// Counts `jobs` as attached to `layer` (but for the first `counted`, which were counted
 /// when added: request-scoped tasks) and reports each as skipped for `reason`, dropping
-/// their work.
+/// their work ([`Host::not_run`]); only logs them if the layer is gone (or none was
+/// known).
 pub(crate) fn report_not_run(
     jobs: Vec<Job>,
-    layer: &Weak<Config>,
+    layer: Option<&Weak<dyn Host>>,
     reason: SkipReason,
     counted: usize,
 ) {
@@ -42,7 +43,7 @@ pub(crate) fn report_not_run(
     }
     let batch = NotRun {
         jobs,
-        layer: layer.clone(),
+        layer: layer.cloned(),
         reason,
         counted,
         to_callback: !in_callback(),
@@ -100,7 +101,7 @@ impl Drop for Active {
 /// One batch of tasks that will not run.
 struct NotRun {
     jobs: Vec<Job>,
-    layer: Weak<Config>,
+    layer: Option<Weak<dyn Host>>,
     reason: SkipReason,
     /// How many of `jobs` were counted as attached already.
     counted: usize,
@@ -110,32 +111,19 @@ struct NotRun {
 
 impl NotRun {
     fn settle(self) {
-        let Some(config) = self.layer.upgrade() else {
-            let names: Vec<&str> = self.jobs.iter().map(|job| &*job.name).collect();
-            log_error(format_args!(
-                "{} background task(s) dropped without running ({}), and their layer is \
-                 gone: {names:?}",
-                names.len(),
-                self.reason
-            ));
-            for mut job in self.jobs {
-                job.discard_work();
-            }
-            return;
-        };
-        let counters = &config.shared.counters;
-        counters.attach(self.jobs.len().saturating_sub(self.counted));
-        counters.response_done(self.jobs.len(), self.jobs.len());
-        for (position, mut job) in self.jobs.into_iter().enumerate() {
-            job.skipped(self.reason, Some(&config.shared.tracker));
-            job.discard_work();
-            let kind = TaskErrorKind::Skipped(self.reason);
-            counters.settled(Stage::Queued, Err(&kind), &job.name);
-            let error = TaskError::new(position, job.name.clone(), kind, 0);
-            if self.to_callback {
-                config.reporter.report(error);
-            } else {
-                config.reporter.log(error);
+        match self.layer.as_ref().and_then(Weak::upgrade) {
+            Some(layer) => layer.not_run(self.jobs, self.reason, self.counted, self.to_callback),
+            None => {
+                let names: Vec<&str> = self.jobs.iter().map(|job| &*job.name).collect();
+                log_error(format_args!(
+                    "{} background task(s) dropped without running ({}), and their layer is \
+                     gone: {names:?}",
+                    names.len(),
+                    self.reason
+                ));
+                for mut job in self.jobs {
+                    job.discard_work();
+                }
             }
         }
     }
@@ -149,14 +137,8 @@ impl NotRun {
             names.len(),
             ROUNDS
         ));
-        if let Some(config) = self.layer.upgrade() {
-            let counters = &config.shared.counters;
-            counters.attach(self.jobs.len().saturating_sub(self.counted));
-            counters.response_done(self.jobs.len(), self.jobs.len());
-            for job in &self.jobs {
-                let kind = TaskErrorKind::Skipped(self.reason);
-                counters.settled(Stage::Queued, Err(&kind), &job.name);
-            }
+        if let Some(layer) = self.layer.as_ref().and_then(Weak::upgrade) {
+            layer.leaked(&self.jobs, self.reason, self.counted);
         }
         for mut job in self.jobs {
             std::mem::forget(job.work.take());

@@ -1,0 +1,76 @@
+//! [`Config`]: the settings of one [`BackgroundLayer`](crate::BackgroundLayer), shared by
+//! every response it serves, and how the layer hosts the tasks handlers add ([`Host`]).
+//! Here in `run/`: the service, the response future, the completion and the runs all read
+//! it, and the layer only builds it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use crate::error::{SkipReason, TaskError, TaskErrorKind};
+use crate::job::host::Host;
+use crate::job::{Job, Progress};
+use crate::policy::{OnEarlyDrop, TaskSpans};
+use crate::retry::Retry;
+use crate::run::handle::Shared;
+use crate::run::report::Reporter;
+use crate::task::condition::Condition;
+use crate::tracker::Token;
+
+/// The layer's settings, shared by every response it serves.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Config {
+    pub(crate) on_early_drop: OnEarlyDrop,
+    pub(crate) reporter: Reporter,
+    pub(crate) task_timeout: Option<Duration>,
+    pub(crate) limit: Option<Arc<Semaphore>>,
+    pub(crate) request_tasks: bool,
+    /// The retry setting of [`Retryable`](crate::Retryable) tasks without one of their own.
+    pub(crate) retry: Option<Retry>,
+    /// Whether responses run their tasks, unless a `Tasks` has a condition of its own.
+    pub(crate) run_if: Option<Condition>,
+    pub(crate) task_spans: TaskSpans,
+    /// The counters and trackers behind [`BackgroundHandle`](crate::BackgroundHandle): kept when settings change.
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl Host for Config {
+    fn attach(&self, n: usize) {
+        self.shared.counters.attach(n);
+    }
+
+    fn token(&self) -> Token {
+        self.shared.tracker.token()
+    }
+
+    fn not_run(&self, jobs: Vec<Job>, reason: SkipReason, counted: usize, to_callback: bool) {
+        self.leaked(&jobs, reason, counted);
+        for (position, mut job) in jobs.into_iter().enumerate() {
+            job.skipped(reason, || Some(self.token()));
+            job.discard_work();
+            let error = TaskError::new(position, job.name, TaskErrorKind::Skipped(reason), 0);
+            if to_callback {
+                self.reporter.report(error);
+            } else {
+                self.reporter.log(error);
+            }
+        }
+    }
+
+    fn leaked(&self, jobs: &[Job], reason: SkipReason, counted: usize) {
+        let counters = &self.shared.counters;
+        counters.attach(jobs.len().saturating_sub(counted));
+        counters.response_done(jobs.len(), jobs.len());
+        let kind = TaskErrorKind::Skipped(reason);
+        #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+        for job in jobs {
+            counters.settled(
+                Progress::Queued,
+                Err(&kind),
+                #[cfg(feature = "metrics")]
+                &counters.metrics.task(&job.name),
+            );
+        }
+    }
+}
