@@ -100,8 +100,8 @@ struct Tree {
     /// holds. Another layer's response never claims the tree, and it never merges with
     /// another layer's: its tasks run with the layer that counted them.
     layer: Option<Weak<dyn Host>>,
-    /// How many of the tree's tasks were counted so (once claimed: all of them, those the
-    /// claiming response counted included).
+    /// How many of the tree's tasks were counted so: with a layer, all of them (those the
+    /// claiming response counted included), as long as the layer lives.
     counted: usize,
     /// Keeps the drain of the layer whose response claimed the tree waiting for the tasks
     /// added to it since (a response that carried none when it left holds no token).
@@ -346,18 +346,24 @@ impl Tasks {
                 break Some((jobs, layer, counted));
             }
             // One tree from now on: its layer, if either has one, counts the other's tasks.
+            // A tree with a layer has counted all its tasks; the other side's are counted now
+            // (walked only if it has tasks to count, so a chain of merges stays linear).
+            let uncounted = match (&this_tree.layer, &that_tree.layer) {
+                (Some(_), None) => that_tree.len(),
+                (None, Some(_)) => this_tree.len(),
+                _ => 0,
+            };
             let layer = this_tree.layer.clone().or_else(|| that_tree.layer.clone());
             let counted = this_tree.counted + that_tree.counted;
             let token = this_tree.token.take().or_else(|| that_tree.token.take());
-            let jobs = this_tree.len() + that_tree.len();
             if this_tree.sets.len() >= that_tree.sets.len() {
                 (this_tree.layer, this_tree.counted, this_tree.token) = (layer, counted, token);
                 append(this_tree, &mut that, &this_owner);
-                this_tree.count_added(jobs - counted);
+                this_tree.count_added(uncounted);
             } else {
                 (that_tree.layer, that_tree.counted, that_tree.token) = (layer, counted, token);
                 prepend(&mut this, that_tree, &other_owner);
-                that_tree.count_added(jobs - counted);
+                that_tree.count_added(uncounted);
             }
             break None;
         };
