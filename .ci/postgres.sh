@@ -4,7 +4,7 @@
 # yourself (as root, on Debian or Ubuntu):
 #
 #   export TOWER_BACKGROUND_POSTGRES=$(.ci/postgres.sh)
-#   cargo test -p tower-background-integration --test durable_postgres
+#   cargo test -p tower-background-integration --test durable postgres::
 set -euo pipefail
 if ! command -v pg_lsclusters >/dev/null 2>&1; then
   echo "postgres.sh: installing Debian's package 'postgresql'" >&2

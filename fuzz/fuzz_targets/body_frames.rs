@@ -1,5 +1,5 @@
 //! Fuzzes `BackgroundBody` with arbitrary frame sequences and consumers, checking each
-//! case against the same model as `tests/body_model.rs`.
+//! case against the same model as `tests/contract/body_model.rs`.
 //!
 //! ```text
 //! cargo install cargo-fuzz
@@ -7,7 +7,7 @@
 //! ```
 #![no_main]
 
-#[path = "../../tests/model/mod.rs"]
+#[path = "../../tests/contract/model.rs"]
 mod model;
 
 use libfuzzer_sys::fuzz_target;

@@ -6,7 +6,7 @@
 //!
 //! The rules transcribe hyper 1.x's own (`proto/h1/role.rs`, the HTTP/1 encoder;
 //! `proto/h2/server.rs`) and what hyper's and h2's clients accept on the receiving side
-//! (RFC 9113 §8.1.1 for HTTP/2). They are ours, and so may be wrong: `tests/hyper_oracle.rs`
+//! (RFC 9113 §8.1.1 for HTTP/2). They are ours, and so may be wrong: `tests/contract/hyper_oracle.rs`
 //! checks them against a real hyper server and client, over both protocols.
 
 use http::header::CONNECTION;
@@ -387,7 +387,7 @@ mod tests {
     //! The framing decisions, one row per rule, each written from hyper 1.x's source (the
     //! HTTP/1 encoder `proto/h1/role.rs`, the HTTP/1 dispatcher `proto/h1/dispatch.rs`, the
     //! HTTP/2 server `proto/h2/server.rs`) or from what h2's client refuses (RFC 9113
-    //! §8.1.1). `tests/hyper_oracle.rs` checks the same rules against a real hyper server
+    //! §8.1.1). `tests/contract/hyper_oracle.rs` checks the same rules against a real hyper server
     //! and client; these rows say which rule is which, and fail on the line that changed.
 
     use super::*;

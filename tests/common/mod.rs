@@ -2,11 +2,15 @@
 //! layered service, real hyper-util clients, and probes that tasks report to.
 #![allow(dead_code)] // each test file uses its own share of these helpers
 
+mod bodies;
+
+#[allow(unused_imports)] // a binary that serves none of these bodies
+pub use bodies::*;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -231,33 +235,6 @@ pub fn reporting_layer() -> (BackgroundLayer, Probe<TaskError>) {
         let _ = tx.send(err);
     });
     (layer, errors)
-}
-
-/// A response body whose frames the test releases one at a time.
-pub struct ChannelBody {
-    rx: mpsc::UnboundedReceiver<Result<Frame<Bytes>, io::Error>>,
-}
-
-impl Body for ChannelBody {
-    type Data = Bytes;
-    type Error = io::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        self.rx.poll_recv(cx)
-    }
-}
-
-/// The sending side of a [`ChannelBody`].
-pub type Chunks = mpsc::UnboundedSender<Result<Frame<Bytes>, io::Error>>;
-
-/// A streamed body and the handle that releases its frames; the body ends when the handle
-/// is dropped.
-pub fn channel_body() -> (Chunks, BoxedBody) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    (tx, ChannelBody { rx }.boxed_unsync())
 }
 
 pub fn data(bytes: &'static str) -> Result<Frame<Bytes>, io::Error> {

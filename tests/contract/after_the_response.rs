@@ -2,7 +2,7 @@
 //! however hyper learns that the body is done. Contract 2 is checked alongside: each task
 //! runs exactly once.
 
-mod common;
+use crate::common;
 
 use bytes::Bytes;
 use common::*;
@@ -264,33 +264,13 @@ async fn response_without_tasks_passes_through_unchanged() {
     }
 }
 
-/// A body that knows its exact size but never says it is at its end: hyper's HTTP/1.1
-/// server writes `content-length` from the size hint and drops the body after the last
-/// byte, without polling it to its end (review case 1).
-struct SizedBody(Option<Bytes>);
-
-impl http_body::Body for SizedBody {
-    type Data = Bytes;
-    type Error = std::io::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        std::task::Poll::Ready(self.0.take().map(|bytes| Ok(Frame::data(bytes))))
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        http_body::SizeHint::with_exact(self.0.as_ref().map_or(0, |b| b.len() as u64))
-    }
-}
-
 #[tokio::test]
 async fn an_exact_size_hint_without_content_length_completes_the_response() {
     for proto in BOTH {
         assert_runs_once(proto, Method::GET, |probe| {
-            let body = SizedBody(Some(Bytes::from_static(b"sized, no header")));
-            with_task(probe, "ran", Response::builder(), body.boxed_unsync())
+            // Sized, never at its end before its last poll, and no header.
+            let body = hinted(full("sized, no header"), 16);
+            with_task(probe, "ran", Response::builder(), body)
         })
         .await;
         // http-body-util's own: a `Full` body with trailers keeps `is_end_stream` false.
@@ -341,7 +321,7 @@ async fn a_2xx_answer_to_connect_is_complete_without_its_body() {
 /// A response that hyper (or any conforming client) refuses is never complete: with the
 /// skip setting, its task is reported as skipped, never run (review case 9). What the client
 /// sees differs by protocol (hyper aborts the HTTP/1.1 message; the HTTP/2 client resets the
-/// stream); `tests/hyper_oracle.rs` checks that side.
+/// stream); `tests/contract/hyper_oracle.rs` checks that side.
 async fn assert_refused(
     proto: Proto,
     make: impl Fn() -> Response<BoxedBody> + Clone + Send + Sync + 'static,
@@ -406,25 +386,6 @@ async fn a_malformed_content_length_is_not_complete() {
     }
 }
 
-/// `body` with an exact size hint of `len`, whatever it holds.
-struct Hinted(BoxedBody, u64);
-
-impl http_body::Body for Hinted {
-    type Data = Bytes;
-    type Error = std::io::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        std::pin::Pin::new(&mut self.0).poll_frame(cx)
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        http_body::SizeHint::with_exact(self.1)
-    }
-}
-
 /// Attack review: over HTTP/1.1, `Transfer-Encoding: chunked` makes hyper send the body
 /// chunked whatever its size hint says, so the hint's length is not the end: the end of
 /// the stream is.
@@ -436,7 +397,7 @@ async fn transfer_encoding_chunked_frames_the_body_to_its_end() {
         let (probe, chunks) = (probe.clone(), chunks.clone());
         serve(strict_layer(), move |_req| {
             let builder = Response::builder().header("transfer-encoding", "chunked");
-            let body = Hinted(chunks.take(), 5).boxed_unsync();
+            let body = hinted(chunks.take(), 5);
             let res = with_task(&probe, "ran", builder, body);
             async move { res }
         })
@@ -557,62 +518,6 @@ async fn a_response_version_hyper_cannot_write_is_not_complete() {
         )
         .await;
     }
-}
-
-/// A body that answers `is_end_stream()` and `size_hint()` one way the first time it is
-/// asked and another way afterwards: a streamed body whose first look says "exact 6" (and
-/// then "not exact"), or an empty one whose first look says "not at its end yet" (and then
-/// "at its end"). hyper asks the layer's body wrapper, which asks this body: only the
-/// answers hyper got may decide when the response is complete.
-struct Fickle {
-    frames: tokio::sync::mpsc::UnboundedReceiver<Result<Frame<Bytes>, std::io::Error>>,
-    asked_hint: std::sync::atomic::AtomicUsize,
-    asked_end: std::sync::atomic::AtomicUsize,
-    /// The first `size_hint()` is exact 6; else every answer is "not exact".
-    exact_first: bool,
-    /// The first `is_end_stream()` is `false`, the later ones `true`; else always `false`.
-    ends_after_first_look: bool,
-}
-
-impl http_body::Body for Fickle {
-    type Data = Bytes;
-    type Error = std::io::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        self.frames.poll_recv(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        let calls = self
-            .asked_end
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.ends_after_first_look && calls > 0
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        let calls = self
-            .asked_hint
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        match (self.exact_first, calls) {
-            (true, 0) => http_body::SizeHint::with_exact(6),
-            _ => http_body::SizeHint::default(),
-        }
-    }
-}
-
-fn fickle(exact_first: bool, ends_after_first_look: bool) -> (Chunks, BoxedBody) {
-    let (tx, frames) = tokio::sync::mpsc::unbounded_channel();
-    let body = Fickle {
-        frames,
-        asked_hint: Default::default(),
-        asked_end: Default::default(),
-        exact_first,
-        ends_after_first_look,
-    };
-    (tx, body.boxed_unsync())
 }
 
 /// Issue 18, case 2: a streamed body says "exact 6" the first time its size is asked and

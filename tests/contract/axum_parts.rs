@@ -2,7 +2,7 @@
 //! `axum::serve` on `127.0.0.1:0`, real clients over HTTP/1.1 and HTTP/2.
 #![cfg(feature = "axum")]
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 

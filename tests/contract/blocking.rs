@@ -1,7 +1,7 @@
 //! `add_task` tells an `async fn` from a plain `fn`; plain functions and `Task::blocking`
 //! run on tokio's blocking pool, so they never stall the server (contract 5).
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::{Arc, Barrier};

@@ -17,7 +17,7 @@
 //! Failures shrink to a minimal case, kept by proptest in `tests/body_model.proptest-regressions` and
 //! replayed first on every run.
 
-mod model;
+use crate::model;
 
 use model::{Action, Case, Kind, Step, check};
 use proptest::prelude::*;

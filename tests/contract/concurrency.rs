@@ -16,7 +16,7 @@
 //! roots are locked before members, two roots in address order, and no lock is held while
 //! user code runs (`src/task/set.rs`).
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Barrier};

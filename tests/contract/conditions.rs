@@ -3,7 +3,7 @@
 //! others are reported as `Skipped(ConditionNotMet)` and counted in `skipped` and
 //! `not_met`. Every test goes through a real hyper server.
 
-mod common;
+use crate::common;
 
 use std::convert::Infallible;
 use std::sync::Arc;

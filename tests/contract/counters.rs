@@ -1,7 +1,7 @@
 //! The counters: over any run, every attached task is accounted for exactly once:
 //! `attached == succeeded + failed + panicked + timed_out + skipped + cancelled + pending`.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! or still waiting for its response to complete, up to a deadline; what is left at the
 //! deadline is cancelled and reported.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

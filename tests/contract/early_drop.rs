@@ -2,7 +2,7 @@
 //! default; the layer's setting, or a `Tasks`' own, skips them instead, and each skipped
 //! task is reported.
 
-mod common;
+use crate::common;
 
 use std::io;
 

@@ -1,7 +1,7 @@
 //! Contract 2, "exactly once": a `Tasks` (or a `Task`) runs at most once, whatever polls or
 //! drops follow and however its handle was cloned.
 
-mod common;
+use crate::common;
 
 use common::*;
 use http::{Request, Response};

@@ -2,68 +2,13 @@
 //! `docs/semantics.md`. The layer's completion detection rests on it, so if hyper changes
 //! its behaviour, this test fails and the docs (and maybe the detection) need a look.
 
-mod common;
+use crate::common;
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
-use bytes::Bytes;
 use common::*;
 use http::{Method, Response, StatusCode};
-use http_body::{Body, Frame, SizeHint};
+use http_body::Frame;
 use http_body_util::BodyExt;
 use tower_background::BackgroundLayer;
-
-/// Wraps a body and reports, when dropped, how the server consumed it.
-struct Observed {
-    inner: BoxedBody,
-    frames: usize,
-    saw_none: bool,
-    /// The last poll returned `Pending`: the server was waiting for more.
-    waiting: bool,
-    report: Probe<String>,
-}
-
-impl Body for Observed {
-    type Data = Bytes;
-    type Error = std::io::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        self.waiting = polled.is_pending();
-        match &polled {
-            Poll::Ready(Some(_)) => self.frames += 1,
-            Poll::Ready(None) => self.saw_none = true,
-            Poll::Pending => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for Observed {
-    fn drop(&mut self) {
-        self.report
-            .send(match (self.frames, self.saw_none, self.waiting) {
-                (0, false, false) => "dropped unpolled".to_owned(),
-                (n, false, false) => format!("dropped after {n} frame(s), no end of stream"),
-                (n, false, true) => {
-                    format!("still polling after {n} frame(s): dropped as the client left")
-                }
-                (n, true, _) => format!("polled to None after {n} frame(s)"),
-            });
-    }
-}
 
 type Case = (&'static str, Method, fn() -> Response<BoxedBody>);
 
@@ -150,16 +95,7 @@ async fn hyper_consumes_bodies_as_documented() {
             let addr = {
                 let report = report.clone();
                 serve(BackgroundLayer::new(), move |_req| {
-                    let res = make().map(|inner| {
-                        Observed {
-                            inner,
-                            frames: 0,
-                            saw_none: false,
-                            waiting: false,
-                            report: report.clone(),
-                        }
-                        .boxed_unsync()
-                    });
+                    let res = make().map(|inner| common::observed(inner, report.clone()));
                     async move { res }
                 })
                 .await

@@ -86,7 +86,7 @@
 //! layer did; proptest keeps its seed in `tests/hyper_oracle.proptest-regressions` and
 //! replays it first on every run, in both tests.
 
-mod common;
+use crate::common;
 
 use std::collections::VecDeque;
 use std::fmt;

@@ -1,7 +1,7 @@
 //! Contract 8, "bounded": with `max_concurrent(n)`, at most n tasks run at once; the rest
 //! wait their turn, and all of them run.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};

@@ -1,7 +1,7 @@
 //! Several sets of tasks on one response: `WithTasks` and `Tasks::merge` merge instead of
 //! overwriting, and each set keeps its own mode.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

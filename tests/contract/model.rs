@@ -1,4 +1,4 @@
-//! The model of `BackgroundBody` shared by the property test (`tests/body_model.rs`) and
+//! The model of `BackgroundBody` shared by the property test (`tests/contract/body_model.rs`) and
 //! the fuzz target (`fuzz/fuzz_targets/body_frames.rs`): scripted bodies, a scripted
 //! consumer, what the contract says must happen, and a check of the real thing against it.
 #![allow(dead_code)] // each user takes its share

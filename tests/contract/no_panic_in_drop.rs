@@ -2,7 +2,7 @@
 //! when the request was served, so it can be dropped on any thread; if that runtime has
 //! shut down, its tasks are reported as not run.
 
-mod common;
+use crate::common;
 
 use std::sync::mpsc;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! stops at the first failure by default; a group runs all at once and lets the others
 //! finish by default. Errors and panics are reported and never reach the server.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

@@ -7,7 +7,7 @@
 //! (the test waits for the outcome, however long it takes) or an hour (the test never
 //! waits for it: it proves something happened while the task was still waiting).
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering::SeqCst};

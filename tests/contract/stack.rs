@@ -6,7 +6,7 @@
 //! frames through as they come.)
 #![cfg(feature = "axum")]
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! Timeouts: a task past its timeout is stopped and reported as timed out; a blocking task
 //! cannot be stopped, so it is reported and its thread runs on.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

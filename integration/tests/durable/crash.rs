@@ -16,11 +16,7 @@
 //! The PostgreSQL cases need `TOWER_BACKGROUND_POSTGRES` (`.ci/run` sets it); without it
 //! they say so and pass, unless `TOWER_BACKGROUND_REQUIRE_POSTGRES=1`.
 
-#![cfg(unix)]
-
-#[path = "../../tests/common/mod.rs"]
-mod common;
-mod durable_common;
+use crate::{common, durable_common};
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};

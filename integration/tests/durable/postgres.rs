@@ -14,9 +14,7 @@
 //! Without `TOWER_BACKGROUND_POSTGRES` each test says so and passes, unless
 //! `TOWER_BACKGROUND_REQUIRE_POSTGRES=1` (set by CI) makes the server required.
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
-mod durable_common;
+use crate::{common, durable_common};
 
 use durable_common::serve_jobs;
 

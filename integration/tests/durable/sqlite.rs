@@ -3,9 +3,7 @@
 //! early drop skips it, exactly once even when pushed again, and a failing push is
 //! retried while a drain waits for it.
 
-#[path = "../../tests/common/mod.rs"]
-mod common;
-mod durable_common;
+use crate::{common, durable_common};
 
 use durable_common::serve_jobs;
 
