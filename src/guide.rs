@@ -1,11 +1,12 @@
-//! The guides: the contract in full, running it in production, coming from Python, and
-//! the measurements behind the claims.
+//! The guides: the contract and its limits, running it in production, durable jobs,
+//! coming from Python, and what it costs.
 //!
 //! Documentation only: nothing here is code you call. Every Rust snippet in the guides is
 //! compiled as a doc test, so the guides cannot drift from the API.
 //!
-//! - [`semantics`]: the contract as implemented, each guarantee next to the test that
-//!   checks it, and what hyper does with each kind of body.
+//! - [`semantics`]: the contract on one page: when tasks start (what hyper does with each
+//!   kind of body), exactly once, early drops, order, isolation, the drain, and where each
+//!   promise stops.
 //! - [`operations`]: draining at shutdown (SIGTERM and Ctrl-C, with hyper-util and axum),
 //!   the counters, the limit, timeouts, tracing, and what cannot be cancelled.
 //! - [`durable`]: durable jobs on apalis (feature `apalis`): when to use them rather than
@@ -14,11 +15,9 @@
 //! - [`from_lilya`]: every example of Lilya's Tasks page in Rust, FastAPI's injected
 //!   `BackgroundTasks`, and where this crate differs on purpose.
 //! - [`benchmarks`]: what a task costs, measured side by side, and how to rerun it.
-//! - [`reliability`]: the model test, the soak, the hyper oracle, fault injection and
-//!   fuzzing, with the figures of the last long runs.
 //!
-//! The test and benchmark files the guides name (`tests/…`, `benches/…`) are in the
-//! project's source tree, not in the published crate.
+//! The benchmark commands the guides give run in the project's source tree (`benches/`),
+//! not in the published crate.
 
 // Snippets that use axum need the `axum` feature: without it their doc tests are left out
 // (the guides still render in full).
@@ -48,9 +47,6 @@ pub mod durable {}
 
 #[doc = include_str!("../docs/benchmarks.md")]
 pub mod benchmarks {}
-
-#[doc = include_str!("../docs/reliability.md")]
-pub mod reliability {}
 
 /// The README's snippets, compiled as doc tests (they use axum, so only with that
 /// feature). Not part of the API.

@@ -66,7 +66,7 @@
 //!   request-scoped tasks with [`BackgroundLayer::with_request_tasks`]); each keeps its
 //!   own settings and none is dropped.
 //!
-//! The full contract, with the test behind each guarantee, is in [`guide::semantics`];
+//! The full contract, and where each promise stops, is in [`guide::semantics`];
 //! running it in production (drain, SIGTERM, limits, timeouts, counters) in
 //! [`guide::operations`]; the other guides are listed in [`guide`].
 //!
