@@ -1,34 +1,70 @@
-//! [`Gate`]: whether a blocking attempt's thread has started it, decided once.
+//! [`Gate`]: whether a blocking attempt's thread has started it, decided once, and what
+//! the attempt holds meanwhile.
 
 use std::sync::atomic::{AtomicU8, Ordering::AcqRel, Ordering::Acquire};
+use std::sync::{Mutex, PoisonError};
+
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::tracker::Token;
 
 /// Whether a blocking task's thread has started it: decided once, by whichever comes first,
 /// the thread ([`Gate::start`]) or the runner giving up on it ([`Gate::abandon`]).
+///
+/// The gate also keeps what the attempt holds until then: its slot under the layer's limit
+/// and a token of the drain. The winner takes them: the thread keeps them until its work
+/// ends (past a timeout, too); an abandon drops them at once, so that a closure tokio still
+/// queues, and will never start, holds neither a slot nor a drain.
 #[derive(Debug, Default)]
-pub(crate) struct Gate(AtomicU8);
+pub(crate) struct Gate {
+    state: AtomicU8,
+    held: Mutex<Option<Held>>,
+}
+
+/// What a blocking attempt holds while it waits for a thread and while it runs.
+pub(crate) type Held = (Option<OwnedSemaphorePermit>, Option<Token>);
 
 impl Gate {
     const WAITING: u8 = 0;
     const STARTED: u8 = 1;
     const ABANDONED: u8 = 2;
 
-    /// The thread is about to run the task: `false` if it was abandoned first.
-    pub(crate) fn start(&self) -> bool {
-        self.0
+    /// Gives the gate what the attempt holds until a thread starts it or it is abandoned.
+    pub(crate) fn hold(&self, held: Held) {
+        *self.lock() = Some(held);
+    }
+
+    /// The thread is about to run the task: what the attempt holds, for the thread to keep
+    /// until its work ends; `None` if it was abandoned first.
+    pub(crate) fn start(&self) -> Option<Held> {
+        self.state
             .compare_exchange(Self::WAITING, Self::STARTED, AcqRel, Acquire)
-            .is_ok()
+            .ok()
+            .map(|_| self.lock().take().unwrap_or_default())
     }
 
     /// `true` once a thread has started the task.
     pub(crate) fn started(&self) -> bool {
-        self.0.load(Acquire) == Self::STARTED
+        self.state.load(Acquire) == Self::STARTED
     }
 
     /// The runner gives up on the task: `true` if no thread had started it (and none
-    /// will).
+    /// will). What the attempt held is released now.
     pub(crate) fn abandon(&self) -> bool {
-        self.0
+        let abandoned = self
+            .state
             .compare_exchange(Self::WAITING, Self::ABANDONED, AcqRel, Acquire)
-            .is_ok()
+            .is_ok();
+        if abandoned {
+            // Dropped outside the lock: a permit wakes the next waiter, a token a drain.
+            let held = self.lock().take();
+            drop(held);
+        }
+        abandoned
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Held>> {
+        // Held only to move the value in or out: a poisoned lock holds consistent data.
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }

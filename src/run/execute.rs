@@ -99,15 +99,16 @@ pub(crate) fn execute(
         // tasks are async.
         Attempt::Blocking(f) => {
             let (gate, shared) = (gate.unwrap_or_default(), shared.unwrap_or_default());
+            // The gate keeps the slot and the drain's token: the thread takes them if it
+            // starts the attempt, an abandon releases them at once.
+            gate.hold((permit, token));
             let counted = Counted {
                 shared,
                 retry,
                 #[cfg(feature = "metrics")]
                 start_metrics,
             };
-            Either::Right(Box::pin(run_blocking(
-                f, permit, token, gate, counted, timeout,
-            )))
+            Either::Right(Box::pin(run_blocking(f, gate, counted, timeout)))
         }
     };
     #[cfg(feature = "tracing")]
@@ -181,8 +182,6 @@ impl Future for RunAsync {
 /// busy, and a task abandoned there (a drain's deadline, a stopped group) never starts.
 async fn run_blocking(
     f: Box<dyn FnOnce() -> TaskResult + Send>,
-    permit: Option<OwnedSemaphorePermit>,
-    token: Option<Token>,
     gate: Arc<Gate>,
     counted: Counted,
     timeout: Option<Duration>,
@@ -193,15 +192,17 @@ async fn run_blocking(
     let span = tracing::Span::current();
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
     let thread = move || {
-        let (_permit, _token) = (permit, token);
         // A drain's deadline may have passed while the task waited for a thread, before
         // its run had a chance to abandon it: it must not start now.
         if counted.shared.cancel.is_cancelled() {
             gate.abandon();
         }
-        if !gate.start() {
+        // The slot and the token, kept until the work ends.
+        let Some(_held) = gate.start() else {
+            // Dropped here, on the pool's thread: user code, whose `Drop` may panic.
+            discard(f, "a blocking task that never started");
             return None;
-        }
+        };
         counted.started();
         let _ = started_tx.send(());
         #[cfg(feature = "tracing")]

@@ -213,7 +213,11 @@ impl Ledger {
             let on_failure = set.on_failure;
             if set.group {
                 // Boxed: a group's state is large, and most runs have none.
-                Box::pin(self.run_group(range, on_failure)).await;
+                // A group the run stopped in (a drain's deadline, the runtime) settled
+                // everything: nothing is left to run.
+                if Box::pin(self.run_group(range, on_failure)).await {
+                    return;
+                }
                 continue;
             }
             let end = range.end;
@@ -239,9 +243,17 @@ impl Ledger {
                     }
                 };
                 if let Some(outcome) = outcome {
-                    if !self.settle(position, outcome) && on_failure == OnFailure::Stop {
-                        self.stop(position + 1..end, Stop::EarlierFailure);
-                        break;
+                    match self.settle(position, outcome) {
+                        Next::Go => {}
+                        Next::Failed if on_failure == OnFailure::Continue => {}
+                        Next::Failed => {
+                            self.stop(position + 1..end, Stop::EarlierFailure);
+                            break;
+                        }
+                        Next::Halt(why) => {
+                            self.stop_all(why);
+                            return;
+                        }
                     }
                 }
                 position += 1;
@@ -249,7 +261,8 @@ impl Ledger {
         }
     }
 
-    async fn run_group(&mut self, range: Range<usize>, on_failure: OnFailure) {
+    /// Runs a group; `true` if the run stopped in it (every task of the run is settled).
+    async fn run_group(&mut self, range: Range<usize>, on_failure: OnFailure) -> bool {
         let mut steps = FuturesUnordered::new();
         for position in range.clone() {
             if self.config.limit.is_some() {
@@ -280,14 +293,28 @@ impl Ledger {
                         }
                         Err(outcome) => outcome,
                     };
-                    if !self.settle(position, outcome) && on_failure == OnFailure::Stop {
-                        drop(steps);
-                        self.stop(range, Stop::EarlierFailure);
-                        return;
-                    }
+                    let why = match self.settle(position, outcome) {
+                        Next::Go => continue,
+                        Next::Failed if on_failure == OnFailure::Continue => continue,
+                        Next::Failed => Stop::EarlierFailure,
+                        Next::Halt(why) => why,
+                    };
+                    drop(steps);
+                    return match why {
+                        Stop::EarlierFailure => {
+                            self.stop(range, why);
+                            false
+                        }
+                        // The whole run stops: the sets after this one too.
+                        why => {
+                            self.stop_all(why);
+                            true
+                        }
+                    };
                 }
             }
         }
+        false
     }
 
     /// `false` once a drain has reached its deadline: from then on no task starts. Checked
@@ -386,18 +413,27 @@ impl Ledger {
         })
     }
 
-    /// Records how a running task ended, reporting it if it did not end well. Returns
-    /// `true` unless work the user wrote failed: this crate's plumbing failing (a durable
-    /// job's push, a staged job's release) stops nothing and withdraws no staged job.
-    fn settle(&mut self, position: usize, ended: Ended) -> bool {
+    /// Records how a running task ended, reporting it if it did not end well, and says
+    /// what that means for the rest of the run: a failure of work the user wrote is one
+    /// (this crate's plumbing failing, a durable job's push or a staged job's release, stops
+    /// nothing and withdraws no staged job); an attempt the run stopped (a drain's
+    /// deadline its thread saw first, the runtime going away) stops the whole run, for
+    /// that reason.
+    fn settle(&mut self, position: usize, ended: Ended) -> Next {
         let job = &self.jobs[position];
-        let goes_on = matches!(ended, Ended::Ran(Ok(()))) || job.plumbing().is_some();
-        let ended = match ended {
-            Ended::Ran(Err(kind)) => Ended::Ran(Err(job.failure(kind))),
-            ended => ended,
+        let (next, ended) = match ended {
+            Ended::Ran(Ok(())) => (Next::Go, Ended::Ran(Ok(()))),
+            Ended::Ran(Err(kind)) => {
+                let next = match job.plumbing() {
+                    Some(_) => Next::Go,
+                    None => Next::Failed,
+                };
+                (next, Ended::Ran(Err(job.failure(kind))))
+            }
+            Ended::Stopped(why) => (Next::Halt(why), Ended::Stopped(why)),
         };
         self.close(position, ended);
-        goes_on
+        next
     }
 
     /// Settles task `position` with `outcome`, decided already.
@@ -495,6 +531,16 @@ fn finish(
     // what it is made of.
     let execution = execute(started, permit);
     async move { (position, Step::Finished(execution.await)) }
+}
+
+/// What a settled task means for the rest of its run.
+enum Next {
+    /// Nothing: the run goes on.
+    Go,
+    /// Work the user wrote failed: its set's failure policy applies.
+    Failed,
+    /// The run stops, for this reason.
+    Halt(Stop),
 }
 
 /// One step of a group: a task got its slot under the limit, or finished.

@@ -353,17 +353,25 @@ impl Tasks {
                 (None, Some(_)) => this_tree.len(),
                 _ => 0,
             };
+            // Tasks that join a tree a response claimed keep its drain waiting, as tasks
+            // pushed into it do (only `this` can be claimed here).
+            let joining =
+                this_tree.claimed && that_tree.sets.iter().any(|set| !set.jobs.is_empty());
             let layer = this_tree.layer.clone().or_else(|| that_tree.layer.clone());
             let counted = this_tree.counted + that_tree.counted;
             let token = this_tree.token.take().or_else(|| that_tree.token.take());
-            if this_tree.sets.len() >= that_tree.sets.len() {
+            let tree = if this_tree.sets.len() >= that_tree.sets.len() {
                 (this_tree.layer, this_tree.counted, this_tree.token) = (layer, counted, token);
                 append(this_tree, &mut that, &this_owner);
-                this_tree.count_added(uncounted);
+                this_tree
             } else {
                 (that_tree.layer, that_tree.counted, that_tree.token) = (layer, counted, token);
                 prepend(&mut this, that_tree, &other_owner);
-                that_tree.count_added(uncounted);
+                that_tree
+            };
+            tree.count_added(uncounted);
+            if joining {
+                tree.hold_drain();
             }
             break None;
         };
@@ -678,6 +686,16 @@ impl Tree {
             layer.attach(n);
             self.counted += n;
             if self.claimed && self.token.is_none() {
+                self.token = Some(layer.token());
+            }
+        }
+    }
+
+    /// Tasks joined the tree: if a response claimed it, its layer's drain waits for them
+    /// from now on.
+    fn hold_drain(&mut self) {
+        if self.claimed && self.token.is_none() {
+            if let Some(layer) = self.layer.as_ref().and_then(Weak::upgrade) {
                 self.token = Some(layer.token());
             }
         }

@@ -338,3 +338,205 @@ fn a_blocking_task_waiting_for_a_thread_never_starts_after_the_deadline_even_bef
         );
     });
 }
+
+/// Panics when dropped: the work of a task that must never be dropped outside the layer's
+/// containment.
+struct PanicsOnDrop;
+
+impl Drop for PanicsOnDrop {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            panic!("a blocking task's captured value panicked in Drop");
+        }
+    }
+}
+
+/// Outside review of issue 19, break 1: a blocking task `A` waits for the pool's only
+/// thread; a drain's deadline passes, and the thread, freed then, sees the deadline before
+/// `A`'s run is polled again (another run holds the runtime's only worker meanwhile, in one
+/// poll). `A` never started: `Skipped(Shutdown)`, its captured value dropped without a
+/// panic escaping (it was reported `Panicked`). And the run stops for the shutdown, not for
+/// a failure: the task after it in a sequence is `Skipped(Shutdown)` (it was
+/// `Skipped(EarlierFailure)`), the running sibling in a stopping group
+/// `Cancelled(Shutdown)` (it was `Cancelled(GroupStopped)`).
+#[test]
+fn a_blocking_task_whose_thread_sees_the_deadline_first_stops_its_run_for_the_shutdown() {
+    for group in [false, true] {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .max_blocking_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let reports = runtime.block_on(thread_sees_the_deadline_first(group));
+        let kind = |name: &str| {
+            let report = reports.iter().find(|r| r.name() == name);
+            let report = report.unwrap_or_else(|| panic!("group {group}: no report of {name}"));
+            (format!("{:?}", report.kind()), report.attempts())
+        };
+        assert_eq!(
+            kind("A"),
+            ("Skipped(Shutdown)".to_owned(), 0),
+            "group {group}"
+        );
+        let expected = match group {
+            false => ("Skipped(Shutdown)".to_owned(), 0),
+            true => ("Cancelled(Shutdown)".to_owned(), 1),
+        };
+        assert_eq!(kind("B"), expected, "group {group}");
+        assert_eq!(reports.len(), 2, "group {group}: {reports:?}");
+    }
+}
+
+async fn thread_sees_the_deadline_first(group: bool) -> Vec<tower_background::TaskError> {
+    let (layer, errors, deadline) = layer_watching_the_deadline();
+    let background = layer.handle();
+    // The pool's only thread, held until the deadline has passed (or the test ends, however
+    // it ends: the runtime waits for its blocking threads when it shuts down).
+    let (free, blocker) = hold_the_only_thread().await;
+    let free = Arc::new(std::sync::Mutex::new(Some(free)));
+    let ran = Arc::new(AtomicBool::new(false));
+    let sets = Handoff::new();
+    let mut tasks = match group {
+        false => Tasks::new(),
+        true => Tasks::group().on_failure(tower_background::OnFailure::Stop),
+    };
+    {
+        let (ran, bomb) = (ran.clone(), PanicsOnDrop);
+        tasks.push(
+            Task::blocking(move || {
+                let _bomb = &bomb;
+                ran.store(true, SeqCst);
+            })
+            .named("A"),
+        );
+    }
+    match group {
+        false => tasks.push(Task::new(async {}).named("B")),
+        true => tasks.push(Task::new(std::future::pending::<()>()).named("B")),
+    }
+    sets.put(tasks);
+    // The run of `A` is spawned first, and polled first: `A` waits in the pool's queue.
+    let addr = serve_handed_tasks(layer.clone(), &sets).await;
+    get(Proto::Http1, addr, "/").await;
+    // Another response's task then holds the runtime's only worker, in one poll: it starts
+    // a drain on a thread of its own, waits for its deadline, frees the pool's thread and
+    // waits until the pool has taken `A` and a marker queued after it.
+    let (drained_tx, drained) = tokio::sync::oneshot::channel();
+    let spinner = {
+        let (background, free) = (background.clone(), free.clone());
+        let mut drained_tx = Some(drained_tx);
+        Task::new(std::future::poll_fn(move |_cx| {
+            let (background, drained_tx) = (background.clone(), drained_tx.take().unwrap());
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                let report = runtime.block_on(background.shutdown(std::time::Duration::ZERO));
+                let _ = drained_tx.send(report);
+            });
+            let waited = std::time::Instant::now();
+            while !deadline.passed() {
+                assert!(
+                    waited.elapsed() < PATIENCE,
+                    "the drain's deadline never passed"
+                );
+                std::thread::yield_now();
+            }
+            drop(free.lock().unwrap().take());
+            let (done, marker) = std::sync::mpsc::channel();
+            drop(tokio::task::spawn_blocking(move || done.send(())));
+            marker
+                .recv_timeout(PATIENCE)
+                .expect("the pool took its queued jobs");
+            std::task::Poll::Ready(())
+        }))
+        .named("spinner")
+    };
+    let spinning = Handoff::new();
+    let mut spin = Tasks::new();
+    spin.push(spinner);
+    spinning.put(spin);
+    let other = serve_handed_tasks(layer, &spinning).await;
+    get(Proto::Http1, other, "/").await;
+    let report = within(drained).await.unwrap();
+    assert!(!report.is_drained(), "{report}");
+    assert!(!ran.load(SeqCst), "A started after the deadline");
+    within(blocker).await.unwrap();
+    errors.drain_now().await
+}
+
+/// Holds the blocking pool's only thread until the returned sender is dropped; the
+/// handle ends with that thread's job.
+async fn hold_the_only_thread() -> (std::sync::mpsc::Sender<()>, tokio::task::JoinHandle<()>) {
+    let (free, freed) = std::sync::mpsc::channel::<()>();
+    let (held, holding) = tokio::sync::oneshot::channel();
+    let blocker = tokio::task::spawn_blocking(move || {
+        let _ = held.send(());
+        let _ = freed.recv();
+    });
+    within(holding).await.unwrap();
+    (free, blocker)
+}
+
+/// Outside review of issue 19, break 3: a blocking task still queued in tokio's pool when
+/// its group stops is skipped, and the slot and the drain's token it held are released at
+/// once, not when a thread would have taken its closure: a later group of two gets both
+/// slots of `max_concurrent(2)`, and a drain reports drained (it used to wait for the
+/// closure until its deadline, with nothing pending).
+#[test]
+fn a_blocking_task_skipped_in_the_pools_queue_holds_no_slot_and_no_drain() {
+    one_blocking_thread().block_on(async {
+        let (layer, errors) = reporting_layer();
+        let layer = layer.max_concurrent(2);
+        let background = layer.handle();
+        // The application's own blocking work holds the pool's only thread throughout.
+        let (free, blocker) = hold_the_only_thread().await;
+        let sets = Handoff::new();
+        let addr = serve_handed_tasks(layer, &sets).await;
+
+        let mut stopping = Tasks::group().on_failure(tower_background::OnFailure::Stop);
+        stopping.push(Task::blocking(|| ()).named("A"));
+        stopping.push(Task::new(async { Err::<(), _>("no") }).named("F"));
+        sets.put(stopping);
+        get(Proto::Http1, addr, "/").await;
+        let mut reports = errors.take(2).await;
+        reports.sort_by_key(|r| r.name().to_owned());
+        assert!(
+            matches!(
+                reports[0].kind(),
+                TaskErrorKind::Skipped(SkipReason::EarlierFailure)
+            ),
+            "{}",
+            reports[0]
+        );
+        assert!(
+            matches!(reports[1].kind(), TaskErrorKind::Failed(_)),
+            "{}",
+            reports[1]
+        );
+
+        // Both slots are free: two tasks that wait for each other both run.
+        let met = Arc::new(tokio::sync::Barrier::new(2));
+        let both = Probe::new();
+        let mut pair = Tasks::group();
+        for name in ["X", "Y"] {
+            let (met, both) = (met.clone(), both.clone());
+            pair.push(Task::new(async move {
+                met.wait().await;
+                both.send(name);
+            }));
+        }
+        sets.put(pair);
+        get(Proto::Http1, addr, "/").await;
+        let mut ran = both.take(2).await;
+        ran.sort();
+        assert_eq!(ran, ["X", "Y"]);
+
+        let report = within(background.shutdown(PATIENCE)).await;
+        assert!(report.is_drained(), "{report}");
+        assert_eq!(report.stats().pending(), 0, "{report}");
+        drop(free);
+        within(blocker).await.unwrap();
+    });
+}

@@ -745,3 +745,68 @@ async fn a_drain_waits_for_a_task_added_to_a_response_while_it_streams() {
         assert_eq!(done.next().await, "added while streaming");
     }
 }
+
+/// Outside review of issue 19, break 2: with request-scoped tasks on, a streamed response
+/// leaves the service with its request-scoped `Tasks` empty (it holds no drain). Another
+/// handler adds a task to its own request-scoped `Tasks` and merges them into the
+/// streaming one: the task counts at once, and a drain started then waits for it, as it
+/// does for a task pushed there. It used to report "drained" with the task pending.
+#[tokio::test]
+async fn a_drain_waits_for_request_scoped_tasks_merged_into_a_streaming_response() {
+    for proto in BOTH {
+        let done = Probe::new();
+        let layer = BackgroundLayer::new().with_request_tasks();
+        let background = layer.handle();
+        let (streaming, bodies) = (Handoff::<Tasks>::new(), Handoff::new());
+        let (chunks, body) = channel_body();
+        bodies.put(body);
+        let addr = {
+            let (streaming, done) = (streaming.clone(), done.clone());
+            serve(layer, move |req| {
+                let mut own = req.extensions().get::<Tasks>().unwrap().clone();
+                let res = if req.uri().path() == "/stream" {
+                    streaming.put(own);
+                    Response::new(bodies.take())
+                } else {
+                    let sender = done.clone();
+                    own.push(Task::new(
+                        async move { sender.send("merged while streaming") },
+                    ));
+                    let mut target = streaming.take();
+                    target.merge(own);
+                    streaming.put(target);
+                    Response::new(full("added"))
+                };
+                async move { res }
+            })
+            .await
+        };
+        let res = open(proto, addr, "/stream").await;
+        let mut body = res.into_body();
+        chunks.send(data("first")).unwrap();
+        within(body.frame()).await.unwrap().unwrap();
+        assert_eq!(get(proto, addr, "/add").await.0, http::StatusCode::OK);
+        let stats = background.stats();
+        assert_eq!(
+            (stats.attached, stats.waiting),
+            (1, 1),
+            "{proto:?}: {stats}"
+        );
+        let mut drain = Box::pin(background.shutdown(PATIENCE * 3));
+        assert!(
+            still_pending(drain.as_mut()).await,
+            "{proto:?}: drained while a streaming response held a merged task"
+        );
+        chunks.send(data("last")).unwrap();
+        drop(chunks);
+        within(body.collect()).await.unwrap();
+        let report = within(drain).await;
+        assert!(report.is_drained(), "{proto:?}: {report}");
+        assert_eq!(
+            (report.stats().attached, report.stats().succeeded),
+            (1, 1),
+            "{proto:?}: {report}"
+        );
+        assert_eq!(done.next().await, "merged while streaming");
+    }
+}
