@@ -11,11 +11,14 @@
 //!
 //! `--sizes` also prints the size of every allocation of the last request (to stderr).
 //!
-//! Variants: `bare`, `layer-no-task`, `request-tasks-none`, `spawn`, `one-task`, `one-retryable`, `seq-8`,
-//! `seq-64`, `group-8`, `group-64`.
+//! Variants: `bare`, `layer-no-task`, `request-tasks-none`, `spawn`, `floor`, `one-task`,
+//! `one-retryable`, `seq-8`, `seq-64`, `group-8`, `group-64`. `floor` is the cheapest way to
+//! attach work through the extension map, with none of the guarantees: a boxed future in a
+//! `Clone + Sync` slot that a `map_response` spawns.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::convert::Infallible;
+use std::future::Future;
 use std::pin::pin;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -78,6 +81,23 @@ type Res = Response<Full<Bytes>>;
 
 fn hello() -> Res {
     Response::new(Full::new(Bytes::from_static(b"hello")))
+}
+
+/// The floor's slot: a boxed future behind a lock, so that it is `Clone + Sync` as
+/// `http::Extensions` requires.
+#[derive(Clone)]
+struct Spawnable(Arc<std::sync::Mutex<Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>>>);
+
+impl Spawnable {
+    fn new(future: impl Future<Output = ()> + Send + 'static) -> Self {
+        Spawnable(Arc::new(std::sync::Mutex::new(Some(Box::pin(future)))))
+    }
+
+    fn spawn(self) {
+        if let Some(future) = self.0.lock().unwrap().take() {
+            drop(tokio::spawn(future));
+        }
+    }
 }
 
 /// One request through `svc`, by hand: call, poll the response future, collect the body,
@@ -174,6 +194,28 @@ fn variant(name: &str, done: &Arc<AtomicUsize>) -> (Serve, usize) {
                 res
             }));
             (svc, 1)
+        }
+        "floor" => {
+            // The cheapest way to attach work through the extension map, with none of the
+            // guarantees: the handler boxes the future into a `Clone + Sync` slot in the
+            // response's extensions, and a `map_response` takes it out and spawns it as the
+            // response leaves (before it is sent; nothing counted, drained or reported).
+            let task = task.clone();
+            let handler = service_fn(move |_req: Request<()>| {
+                let mut res = hello();
+                res.extensions_mut().insert(Spawnable::new(task()));
+                std::future::ready(Ok::<_, Infallible>(res))
+            });
+            let mut svc = tower::ServiceExt::map_response(handler, |mut res: Res| {
+                if let Some(work) = res.extensions_mut().remove::<Spawnable>() {
+                    work.spawn();
+                }
+                res
+            });
+            (
+                Box::new(move |rt, done, expected| one_request(&mut svc, rt, done, expected)),
+                1,
+            )
         }
         "one-retryable" => {
             let task = task.clone();

@@ -15,7 +15,7 @@ fi
 cargo build --release --quiet -p tower-background-benches --bin instructions
 bin=target/release/instructions
 variants=("$@")
-[ ${#variants[@]} -eq 0 ] && variants=(bare layer-no-task request-tasks-none spawn one-task one-retryable seq-8 seq-64 group-8 group-64)
+[ ${#variants[@]} -eq 0 ] && variants=(bare layer-no-task request-tasks-none spawn floor one-task one-retryable seq-8 seq-64 group-8 group-64)
 short=500
 long=1500
 count() { # variant requests -> instructions
@@ -34,6 +34,9 @@ done
 if [ -n "${per[spawn]:-}" ] && [ -n "${per[one-task]:-}" ]; then
   echo
   awk -v t="${per[one-task]}" -v s="${per[spawn]}" 'BEGIN { printf "one task / tokio::spawn: %.2f x the instructions\n", t / s }'
+fi
+if [ -n "${per[floor]:-}" ] && [ -n "${per[one-task]:-}" ]; then
+  awk -v t="${per[one-task]}" -v f="${per[floor]}" 'BEGIN { printf "one task / the floor (a spawned slot in the extensions): %.2f x the instructions\n", t / f }'
 fi
 if [ -n "${per[bare]:-}" ] && [ -n "${per[layer-no-task]:-}" ]; then
   echo "the layer without a task adds $(( ${per[layer-no-task]} - ${per[bare]} )) instructions per request"
