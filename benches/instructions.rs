@@ -86,7 +86,9 @@ fn hello() -> Res {
 /// The floor's slot: a boxed future behind a lock, so that it is `Clone + Sync` as
 /// `http::Extensions` requires.
 #[derive(Clone)]
-struct Spawnable(Arc<std::sync::Mutex<Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>>>>);
+struct Spawnable(Arc<std::sync::Mutex<Option<BoxedWork>>>);
+
+type BoxedWork = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
 impl Spawnable {
     fn new(future: impl Future<Output = ()> + Send + 'static) -> Self {
