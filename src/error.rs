@@ -116,6 +116,12 @@ pub enum SkipReason {
     /// `Tasks`, else on the layer): an expected outcome, counted in
     /// [`Stats::not_met`](crate::Stats::not_met) too and logged at `debug` level only.
     ConditionNotMet,
+    /// The layer's backlog was full when its response was complete
+    /// ([`BackgroundLayer::max_backlog`](crate::BackgroundLayer::max_backlog) under
+    /// [`Overload::Shed`](crate::Overload::Shed)): it was dropped at once, so that a slow
+    /// kind of work cannot fill the process's memory. Counted in
+    /// [`Stats::shed`](crate::Stats::shed) too.
+    Overloaded,
 }
 
 /// Why a running task was stopped before its end. Every such task is counted in
@@ -278,6 +284,7 @@ impl fmt::Display for SkipReason {
             }
             SkipReason::AddedTooLate => "it was added after its Tasks had started to run",
             SkipReason::ConditionNotMet => "the response did not meet its condition",
+            SkipReason::Overloaded => "the layer's backlog was full (max_backlog, shed)",
         })
     }
 }

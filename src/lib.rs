@@ -107,7 +107,7 @@ mod tracker;
 pub use axum::MissingRequestTasks;
 pub use error::{BoxError, CancelReason, SkipReason, TaskError, TaskErrorKind};
 pub use layer::{Background, BackgroundBody, BackgroundLayer, ResponseFuture};
-pub use policy::{OnEarlyDrop, OnFailure, TaskSpans};
+pub use policy::{OnEarlyDrop, OnFailure, Overload, TaskSpans};
 pub use retry::Retry;
 pub use run::{BackgroundHandle, ShutdownReport, Stats};
 #[cfg(feature = "apalis-postgres")]

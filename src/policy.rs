@@ -1,5 +1,6 @@
-//! The two choices a user makes about background work: what an early drop does, and what a
-//! failure does to the tasks after it.
+//! The choices a user makes about background work: what an early drop does, what a
+//! failure does to the tasks after it, what a full backlog does, and how tasks' spans
+//! relate to their request's.
 
 /// What happens to a response's tasks when the response is dropped before it is complete:
 /// the client went away, an HTTP/2 stream was reset, the body yielded an error, or an outer
@@ -56,6 +57,42 @@ pub enum OnFailure {
     Stop,
     /// Run every other task regardless.
     Continue,
+}
+
+/// What the layer does when its backlog is full
+/// ([`BackgroundLayer::max_backlog`](crate::BackgroundLayer::max_backlog)): the tasks whose
+/// response is complete but that have not started (waiting for a slot under
+/// [`max_concurrent`](crate::BackgroundLayer::max_concurrent), or for their turn in a
+/// sequence) have reached the bound.
+///
+/// The default is [`Backpressure`](Overload::Backpressure), tower's answer to overload:
+/// nothing is dropped, and the service tells its caller it is not ready. Put tower's
+/// `load_shed` outside the layer to answer 503 at once instead of waiting (axum:
+/// `HandleErrorLayer` then `LoadShedLayer`). [`Shed`](Overload::Shed) keeps the service
+/// answering and drops the new tasks instead, each reported as
+/// [`Skipped(Overloaded)`](crate::SkipReason::Overloaded): for work that is worth doing
+/// only if it can be done soon.
+///
+/// ```
+/// use tower_background::{BackgroundLayer, Overload};
+///
+/// // At most 10 running and 1,000 waiting; past that, requests wait for room.
+/// let layer = BackgroundLayer::new().max_concurrent(10).max_backlog(1_000);
+/// // Or answer every request and drop the tasks that do not fit.
+/// let layer = BackgroundLayer::new().max_backlog(1_000).on_overload(Overload::Shed);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Overload {
+    /// The service's `poll_ready` is `Pending` until the backlog has room (the default):
+    /// a plain server waits before it calls the handler, and a `load_shed` layer outside
+    /// answers at once with its overload error. A request already in the handler when the
+    /// backlog fills still hands its tasks over, so the backlog can exceed the bound by
+    /// the tasks of the requests in flight.
+    #[default]
+    Backpressure,
+    /// The service stays ready; the tasks of a response that find the backlog full are
+    /// dropped and reported as [`Skipped(Overloaded)`](crate::SkipReason::Overloaded).
+    Shed,
 }
 
 /// How each task's `background_task` span (feature `tracing`) relates to the span of the

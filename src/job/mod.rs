@@ -103,6 +103,8 @@ pub(crate) struct Job {
     pub(crate) gate: Option<Arc<Gate>>,
     /// Attempts handed out so far (more than one only for a retried task).
     pub(crate) attempts: u32,
+    /// It holds a place in its layer's bounded backlog (queued, not started yet).
+    pub(crate) in_backlog: bool,
     /// Its metrics series, resolved once, when it first needs them.
     #[cfg(feature = "metrics")]
     pub(crate) series: Option<Arc<crate::series::TaskSeries>>,
@@ -172,6 +174,7 @@ impl Job {
             progress: Progress::Queued,
             gate: None,
             attempts: 0,
+            in_backlog: false,
             #[cfg(feature = "metrics")]
             series: None,
             #[cfg(feature = "metrics")]

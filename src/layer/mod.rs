@@ -21,8 +21,9 @@ use tokio::sync::Semaphore;
 use tower_layer::Layer;
 
 use crate::error::TaskError;
-use crate::policy::{OnEarlyDrop, TaskSpans};
+use crate::policy::{OnEarlyDrop, Overload, TaskSpans};
 use crate::retry::Retry;
+use crate::run::backlog::Backlog;
 use crate::run::config::Config;
 use crate::run::handle::BackgroundHandle;
 use crate::run::report::Reporter;
@@ -285,6 +286,49 @@ impl BackgroundLayer {
     /// ```
     pub fn handle(&self) -> BackgroundHandle {
         BackgroundHandle::new(self.config.shared.clone())
+    }
+
+    /// Bounds the backlog: the tasks whose response is complete but that have not
+    /// started (waiting for a slot under [`max_concurrent`](Self::max_concurrent), or for
+    /// their turn in a sequence). Without a bound, a slow kind of work under a steady load
+    /// grows the backlog, and the process's memory, without end. At the bound, the
+    /// [`Overload`] policy applies (see [`on_overload`](Self::on_overload)): by default the
+    /// service pushes back through `poll_ready`. No bound by default, as tower's own
+    /// limits are opt-in: size it from the memory a queued task holds
+    /// ([the operations guide](crate::guide::operations) says how).
+    ///
+    /// # Panics
+    ///
+    /// If `bound` is 0 or larger than tokio's semaphore allows.
+    ///
+    /// ```
+    /// use tower_background::BackgroundLayer;
+    ///
+    /// // Ten e-mails at a time, ten thousand waiting at most.
+    /// let layer = BackgroundLayer::new().max_concurrent(10).max_backlog(10_000);
+    /// ```
+    pub fn max_backlog(mut self, bound: usize) -> Self {
+        let config = self.config_mut();
+        config.backlog = Some(Arc::new(Backlog::new(bound, config.overload)));
+        self
+    }
+
+    /// What a full backlog does ([`max_backlog`](Self::max_backlog)): push back
+    /// ([`Overload::Backpressure`], the default) or drop the new tasks
+    /// ([`Overload::Shed`]). It applies once a bound is set, before or after this call.
+    ///
+    /// ```
+    /// use tower_background::{BackgroundLayer, Overload};
+    ///
+    /// let layer = BackgroundLayer::new().max_backlog(1_000).on_overload(Overload::Shed);
+    /// ```
+    pub fn on_overload(mut self, policy: Overload) -> Self {
+        let config = self.config_mut();
+        config.overload = policy;
+        if let Some(bound) = config.backlog.as_ref().map(|b| b.limit) {
+            config.backlog = Some(Arc::new(Backlog::new(bound, policy)));
+        }
+        self
     }
 
     fn config_mut(&mut self) -> &mut Config {

@@ -1,7 +1,7 @@
 //! [`Background`]: the service that takes the tasks out of each response.
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use http::{Method, Request, Response, Version};
 use http_body::Body;
@@ -10,6 +10,8 @@ use tower_service::Service;
 use crate::layer::body::BackgroundBody;
 use crate::layer::framing::RequestKind;
 use crate::layer::future::ResponseFuture;
+use crate::policy::Overload;
+use crate::run::backlog::Room;
 use crate::run::config::Config;
 use crate::task::set::Tasks;
 
@@ -33,11 +35,18 @@ use crate::task::set::Tasks;
 pub struct Background<S> {
     inner: S,
     config: Arc<Config>,
+    /// Under backpressure, the place in the backlog `poll_ready` reserved for the next
+    /// call (empty in a clone).
+    room: Room,
 }
 
 impl<S> Background<S> {
     pub(crate) fn new(inner: S, config: Arc<Config>) -> Self {
-        Background { inner, config }
+        Background {
+            inner,
+            config,
+            room: Room::default(),
+        }
     }
 
     /// The wrapped service.
@@ -87,6 +96,13 @@ where
     type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // A full backlog under backpressure: not ready until a task leaves it. The place
+        // is reserved before the inner service is asked, and kept for the next call.
+        if let Some(backlog) = &self.config.backlog {
+            if backlog.policy == Overload::Backpressure {
+                ready!(self.room.poll_reserve(backlog, cx));
+            }
+        }
         self.inner.poll_ready(cx)
     }
 
@@ -113,6 +129,7 @@ where
             request_tasks,
             self.config.clone(),
             in_flight,
+            self.room.take(),
         )
     }
 }

@@ -11,8 +11,9 @@ use tokio::sync::Semaphore;
 use crate::error::{SkipReason, TaskError, TaskErrorKind};
 use crate::job::host::Host;
 use crate::job::{Job, Progress};
-use crate::policy::{OnEarlyDrop, TaskSpans};
+use crate::policy::{OnEarlyDrop, Overload, TaskSpans};
 use crate::retry::Retry;
+use crate::run::backlog::Backlog;
 use crate::run::handle::Shared;
 use crate::run::report::Reporter;
 use crate::task::condition::Condition;
@@ -25,6 +26,10 @@ pub(crate) struct Config {
     pub(crate) reporter: Reporter,
     pub(crate) task_timeout: Option<Duration>,
     pub(crate) limit: Option<Arc<Semaphore>>,
+    /// The bound on the tasks that wait to start, and what a full backlog does.
+    pub(crate) backlog: Option<Arc<Backlog>>,
+    /// The policy a bound on the backlog is built with (set before or after the bound).
+    pub(crate) overload: Overload,
     pub(crate) request_tasks: bool,
     /// The retry setting of [`Retryable`](crate::Retryable) tasks without one of their own.
     pub(crate) retry: Option<Retry>,

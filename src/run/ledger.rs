@@ -15,7 +15,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::error::{SkipReason, Stop, TaskError, TaskErrorKind};
 use crate::job::{Attempt, Gate, Job, Progress, Work};
-use crate::policy::{OnEarlyDrop, OnFailure};
+use crate::policy::{OnEarlyDrop, OnFailure, Overload};
 use crate::run::config::Config;
 use crate::run::execute::{Ended, Started, admit_after, execute};
 use crate::run::jobs::Jobs;
@@ -168,6 +168,44 @@ impl Ledger {
     /// [`stop`](Ledger::stop) for every task.
     pub(crate) fn stop_all(&mut self, why: Stop) {
         self.stop(0..self.jobs.len(), why);
+    }
+
+    /// The tasks still queued take their places in the layer's backlog, if it is bounded:
+    /// the first one the place its request holds, if `reserved` (backpressure: the service
+    /// reserved it), the others a free one. A task that finds none is kept under
+    /// backpressure (its request was in the handler when the backlog filled) and dropped
+    /// under shed, reported `Skipped(Overloaded)`. A reserved place no task takes is given
+    /// back.
+    #[cold]
+    pub(crate) fn enter_backlog(&mut self, reserved: bool) {
+        let Some(backlog) = self.config.backlog.clone() else {
+            return;
+        };
+        let mut reserved = reserved;
+        for position in 0..self.jobs.len() {
+            if self.jobs[position].progress != Progress::Queued {
+                continue;
+            }
+            if std::mem::take(&mut reserved) || backlog.enter() {
+                self.jobs[position].in_backlog = true;
+            } else if backlog.policy == Overload::Shed {
+                let shed = TaskErrorKind::Skipped(SkipReason::Overloaded);
+                self.record(position, Err(shed));
+            }
+        }
+        if reserved {
+            backlog.leave();
+        }
+    }
+
+    /// Task `position` leaves the backlog (it starts, or settles), if it held a place.
+    fn leave_backlog(&mut self, position: usize) {
+        let job = &mut self.jobs[position];
+        if std::mem::take(&mut job.in_backlog) {
+            if let Some(backlog) = &self.config.backlog {
+                backlog.leave();
+            }
+        }
     }
 
     /// Starts the tasks of `ledger` on `runtime`, or reports them all as not run if there
@@ -369,6 +407,10 @@ impl Ledger {
         };
         let work = job.next_attempt()?;
         job.progress = Progress::Running;
+        if job.in_backlog {
+            self.leave_backlog(position);
+        }
+        let job = &mut self.jobs[position];
         let blocking = matches!(work, Attempt::Blocking(_));
         #[cfg(feature = "metrics")]
         let start_metrics = {
@@ -450,6 +492,10 @@ impl Ledger {
         let Some(standing) = job.close_attempt() else {
             return;
         };
+        if job.in_backlog {
+            self.leave_backlog(position);
+        }
+        let job = &mut self.jobs[position];
         let outcome = match ended {
             Ended::Ran(outcome) => outcome,
             Ended::Stopped(why) => Err(why.outcome(standing.started())),

@@ -55,7 +55,7 @@ pub struct Stats {
     pub timed_out: u64,
     /// Tasks that never started ([`TaskErrorKind::Skipped`],
     /// whatever the [`SkipReason`]: an early drop, an earlier failure, a drain's deadline,
-    /// no runtime, no response, added too late, a condition not met).
+    /// no runtime, no response, added too late, a condition not met, a full backlog).
     pub skipped: u64,
     /// Releases of [`StagedJob`](crate::StagedJob)s that could not be written
     /// ([`TaskErrorKind::NotReleased`]): this crate's plumbing failing, not the user's work.
@@ -68,6 +68,10 @@ pub struct Stats {
     /// Tasks not run because their response did not meet their
     /// [`Condition`](crate::Condition) (also counted in `skipped`).
     pub not_met: u64,
+    /// Tasks dropped because the layer's backlog was full
+    /// ([`SkipReason::Overloaded`], under [`Overload::Shed`](crate::Overload::Shed); also
+    /// counted in `skipped`).
+    pub shed: u64,
     /// Retries: attempts started after a task's first one (a task counts once in the
     /// outcomes above, whatever its attempts).
     pub retried: u64,
@@ -153,6 +157,7 @@ pub(crate) struct Counters {
     /// Tasks settled while waiting for their next attempt.
     settled_backing_off: AtomicU64,
     not_met: AtomicU64,
+    shed: AtomicU64,
     /// The same, published through the `metrics` facade.
     #[cfg(feature = "metrics")]
     pub(crate) metrics: LayerMetrics,
@@ -237,8 +242,14 @@ impl Counters {
             Err(TaskErrorKind::NotReleased(_)) => &self.not_released,
         };
         counter.fetch_add(1, Relaxed);
-        if let Err(TaskErrorKind::Skipped(SkipReason::ConditionNotMet)) = outcome {
-            self.not_met.fetch_add(1, Relaxed);
+        match outcome {
+            Err(TaskErrorKind::Skipped(SkipReason::ConditionNotMet)) => {
+                self.not_met.fetch_add(1, Relaxed);
+            }
+            Err(TaskErrorKind::Skipped(SkipReason::Overloaded)) => {
+                self.shed.fetch_add(1, Relaxed);
+            }
+            _ => {}
         }
         let stopped = matches!(
             outcome,
@@ -292,6 +303,7 @@ impl Counters {
             cancelled,
             not_released,
             not_met: self.not_met.load(Relaxed),
+            shed: self.shed.load(Relaxed),
             retried,
         }
     }

@@ -26,6 +26,7 @@ mod limit;
 mod merging;
 mod no_panic_in_drop;
 mod order_and_failure;
+mod overload;
 mod retries;
 mod stack;
 mod timeouts;
