@@ -24,6 +24,9 @@ thread_local! {
     static MEASURING: Cell<bool> = const { Cell::new(false) };
     static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
     static BYTES: Cell<usize> = const { Cell::new(0) };
+    /// Bytes allocated minus bytes freed on this thread while measuring, and its peak.
+    static LIVE: Cell<isize> = const { Cell::new(0) };
+    static PEAK: Cell<isize> = const { Cell::new(0) };
 }
 
 // SAFETY: every call is forwarded to the system allocator unchanged; the counters are
@@ -36,12 +39,14 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        live(-(layout.size() as isize));
         // SAFETY: forwarded as is, under the caller's guarantees.
         unsafe { System.dealloc(ptr, layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         count(new_size);
+        live(-(layout.size() as isize));
         // SAFETY: forwarded as is, under the caller's guarantees.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -55,6 +60,19 @@ fn count(size: usize) {
             BYTES.with(|n| n.set(n.get() + size));
         }
     });
+    live(size as isize);
+}
+
+fn live(delta: isize) {
+    let _ = MEASURING.try_with(|measuring| {
+        if measuring.get() {
+            let now = LIVE.with(|live| {
+                live.set(live.get() + delta);
+                live.get()
+            });
+            PEAK.with(|peak| peak.set(peak.get().max(now)));
+        }
+    });
 }
 
 #[global_allocator]
@@ -64,6 +82,8 @@ static ALLOCATOR: Counting = Counting;
 fn measure<T>(f: impl FnOnce() -> T) -> (usize, usize, T) {
     ALLOCATIONS.with(|n| n.set(0));
     BYTES.with(|n| n.set(0));
+    LIVE.with(|n| n.set(0));
+    PEAK.with(|n| n.set(0));
     MEASURING.with(|m| m.set(true));
     let out = f();
     MEASURING.with(|m| m.set(false));
@@ -201,3 +221,96 @@ fn layer_bytes(
 }
 
 struct Handoff(std::sync::Mutex<Option<Response<Full<Bytes>>>>);
+
+/// Issue 20, sustained overload: a slot held, then arrivals far faster than tasks finish
+/// (4,096 responses of one task each, none of which can start). With `max_backlog(64)` and
+/// `Overload::Shed`, the heap the backlog holds stays under the bound times what a queued
+/// task holds, plus a constant: 64 tasks wait, the others are dropped at once and each
+/// reported; at the end every task is accounted for. (Without the bound, the same run
+/// holds every one of the 4,096 tasks: megabytes.)
+#[test]
+fn a_bounded_backlog_keeps_the_heap_bounded_under_sustained_overload() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use tower_background::{Overload, SkipReason, TaskErrorKind};
+
+    const BOUND: usize = 64;
+    const ARRIVALS: usize = 4_096;
+    // What one queued task may hold: the layer's share (about 1.1 KB of a task's own, see
+    // `heap_bytes_per_attached_task`) and the 256 bytes each task here captures, doubled.
+    const PER_TASK: isize = 2 * (1_200 + 256);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let _entered = runtime.enter();
+    let shed = Arc::new(AtomicUsize::new(0));
+    let layer = {
+        let shed = shed.clone();
+        BackgroundLayer::new()
+            .max_concurrent(1)
+            .max_backlog(BOUND)
+            .on_overload(Overload::Shed)
+            .on_error(move |err| {
+                if let TaskErrorKind::Skipped(SkipReason::Overloaded) = err.kind() {
+                    shed.fetch_add(1, SeqCst);
+                }
+            })
+    };
+    let background = layer.handle();
+    let next = std::rc::Rc::new(Cell::new(None::<Task>));
+    let mut svc = {
+        let next = next.clone();
+        layer.layer(service_fn(move |_req: Request<()>| {
+            let mut res = Response::new(Full::new(Bytes::from_static(b"ok")));
+            if let Some(task) = next.take() {
+                res.extensions_mut().insert(task);
+            }
+            std::future::ready(Ok::<_, Infallible>(res))
+        }))
+    };
+    // The only slot, held until the end.
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    next.set(Some(Task::new(async move {
+        let _ = released.await;
+    })));
+    one_request(&mut svc, Request::new(()));
+    runtime.block_on(async {
+        while background.stats().running == 0 {
+            tokio::task::yield_now().await;
+        }
+    });
+    let ran = Arc::new(AtomicUsize::new(0));
+    let (_, _, ()) = measure(|| {
+        for _ in 0..ARRIVALS {
+            let (ran, payload) = (ran.clone(), vec![7u8; 256]);
+            next.set(Some(Task::new(async move {
+                std::hint::black_box(&payload);
+                ran.fetch_add(1, SeqCst);
+            })));
+            one_request(&mut svc, Request::new(()));
+        }
+    });
+    let peak = PEAK.with(Cell::get);
+    assert!(
+        peak <= BOUND as isize * PER_TASK + 64 * 1024,
+        "the backlog held {peak} bytes at its peak, for a bound of {BOUND} tasks"
+    );
+    assert_eq!(shed.load(SeqCst), ARRIVALS - BOUND);
+    drop(release);
+    runtime.block_on(async {
+        while ran.load(SeqCst) < BOUND {
+            tokio::task::yield_now().await;
+        }
+    });
+    let stats = background.stats();
+    assert_eq!(
+        (stats.attached, stats.succeeded, stats.shed, stats.pending()),
+        (
+            ARRIVALS as u64 + 1,
+            BOUND as u64 + 1,
+            (ARRIVALS - BOUND) as u64,
+            0
+        ),
+        "{stats}"
+    );
+}
