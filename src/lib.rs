@@ -58,7 +58,9 @@
 //!   reaches the server. Every task that does not end well is reported once.
 //! - [`BackgroundLayer::handle`] gives counters and a drain for shutdown
 //!   ([`BackgroundHandle::shutdown`]); [`BackgroundLayer::max_concurrent`] bounds the tasks
-//!   running at once, [`BackgroundLayer::task_timeout`] and [`Task::timeout`] bound each.
+//!   running at once, [`BackgroundLayer::max_backlog`] those waiting (pushing back through
+//!   `poll_ready`, or shedding: [`Overload`]), [`BackgroundLayer::task_timeout`] and
+//!   [`Task::timeout`] bound each.
 //! - A [`Retryable`] task is retried on failure under a [`Retry`] setting (its own, or
 //!   [`BackgroundLayer::retry`]); a [`Condition`] ([`BackgroundLayer::run_if`],
 //!   [`Tasks::run_if`]) runs tasks only when the response's head meets it.
