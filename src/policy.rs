@@ -61,7 +61,7 @@ pub enum OnFailure {
 
 /// What the layer does when its backlog is full
 /// ([`BackgroundLayer::max_backlog`](crate::BackgroundLayer::max_backlog)): the tasks whose
-/// response is complete but that have not started (waiting for a slot under
+/// response is complete and that wait to start (for a slot under
 /// [`max_concurrent`](crate::BackgroundLayer::max_concurrent), or for their turn in a
 /// sequence) have reached the bound.
 ///
@@ -83,15 +83,17 @@ pub enum OnFailure {
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Overload {
-    /// The service's `poll_ready` is `Pending` until the backlog has room (the default):
-    /// a plain server waits before it calls the handler, and a `load_shed` layer outside
-    /// answers at once with its overload error. A request already in the handler when the
-    /// backlog fills still hands its tasks over, so the backlog can exceed the bound by
-    /// the tasks of the requests in flight.
+    /// The service's `poll_ready` is `Pending` while the backlog is full (the default): a
+    /// plain server waits before it calls the handler, and a `load_shed` layer outside
+    /// answers at once with its overload error. Nothing is held for a request admitted
+    /// while the backlog had room: its tasks still take their places when its response is
+    /// complete, so the backlog can exceed the bound by the tasks of the requests in
+    /// flight; a slow handler or a long stream blocks no other request.
     #[default]
     Backpressure,
     /// The service stays ready; the tasks of a response that find the backlog full are
-    /// dropped and reported as [`Skipped(Overloaded)`](crate::SkipReason::Overloaded).
+    /// dropped and reported as [`Skipped(Overloaded)`](crate::SkipReason::Overloaded) (a
+    /// sequence whole, never with holes).
     Shed,
 }
 

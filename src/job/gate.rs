@@ -2,9 +2,9 @@
 //! the attempt holds meanwhile.
 
 use std::sync::atomic::{AtomicU8, Ordering::AcqRel, Ordering::Acquire};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::tracker::Token;
 
@@ -21,8 +21,28 @@ pub(crate) struct Gate {
     held: Mutex<Option<Held>>,
 }
 
-/// What a blocking attempt holds while it waits for a thread and while it runs.
-pub(crate) type Held = (Option<OwnedSemaphorePermit>, Option<Token>);
+/// What a blocking attempt holds while it waits for a thread, and (but its place) while
+/// it runs.
+#[derive(Debug, Default)]
+pub(crate) struct Held {
+    /// Its slot under the layer's limit.
+    pub(crate) slot: Option<OwnedSemaphorePermit>,
+    /// A token of the drain: its thread outlives a timeout.
+    pub(crate) token: Option<Token>,
+    /// Its place in the layer's bounded backlog: it waits until a thread starts it.
+    pub(crate) place: Option<Place>,
+}
+
+/// One task's place in a bounded backlog, as a value: given back to the backlog's
+/// semaphore when dropped.
+#[derive(Debug)]
+pub(crate) struct Place(pub(crate) Arc<Semaphore>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.add_permits(1);
+    }
+}
 
 impl Gate {
     const WAITING: u8 = 0;

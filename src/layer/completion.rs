@@ -46,8 +46,6 @@ pub(crate) struct Attached {
     /// Whether the response met the layer's condition (`true` without one): for the
     /// tasks without a condition of their own.
     met: bool,
-    /// The request holds a place in the backlog (backpressure), for its first task.
-    reserved: bool,
 }
 
 impl Attached {
@@ -59,7 +57,6 @@ impl Attached {
         extensions: &mut Extensions,
         request_tasks: Option<Tasks>,
         config: &Arc<Config>,
-        reserved: bool,
     ) -> Option<Self> {
         let (response_tasks, single) = if extensions.is_empty() {
             (None, None)
@@ -93,7 +90,6 @@ impl Attached {
             parent: ParentSpan::current(),
             token: (expected > 0).then(|| config.shared.tracker.token()),
             met: true,
-            reserved,
         })
     }
 
@@ -353,7 +349,6 @@ impl Attached {
             parent,
             token,
             met,
-            reserved,
         } = self;
         // The span moves into the ledger: cloning it would call into the subscriber.
         let mut parent = Some(parent);
@@ -406,9 +401,9 @@ impl Attached {
         if ledger.config().shared.cancel.is_cancelled() {
             ledger.stop_all(Stop::Shutdown);
         }
-        // What is left waits to start: it takes its places in the backlog, if bounded.
+        // What is left and will wait to start takes its places in the backlog, if bounded.
         if ledger.config().backlog.is_some() {
-            ledger.enter_backlog(reserved);
+            ledger.enter_backlog();
         }
         (ledger, runtime, token)
     }

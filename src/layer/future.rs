@@ -52,9 +52,6 @@ pin_project! {
         config: Arc<Config>,
         // Keeps the drain waiting until the handler answered.
         in_flight: Option<Entry>,
-        // The call holds a place in the backlog (backpressure: `poll_ready` reserved it),
-        // for the first of the response's tasks; given back if it has none.
-        reserved: bool,
     }
 
     impl<F> PinnedDrop for ResponseFuture<F> {
@@ -62,9 +59,6 @@ pin_project! {
             let this = this.project();
             if let Some(tasks) = this.request_tasks.take() {
                 Attached::abandon(tasks, this.config);
-            }
-            if std::mem::take(this.reserved) {
-                give_back(this.config);
             }
             if let Some(entry) = this.in_flight.take() {
                 this.config.shared.tracker.leave(entry);
@@ -81,7 +75,6 @@ impl<F> ResponseFuture<F> {
         request_tasks: Option<Tasks>,
         config: Arc<Config>,
         in_flight: Entry,
-        reserved: bool,
     ) -> Self {
         ResponseFuture {
             inner,
@@ -89,7 +82,6 @@ impl<F> ResponseFuture<F> {
             request_tasks,
             config,
             in_flight: Some(in_flight),
-            reserved,
         }
     }
 }
@@ -108,21 +100,10 @@ where
         let request_tasks = this.request_tasks.take();
         let res = match outcome {
             // The path of most responses: no tasks anywhere, nothing to look into.
-            // A place the call holds in the backlog is given back when the future is
-            // dropped.
             Ok(res) if request_tasks.is_none() && res.extensions().is_empty() => {
                 Ok(res.map(BackgroundBody::passthrough))
             }
-            Ok(res) => {
-                let reserved = std::mem::take(this.reserved);
-                Ok(with_tasks(
-                    res,
-                    request_tasks,
-                    *this.request,
-                    this.config,
-                    reserved,
-                ))
-            }
+            Ok(res) => Ok(with_tasks(res, request_tasks, *this.request, this.config)),
             Err(error) => {
                 if let Some(tasks) = request_tasks {
                     Attached::abandon(tasks, this.config);
@@ -139,14 +120,6 @@ where
     }
 }
 
-/// Gives back the place in the backlog a call held for tasks its response does not have.
-#[cold]
-fn give_back(config: &Config) {
-    if let Some(backlog) = &config.backlog {
-        backlog.leave();
-    }
-}
-
 /// The response of a request or a response that may carry tasks: takes them, and wraps
 /// the body in what starts them once the response is complete. Kept out of
 /// [`ResponseFuture::poll`], so that the path of a response without tasks stays small.
@@ -156,14 +129,9 @@ fn with_tasks<B: Body>(
     request_tasks: Option<Tasks>,
     request: RequestKind,
     config: &Arc<Config>,
-    reserved: bool,
 ) -> Response<BackgroundBody<B>> {
-    let extensions = res.extensions_mut();
-    let Some(mut attached) = Attached::take_from(extensions, request_tasks, config, reserved)
+    let Some(mut attached) = Attached::take_from(res.extensions_mut(), request_tasks, config)
     else {
-        if reserved {
-            give_back(config);
-        }
         return res.map(BackgroundBody::passthrough);
     };
     attached.judge(res.status(), res.headers());

@@ -288,10 +288,15 @@ impl BackgroundLayer {
         BackgroundHandle::new(self.config.shared.clone())
     }
 
-    /// Bounds the backlog: the tasks whose response is complete but that have not
-    /// started (waiting for a slot under [`max_concurrent`](Self::max_concurrent), or for
-    /// their turn in a sequence). Without a bound, a slow kind of work under a steady load
-    /// grows the backlog, and the process's memory, without end. At the bound, the
+    /// Bounds the backlog: the tasks whose response is complete and that wait to start.
+    /// With [`max_concurrent`](Self::max_concurrent), that is every such task until it
+    /// starts (it may wait for a slot); without, the tasks that wait for their turn (in a
+    /// sequence, or behind an earlier set): a task that starts as soon as its run does
+    /// takes no place. A blocking task waits until a thread of tokio's pool starts it. A
+    /// sequence takes the places of all its waiting tasks at once, or none. Handlers still
+    /// computing and responses still streaming hold no place. Without a bound, a slow
+    /// kind of work under a steady load grows the backlog, and the process's memory,
+    /// without end. At the bound, the
     /// [`Overload`] policy applies (see [`on_overload`](Self::on_overload)): by default the
     /// service pushes back through `poll_ready`. No bound by default, as tower's own
     /// limits are opt-in: size it from the memory a queued task holds

@@ -35,8 +35,7 @@ use crate::task::set::Tasks;
 pub struct Background<S> {
     inner: S,
     config: Arc<Config>,
-    /// Under backpressure, the place in the backlog `poll_ready` reserved for the next
-    /// call (empty in a clone).
+    /// Under backpressure, `poll_ready`'s wait for room in the backlog (empty in a clone).
     room: Room,
 }
 
@@ -96,11 +95,12 @@ where
     type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // A full backlog under backpressure: not ready until a task leaves it. The place
-        // is reserved before the inner service is asked, and kept for the next call.
+        // A full backlog under backpressure: not ready until a task leaves it. Nothing is
+        // held for the call: its tasks, if it has any, take their places when its response
+        // is complete.
         if let Some(backlog) = &self.config.backlog {
             if backlog.policy == Overload::Backpressure {
-                ready!(self.room.poll_reserve(backlog, cx));
+                ready!(self.room.poll_room(backlog, cx));
             }
         }
         self.inner.poll_ready(cx)
@@ -129,7 +129,6 @@ where
             request_tasks,
             self.config.clone(),
             in_flight,
-            self.room.take(),
         )
     }
 }

@@ -1,12 +1,11 @@
-//! [`Backlog`]: the bound on the tasks a layer holds that have not started
+//! [`Backlog`]: the bound on the tasks of a layer that wait to start
 //! ([`BackgroundLayer::max_backlog`](crate::BackgroundLayer::max_backlog)), and [`Room`],
-//! how the service waits for a place in it under backpressure.
+//! how the service waits for room under backpressure.
 //!
-//! The backlog is a semaphore with one permit per place. A task takes a place when its
-//! response is complete and its run is built (it is then queued: waiting for its turn in a
-//! sequence or for a slot under the limit), and gives it back when it starts or settles.
-//! Places are forgotten permits, counted by a flag in the task's record: no permit object
-//! per task.
+//! The backlog is a semaphore with one permit per place. A task that will wait (for a slot
+//! under the limit, or for its turn in a sequence) takes a place when its response is
+//! complete and its run is built, and gives it back when it starts or settles. Places are
+//! forgotten permits, counted by a flag in the task's record: no permit object per task.
 
 use std::fmt;
 use std::future::Future;
@@ -16,6 +15,7 @@ use std::task::{Context, Poll};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::job::gate::Place;
 use crate::policy::Overload;
 
 /// The places of one layer's backlog, and what to do when they are all taken.
@@ -50,11 +50,15 @@ impl Backlog {
         }
     }
 
-    /// Takes a place for one task: `false` if the backlog is full.
-    pub(crate) fn enter(&self) -> bool {
-        match self.places.try_acquire() {
-            Ok(place) => {
-                place.forget();
+    /// Takes `n` places at once, or none: `false` if fewer are free. A sequence takes the
+    /// places of all its tasks so, so that it is never cut with holes.
+    pub(crate) fn enter(&self, n: usize) -> bool {
+        let Ok(n) = u32::try_from(n) else {
+            return false;
+        };
+        match self.places.try_acquire_many(n) {
+            Ok(places) => {
+                places.forget();
                 true
             }
             Err(_) => false,
@@ -65,51 +69,45 @@ impl Backlog {
     pub(crate) fn leave(&self) {
         self.places.add_permits(1);
     }
+
+    /// A task's place as a value, given back when dropped: a blocking task's gate keeps it
+    /// until a thread starts the task (or it is abandoned), so that the tasks tokio queues
+    /// for a thread count as waiting.
+    pub(crate) fn place(&self) -> Place {
+        Place(self.places.clone())
+    }
 }
 
-/// What a layer's service holds of the backlog under backpressure: the place `poll_ready`
-/// reserved for the next call, or its wait for one. Empty in a clone, as the reservation of
-/// a tower service is.
+/// A layer's service's wait for room in the backlog under backpressure. Empty in a clone.
 #[derive(Default)]
 pub(crate) struct Room {
-    reserved: Option<OwnedSemaphorePermit>,
     /// Behind a `Mutex` only so that the service stays `Sync`: it is reached through
     /// `&mut self`, never locked by two.
-    waiting: Option<Mutex<Pin<Box<Waiting>>>>,
+    waiting: Mutex<Option<Pin<Box<Waiting>>>>,
 }
 
 type Waiting = dyn Future<Output = Result<OwnedSemaphorePermit, tokio::sync::AcquireError>> + Send;
 
 impl Room {
-    /// `Ready` once a place is reserved for the next call (at once if one is free); a
-    /// waiting caller is woken when a task leaves the backlog (places go in the order they
-    /// were asked for).
-    pub(crate) fn poll_reserve(&mut self, backlog: &Backlog, cx: &mut Context<'_>) -> Poll<()> {
-        if self.reserved.is_some() {
-            return Poll::Ready(());
-        }
+    /// `Ready` once the backlog has a free place (at once if it has one); a waiting caller
+    /// is woken when a task leaves it, callers in the order they asked. Nothing is
+    /// reserved: the place is handed on at once to the next caller waiting.
+    pub(crate) fn poll_room(&mut self, backlog: &Backlog, cx: &mut Context<'_>) -> Poll<()> {
         let waiting = self
             .waiting
-            .get_or_insert_with(|| Mutex::new(Box::pin(backlog.places.clone().acquire_owned())));
-        let waiting = waiting.get_mut().unwrap_or_else(PoisonError::into_inner);
-        let Poll::Ready(reserved) = waiting.as_mut().poll(cx) else {
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner);
+        if waiting.is_none() && backlog.places.available_permits() > 0 {
+            return Poll::Ready(());
+        }
+        let wait = waiting.get_or_insert_with(|| Box::pin(backlog.places.clone().acquire_owned()));
+        let Poll::Ready(place) = wait.as_mut().poll(cx) else {
             return Poll::Pending;
         };
-        self.waiting = None;
-        // The semaphore is never closed: a reservation always comes.
-        self.reserved = reserved.ok();
+        *waiting = None;
+        // Given back at once: room was all this caller waited for.
+        drop(place);
         Poll::Ready(())
-    }
-
-    /// Takes the place reserved for this call, if any: `true` if there was one. From then
-    /// on the place is the call's, a forgotten permit: its first task keeps it, or it is
-    /// given back ([`Backlog::leave`]) if the response has none.
-    #[inline]
-    pub(crate) fn take(&mut self) -> bool {
-        self.reserved
-            .take()
-            .map(OwnedSemaphorePermit::forget)
-            .is_some()
     }
 }
 
@@ -121,9 +119,6 @@ impl Clone for Room {
 
 impl fmt::Debug for Room {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Room")
-            .field("reserved", &self.reserved.is_some())
-            .field("waiting", &self.waiting.is_some())
-            .finish()
+        f.debug_struct("Room").finish_non_exhaustive()
     }
 }

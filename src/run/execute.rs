@@ -15,6 +15,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::contain::discard;
 use crate::error::{Stop, TaskErrorKind};
+use crate::job::gate::{Held, Place};
 use crate::job::{Attempt, Gate, TaskResult};
 use crate::run::handle::Shared;
 #[cfg(feature = "metrics")]
@@ -53,6 +54,9 @@ pub(crate) struct Started {
     pub(crate) shared: Option<Arc<Shared>>,
     /// A retry, not the task's first attempt: counted as such when it starts.
     pub(crate) retry: bool,
+    /// For a blocking task: its place in the layer's bounded backlog, given back when its
+    /// thread starts it.
+    pub(crate) place: Option<Place>,
     /// For a blocking task: its metrics of a start, recorded by the thread that starts it.
     #[cfg(feature = "metrics")]
     pub(crate) start_metrics: Option<StartMetrics>,
@@ -88,6 +92,7 @@ pub(crate) fn execute(
         gate,
         shared,
         retry,
+        place,
         #[cfg(feature = "metrics")]
         start_metrics,
         #[cfg(feature = "tracing")]
@@ -101,7 +106,11 @@ pub(crate) fn execute(
             let (gate, shared) = (gate.unwrap_or_default(), shared.unwrap_or_default());
             // The gate keeps the slot and the drain's token: the thread takes them if it
             // starts the attempt, an abandon releases them at once.
-            gate.hold((permit, token));
+            gate.hold(Held {
+                slot: permit,
+                token,
+                place,
+            });
             let counted = Counted {
                 shared,
                 retry,
@@ -197,12 +206,15 @@ async fn run_blocking(
         if counted.shared.cancel.is_cancelled() {
             gate.abandon();
         }
-        // The slot and the token, kept until the work ends.
-        let Some(_held) = gate.start() else {
+        // The slot and the token, kept until the work ends; the place in the backlog, given
+        // back now: the task has started.
+        let Some(Held { slot, token, place }) = gate.start() else {
             // Dropped here, on the pool's thread: user code, whose `Drop` may panic.
             discard(f, "a blocking task that never started");
             return None;
         };
+        drop(place);
+        let _held = (slot, token);
         counted.started();
         let _ = started_tx.send(());
         #[cfg(feature = "tracing")]

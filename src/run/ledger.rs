@@ -170,31 +170,61 @@ impl Ledger {
         self.stop(0..self.jobs.len(), why);
     }
 
-    /// The tasks still queued take their places in the layer's backlog, if it is bounded:
-    /// the first one the place its request holds, if `reserved` (backpressure: the service
-    /// reserved it), the others a free one. A task that finds none is kept under
-    /// backpressure (its request was in the handler when the backlog filled) and dropped
-    /// under shed, reported `Skipped(Overloaded)`. A reserved place no task takes is given
-    /// back.
+    /// The tasks that will wait to start take their places in the layer's backlog: with a
+    /// limit (`max_concurrent`), every task still queued (each may wait for a slot);
+    /// without one, all but those that start as soon as the run does (a first group, or
+    /// the first task of a first sequence). A group's tasks take their places one by one;
+    /// a sequence takes all of its own at once or none, so that it is never cut with
+    /// holes. Tasks that find no place are kept under backpressure (their request was
+    /// admitted while the backlog had room) and dropped under shed, each reported
+    /// `Skipped(Overloaded)`.
     #[cold]
-    pub(crate) fn enter_backlog(&mut self, reserved: bool) {
+    pub(crate) fn enter_backlog(&mut self) {
         let Some(backlog) = self.config.backlog.clone() else {
             return;
         };
-        let mut reserved = reserved;
-        for position in 0..self.jobs.len() {
-            if self.jobs[position].progress != Progress::Queued {
+        let limited = self.config.limit.is_some();
+        // Without a limit, the first set with a task to run starts it (or all, a group's)
+        // at once.
+        let mut first = !limited;
+        for index in 0..=self.more.len() {
+            let Some((range, rules)) = self.set(index) else {
+                break;
+            };
+            let group = rules.group;
+            let mut waiting: Vec<usize> = range
+                .filter(|&position| self.jobs[position].progress == Progress::Queued)
+                .collect();
+            if waiting.is_empty() {
                 continue;
             }
-            if std::mem::take(&mut reserved) || backlog.enter() {
-                self.jobs[position].in_backlog = true;
-            } else if backlog.policy == Overload::Shed {
-                let shed = TaskErrorKind::Skipped(SkipReason::Overloaded);
-                self.record(position, Err(shed));
+            if std::mem::take(&mut first) {
+                match group {
+                    true => continue,
+                    false => {
+                        waiting.remove(0);
+                    }
+                }
             }
-        }
-        if reserved {
-            backlog.leave();
+            let chunks: Vec<Vec<usize>> = match group {
+                true => waiting.into_iter().map(|position| vec![position]).collect(),
+                false => vec![waiting],
+            };
+            for chunk in chunks {
+                if chunk.is_empty() {
+                    continue;
+                }
+                if backlog.enter(chunk.len()) {
+                    for position in chunk {
+                        self.jobs[position].in_backlog = true;
+                    }
+                } else if backlog.policy == Overload::Shed {
+                    for position in chunk {
+                        let shed = TaskErrorKind::Skipped(SkipReason::Overloaded);
+                        self.record(position, Err(shed));
+                    }
+                }
+            }
         }
     }
 
@@ -407,11 +437,21 @@ impl Ledger {
         };
         let work = job.next_attempt()?;
         job.progress = Progress::Running;
-        if job.in_backlog {
-            self.leave_backlog(position);
-        }
-        let job = &mut self.jobs[position];
         let blocking = matches!(work, Attempt::Blocking(_));
+        // Its place in the backlog: given back now, or, for a blocking task, once a
+        // thread starts it (tokio may queue it meanwhile).
+        let place = match (job.in_backlog, blocking) {
+            (false, _) => None,
+            (true, false) => {
+                self.leave_backlog(position);
+                None
+            }
+            (true, true) => {
+                job.in_backlog = false;
+                self.config.backlog.as_ref().map(|backlog| backlog.place())
+            }
+        };
+        let job = &mut self.jobs[position];
         #[cfg(feature = "metrics")]
         let start_metrics = {
             if !retry {
@@ -446,6 +486,7 @@ impl Ledger {
             shared: blocking.then(|| self.config.shared.clone()),
             gate,
             retry,
+            place,
             #[cfg(feature = "metrics")]
             start_metrics,
             #[cfg(feature = "tracing")]

@@ -10,8 +10,9 @@ use std::sync::{Arc, Mutex};
 
 use common::*;
 use http::{Response, StatusCode};
+use http_body_util::BodyExt;
 use tokio::sync::oneshot;
-use tower_background::{BackgroundLayer, Overload, SkipReason, Task, TaskErrorKind};
+use tower_background::{BackgroundLayer, Overload, SkipReason, Task, TaskErrorKind, Tasks};
 
 /// A task that runs until the returned sender fires (or is dropped), reporting `started`.
 fn blocker(started: &Probe<&'static str>) -> (oneshot::Sender<()>, Task) {
@@ -111,7 +112,6 @@ async fn a_full_backlog_pushes_back_and_load_shed_answers_503() {
     use axum::error_handling::HandleErrorLayer;
     use axum::routing::get as route;
     use tower::ServiceBuilder;
-    use tower_background::Tasks;
 
     let layer = BackgroundLayer::new().max_concurrent(1).max_backlog(1);
     let background = layer.handle();
@@ -198,4 +198,184 @@ async fn a_full_backlog_makes_a_plain_server_wait_for_room() {
     let report = within(background.shutdown(PATIENCE)).await;
     assert!(report.is_drained(), "{report}");
     assert_eq!(report.stats().succeeded, 3, "{report}");
+}
+
+/// Outside review of issue 20, break 1: backpressure bounds the tasks that wait, not the
+/// requests in flight. With `max_backlog(1)`, a handler still computing, and a response
+/// still streaming with its task waiting for it, hold no place: another request is served.
+#[tokio::test]
+async fn backpressure_holds_no_place_for_handlers_computing_or_responses_streaming() {
+    for proto in BOTH {
+        let layer = BackgroundLayer::new().with_request_tasks().max_backlog(1);
+        let background = layer.handle();
+        let (computing, answer) = (Probe::new(), Arc::new(tokio::sync::Notify::new()));
+        let (chunks, body) = channel_body();
+        let bodies = Handoff::new();
+        bodies.put(body);
+        let ran = Probe::new();
+        let addr = {
+            let (computing, answer, ran) = (computing.clone(), answer.clone(), ran.clone());
+            serve(layer, move |req| {
+                let (computing, answer, ran) = (computing.clone(), answer.clone(), ran.clone());
+                let path = req.uri().path().to_owned();
+                let bodies = bodies.clone();
+                async move {
+                    match path.as_str() {
+                        "/compute" => {
+                            computing.send("computing");
+                            answer.notified().await;
+                            Response::new(full("computed"))
+                        }
+                        "/stream" => {
+                            let mut res = Response::new(bodies.take());
+                            res.extensions_mut()
+                                .insert(reporting(&ran, "after the stream"));
+                            res
+                        }
+                        _ => Response::new(full("plain")),
+                    }
+                }
+            })
+            .await
+        };
+        let computed = tokio::spawn(async move { get(proto, addr, "/compute").await.0 });
+        assert_eq!(computing.next().await, "computing");
+        let res = open(proto, addr, "/stream").await;
+        let mut stream = res.into_body();
+        chunks.send(data("first")).unwrap();
+        within(stream.frame()).await.unwrap().unwrap();
+        assert_eq!(
+            within(get(proto, addr, "/plain")).await.0,
+            StatusCode::OK,
+            "{proto:?}"
+        );
+        answer.notify_one();
+        assert_eq!(within(computed).await.unwrap(), StatusCode::OK);
+        drop(chunks);
+        within(stream.collect()).await.unwrap();
+        assert_eq!(ran.next().await, "after the stream");
+        let report = within(background.shutdown(PATIENCE)).await;
+        assert!(report.is_drained(), "{proto:?}: {report}");
+    }
+}
+
+/// Outside review of issue 20, break 2: without `max_concurrent`, a group's tasks start as
+/// soon as their run does: they take no place, and none is shed, whatever the bound.
+#[tokio::test]
+async fn tasks_that_start_at_once_take_no_place_in_the_backlog() {
+    let (layer, errors) = reporting_layer();
+    let layer = layer.max_backlog(1).on_overload(Overload::Shed);
+    let background = layer.handle();
+    let ran = Probe::new();
+    let sets = Handoff::new();
+    let addr = serve_handed_tasks(layer, &sets).await;
+    let mut group = Tasks::group();
+    for name in ["g0", "g1", "g2"] {
+        group.push(reporting(&ran, name));
+    }
+    sets.put(group);
+    get(Proto::Http1, addr, "/").await;
+    let mut names = ran.take(3).await;
+    names.sort();
+    assert_eq!(names, ["g0", "g1", "g2"]);
+    errors.assert_quiet("a task shed").await;
+    assert_eq!(background.stats().shed, 0);
+}
+
+/// Outside review of issue 20, break 3: a sequence is shed whole, never with holes: when
+/// its waiting tasks do not all fit, none of them runs (a later task once ran after an
+/// earlier one was shed: "send the e-mail" without "write the user row").
+#[tokio::test]
+async fn a_sequence_is_shed_whole_never_with_holes() {
+    let (layer, errors) = reporting_layer();
+    let layer = layer
+        .max_concurrent(1)
+        .max_backlog(2)
+        .on_overload(Overload::Shed);
+    let background = layer.handle();
+    let (started, ran) = (Probe::new(), Probe::new());
+    let sets = Handoff::new();
+    let addr = serve_handed_tasks(layer, &sets).await;
+    let (release, task) = blocker(&started);
+    sets.put(Tasks::from(vec![task]));
+    get(Proto::Http1, addr, "/").await;
+    assert_eq!(started.next().await, "blocker running");
+    // Three tasks in order, two places: none of them may run.
+    let sequence: Tasks = ["write user row", "send e-mail", "log"]
+        .into_iter()
+        .map(|name| reporting(&ran, name))
+        .collect();
+    sets.put(sequence);
+    get(Proto::Http1, addr, "/").await;
+    let shed = errors.take(3).await;
+    for report in &shed {
+        assert!(
+            matches!(
+                report.kind(),
+                TaskErrorKind::Skipped(SkipReason::Overloaded)
+            ),
+            "{report}"
+        );
+    }
+    // Two tasks in order fit: both run, in order, once the slot is free.
+    let sequence: Tasks = ["a", "b"].into_iter().map(|n| reporting(&ran, n)).collect();
+    sets.put(sequence);
+    get(Proto::Http1, addr, "/").await;
+    release.send(()).unwrap();
+    assert_eq!(ran.take(2).await, ["a", "b"]);
+    ran.assert_quiet("a task of the shed sequence ran").await;
+    assert_eq!(background.stats().shed, 3);
+}
+
+/// Outside review of issue 20, break 4: a blocking task waits in tokio's queue until a
+/// thread takes it, and keeps its place meanwhile: without `max_concurrent`, blocking tasks
+/// past the bound are shed rather than queued in tokio's pool without end.
+#[test]
+fn a_blocking_task_keeps_its_place_until_a_thread_starts_it() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (layer, errors) = reporting_layer();
+        // A sequence's second task waits its turn: each response carries [async, blocking]
+        // so that the blocking one takes a place at hand-over.
+        let layer = layer.max_backlog(2).on_overload(Overload::Shed);
+        let background = layer.handle();
+        let (free, freed) = std::sync::mpsc::channel::<()>();
+        let (held, holding) = oneshot::channel();
+        let holder = tokio::task::spawn_blocking(move || {
+            let _ = held.send(());
+            let _ = freed.recv();
+        });
+        within(holding).await.unwrap();
+        let ran = Probe::new();
+        let sets = Handoff::new();
+        let addr = serve_handed_tasks(layer, &sets).await;
+        for name in ["b1", "b2", "b3"] {
+            let ran = ran.clone();
+            let mut sequence = Tasks::new();
+            sequence.push(Task::new(async {}));
+            sequence.push(Task::blocking(move || ran.send(name)).named(name));
+            sets.put(sequence);
+            get(Proto::Http1, addr, "/").await;
+        }
+        // b1 and b2 wait for the pool's thread, each in its place; b3 finds none.
+        let shed = errors.next().await;
+        assert_eq!(shed.name(), "b3", "{shed}");
+        assert!(
+            matches!(shed.kind(), TaskErrorKind::Skipped(SkipReason::Overloaded)),
+            "{shed}"
+        );
+        drop(free);
+        within(holder).await.unwrap();
+        let mut names = ran.take(2).await;
+        names.sort();
+        assert_eq!(names, ["b1", "b2"]);
+        let report = within(background.shutdown(PATIENCE)).await;
+        assert!(report.is_drained(), "{report}");
+        assert_eq!(report.stats().shed, 1, "{report}");
+    });
 }
