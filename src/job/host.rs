@@ -3,6 +3,8 @@
 //! claimed them, and are reported there if they can never run. This is all `task/` knows
 //! of a layer: the layer's settings stay in `run/`.
 
+use std::sync::{Arc, Weak};
+
 use crate::error::SkipReason;
 use crate::job::Job;
 use crate::tracker::Token;
@@ -23,4 +25,9 @@ pub(crate) trait Host: Send + Sync {
     /// Counts `jobs` as [`not_run`](Host::not_run) does, without touching their work:
     /// they are being leaked.
     fn leaked(&self, jobs: &[Job], reason: SkipReason, counted: usize);
+}
+
+/// `layer` as the tasks hold it: weakly, so that tasks never keep a layer alive.
+pub(crate) fn downgrade<H: Host + 'static>(layer: &Arc<H>) -> Weak<dyn Host> {
+    Arc::downgrade(layer) as Weak<dyn Host>
 }

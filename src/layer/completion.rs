@@ -7,14 +7,14 @@
 
 use std::cell::Cell;
 use std::ops::{Deref, DerefMut};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use http::{Extensions, HeaderMap, StatusCode};
 use tokio::runtime::Handle;
 
 use crate::error::{SkipReason, Stop};
 use crate::job::Job;
-use crate::job::host::Host;
+use crate::job::host::downgrade;
 use crate::job::not_run::report_not_run;
 use crate::layer::framing::{Framing, Plan, ResponseShape};
 use crate::run::config::Config;
@@ -113,7 +113,7 @@ impl Attached {
         let mut jobs = Vec::new();
         let counted = claimed.counted;
         let (since, _token) = claimed.take(|set| jobs.extend(set.jobs));
-        let layer = Arc::downgrade(config) as Weak<dyn Host>;
+        let layer = downgrade(config);
         report_not_run(jobs, Some(&layer), SkipReason::NoResponse, counted + since);
     }
 }

@@ -313,8 +313,7 @@ impl BackgroundLayer {
     /// let layer = BackgroundLayer::new().max_concurrent(10).max_backlog(10_000);
     /// ```
     pub fn max_backlog(mut self, bound: usize) -> Self {
-        let config = self.config_mut();
-        config.backlog = Some(Arc::new(Backlog::new(bound, config.overload)));
+        self.config_mut().backlog = Some(Arc::new(Backlog::new(bound)));
         self
     }
 
@@ -328,11 +327,7 @@ impl BackgroundLayer {
     /// let layer = BackgroundLayer::new().max_backlog(1_000).on_overload(Overload::Shed);
     /// ```
     pub fn on_overload(mut self, policy: Overload) -> Self {
-        let config = self.config_mut();
-        config.overload = policy;
-        if let Some(bound) = config.backlog.as_ref().map(|b| b.limit) {
-            config.backlog = Some(Arc::new(Backlog::new(bound, policy)));
-        }
+        self.config_mut().overload = policy;
         self
     }
 

@@ -99,7 +99,7 @@ where
         // held for the call: its tasks, if it has any, take their places when its response
         // is complete.
         if let Some(backlog) = &self.config.backlog {
-            if backlog.policy == Overload::Backpressure {
+            if self.config.overload == Overload::Backpressure {
                 ready!(self.room.poll_room(backlog, cx));
             }
         }

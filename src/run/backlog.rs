@@ -16,14 +16,12 @@ use std::task::{Context, Poll};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::job::gate::Place;
-use crate::policy::Overload;
 
-/// The places of one layer's backlog, and what to do when they are all taken.
+/// The places of one layer's backlog (what a full one does is the layer's
+/// [`Overload`](crate::Overload) setting).
 #[derive(Debug)]
 pub(crate) struct Backlog {
     places: Arc<Semaphore>,
-    pub(crate) limit: usize,
-    pub(crate) policy: Overload,
 }
 
 impl Backlog {
@@ -33,7 +31,7 @@ impl Backlog {
     ///
     /// If `limit` is 0 or larger than tokio's semaphore allows (the layer's builder says
     /// so in its docs).
-    pub(crate) fn new(limit: usize, policy: Overload) -> Self {
+    pub(crate) fn new(limit: usize) -> Self {
         assert!(
             limit > 0,
             "BackgroundLayer::max_backlog: the bound must be at least 1"
@@ -45,8 +43,6 @@ impl Backlog {
         );
         Backlog {
             places: Arc::new(Semaphore::new(limit)),
-            limit,
-            policy,
         }
     }
 

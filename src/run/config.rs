@@ -28,7 +28,7 @@ pub(crate) struct Config {
     pub(crate) limit: Option<Arc<Semaphore>>,
     /// The bound on the tasks that wait to start, and what a full backlog does.
     pub(crate) backlog: Option<Arc<Backlog>>,
-    /// The policy a bound on the backlog is built with (set before or after the bound).
+    /// What a full backlog does.
     pub(crate) overload: Overload,
     pub(crate) request_tasks: bool,
     /// The retry setting of [`Retryable`](crate::Retryable) tasks without one of their own.

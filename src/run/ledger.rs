@@ -16,6 +16,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::error::{SkipReason, Stop, TaskError, TaskErrorKind};
 use crate::job::{Attempt, Gate, Job, Progress, Work};
 use crate::policy::{OnEarlyDrop, OnFailure, Overload};
+use crate::run::backlog::Backlog;
 use crate::run::config::Config;
 use crate::run::execute::{Ended, Started, admit_after, execute};
 use crate::run::jobs::Jobs;
@@ -206,24 +207,31 @@ impl Ledger {
                     }
                 }
             }
-            let chunks: Vec<Vec<usize>> = match group {
-                true => waiting.into_iter().map(|position| vec![position]).collect(),
-                false => vec![waiting],
-            };
-            for chunk in chunks {
-                if chunk.is_empty() {
-                    continue;
-                }
-                if backlog.enter(chunk.len()) {
-                    for position in chunk {
-                        self.jobs[position].in_backlog = true;
-                    }
-                } else if backlog.policy == Overload::Shed {
-                    for position in chunk {
-                        let shed = TaskErrorKind::Skipped(SkipReason::Overloaded);
-                        self.record(position, Err(shed));
+            match group {
+                true => {
+                    for position in waiting {
+                        self.take_places(&backlog, &[position]);
                     }
                 }
+                false => self.take_places(&backlog, &waiting),
+            }
+        }
+    }
+
+    /// The tasks at `positions` take their places in the backlog together, or none does:
+    /// then they are kept (backpressure) or each shed, reported `Skipped(Overloaded)`.
+    fn take_places(&mut self, backlog: &Backlog, positions: &[usize]) {
+        if positions.is_empty() {
+            return;
+        }
+        if backlog.enter(positions.len()) {
+            for &position in positions {
+                self.jobs[position].in_backlog = true;
+            }
+        } else if self.config.overload == Overload::Shed {
+            for &position in positions {
+                let shed = TaskErrorKind::Skipped(SkipReason::Overloaded);
+                self.record(position, Err(shed));
             }
         }
     }

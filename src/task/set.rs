@@ -9,7 +9,7 @@ use http::{HeaderMap, StatusCode};
 use crate::contain::log_error;
 use crate::error::SkipReason;
 use crate::job::Job;
-use crate::job::host::Host;
+use crate::job::host::{Host, downgrade};
 use crate::job::not_run::report_not_run;
 use crate::policy::{OnEarlyDrop, OnFailure};
 use crate::task::condition::Condition;
@@ -554,11 +554,6 @@ impl Tasks {
             conditions,
         })
     }
-}
-
-/// `layer` as a tree holds it.
-fn downgrade<H: Host + 'static>(layer: &Arc<H>) -> Weak<dyn Host> {
-    Arc::downgrade(layer) as Weak<dyn Host>
 }
 
 /// Whether two trees belong to one layer.

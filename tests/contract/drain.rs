@@ -721,29 +721,41 @@ async fn a_drain_waits_for_a_task_added_to_a_response_while_it_streams() {
         tasks.push(Task::new(
             async move { sender.send("added while streaming") },
         ));
-        let stats = background.stats();
-        assert_eq!(
-            (stats.attached, stats.waiting),
-            (1, 1),
-            "{proto:?}: {stats}"
-        );
-        let mut drain = Box::pin(background.shutdown(PATIENCE * 3));
-        assert!(
-            still_pending(drain.as_mut()).await,
-            "{proto:?}: drained while a streaming response held a task"
-        );
-        chunks.send(data("last")).unwrap();
-        drop(chunks);
-        within(body.collect()).await.unwrap();
-        let report = within(drain).await;
-        assert!(report.is_drained(), "{proto:?}: {report}");
-        assert_eq!(
-            (report.stats().attached, report.stats().succeeded),
-            (1, 1),
-            "{proto:?}: {report}"
-        );
+        drain_waits_for_the_streams_one_task(proto, &background, chunks, body).await;
         assert_eq!(done.next().await, "added while streaming");
     }
+}
+
+/// A response streams with one task of its layer, added while it streams: the layer counts
+/// it at once (attached and waiting), a drain started now is still waiting, and once the
+/// stream ends, the task runs and the drain reports drained.
+async fn drain_waits_for_the_streams_one_task(
+    proto: Proto,
+    background: &tower_background::BackgroundHandle,
+    chunks: Chunks,
+    mut body: Incoming,
+) {
+    let stats = background.stats();
+    assert_eq!(
+        (stats.attached, stats.waiting),
+        (1, 1),
+        "{proto:?}: {stats}"
+    );
+    let mut drain = Box::pin(background.shutdown(PATIENCE * 3));
+    assert!(
+        still_pending(drain.as_mut()).await,
+        "{proto:?}: drained while a streaming response held a task"
+    );
+    chunks.send(data("last")).unwrap();
+    drop(chunks);
+    within((&mut body).collect()).await.unwrap();
+    let report = within(drain).await;
+    assert!(report.is_drained(), "{proto:?}: {report}");
+    assert_eq!(
+        (report.stats().attached, report.stats().succeeded),
+        (1, 1),
+        "{proto:?}: {report}"
+    );
 }
 
 /// Outside review of issue 19, break 2: with request-scoped tasks on, a streamed response
@@ -786,27 +798,7 @@ async fn a_drain_waits_for_request_scoped_tasks_merged_into_a_streaming_response
         chunks.send(data("first")).unwrap();
         within(body.frame()).await.unwrap().unwrap();
         assert_eq!(get(proto, addr, "/add").await.0, http::StatusCode::OK);
-        let stats = background.stats();
-        assert_eq!(
-            (stats.attached, stats.waiting),
-            (1, 1),
-            "{proto:?}: {stats}"
-        );
-        let mut drain = Box::pin(background.shutdown(PATIENCE * 3));
-        assert!(
-            still_pending(drain.as_mut()).await,
-            "{proto:?}: drained while a streaming response held a merged task"
-        );
-        chunks.send(data("last")).unwrap();
-        drop(chunks);
-        within(body.collect()).await.unwrap();
-        let report = within(drain).await;
-        assert!(report.is_drained(), "{proto:?}: {report}");
-        assert_eq!(
-            (report.stats().attached, report.stats().succeeded),
-            (1, 1),
-            "{proto:?}: {report}"
-        );
+        drain_waits_for_the_streams_one_task(proto, &background, chunks, body).await;
         assert_eq!(done.next().await, "merged while streaming");
     }
 }
