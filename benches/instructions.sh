@@ -13,7 +13,7 @@ if ! command -v valgrind >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq valgrind
 fi
 cargo build --release --quiet -p tower-background-benches --bin instructions
-bin=target/release/instructions
+bin="${CARGO_TARGET_DIR:-target}/release/instructions"
 variants=("$@")
 [ ${#variants[@]} -eq 0 ] && variants=(bare layer-no-task request-tasks-none spawn floor one-task one-retryable seq-8 seq-64 group-8 group-64)
 short=500
