@@ -58,9 +58,10 @@
 //!   reaches the server. Every task that does not end well is reported once.
 //! - [`BackgroundLayer::handle`] gives counters and a drain for shutdown
 //!   ([`BackgroundHandle::shutdown`]); [`BackgroundLayer::max_concurrent`] bounds the tasks
-//!   running at once, [`BackgroundLayer::max_backlog`] those waiting (pushing back through
-//!   `poll_ready`, or shedding: [`Overload`]), [`BackgroundLayer::task_timeout`] and
-//!   [`Task::timeout`] bound each.
+//!   running at once, [`BackgroundLayer::queue`] gives a kind of work slots of its own
+//!   ([`Task::in_queue`]), [`BackgroundLayer::max_backlog`] bounds those waiting (pushing
+//!   back through `poll_ready`, or shedding: [`Overload`]), [`BackgroundLayer::task_timeout`]
+//!   and [`Task::timeout`] bound each.
 //! - A [`Retryable`] task is retried on failure under a [`Retry`] setting (its own, or
 //!   [`BackgroundLayer::retry`]); a [`Condition`] ([`BackgroundLayer::run_if`],
 //!   [`Tasks::run_if`]) runs tasks only when the response's head meets it.
@@ -86,18 +87,21 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-// The house, from the ground up: `error`, `policy`, `retry`, `contain`, `tracker`, `series`
+// The house, from the ground up: `error`, `policy`, `retry`, `contain`, `tracker`, `series`,
+// `queue`, `backlog`
 // and `job` (the record of one task, with a glossary of the names a task goes by) import
 // nothing above them; `task/` is what a handler builds; `run/` is how tasks run and are
 // reported; `layer/` is what sees the response end and hands its tasks over.
 #[cfg(feature = "axum")]
 mod axum;
+mod backlog;
 mod contain;
 mod error;
 pub mod guide;
 mod job;
 mod layer;
 mod policy;
+mod queue;
 mod retry;
 mod run;
 #[cfg(feature = "metrics")]
@@ -110,6 +114,7 @@ pub use axum::MissingRequestTasks;
 pub use error::{BoxError, CancelReason, SkipReason, TaskError, TaskErrorKind};
 pub use layer::{Background, BackgroundBody, BackgroundLayer, ResponseFuture};
 pub use policy::{OnEarlyDrop, OnFailure, Overload, TaskSpans};
+pub use queue::QueueStats;
 pub use retry::Retry;
 pub use run::{BackgroundHandle, ShutdownReport, Stats};
 #[cfg(feature = "apalis-postgres")]

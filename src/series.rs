@@ -11,6 +11,8 @@
 //! | `tower_background_tasks_waiting` | gauge | | tasks whose response has not completed |
 //! | `tower_background_tasks_queued` | gauge | | tasks waiting for their turn, a slot, or their next attempt |
 //! | `tower_background_tasks_running` | gauge | | tasks running |
+//! | `tower_background_queue_tasks_waiting` | gauge | `queue` | tasks of a named queue waiting for one of its slots |
+//! | `tower_background_queue_tasks_running` | gauge | `queue` | tasks of a named queue running |
 //! | `tower_background_queue_wait_seconds` | histogram | `task` | from the response's completion to the task's start |
 //! | `tower_background_run_seconds` | histogram | `task` | from the task's start to its end (retries included; a blocking task: from its hand-off to the blocking pool) |
 //!
@@ -51,6 +53,8 @@ const QUEUED: &str = "tower_background_tasks_queued";
 const RUNNING: &str = "tower_background_tasks_running";
 const QUEUE_WAIT: &str = "tower_background_queue_wait_seconds";
 const RUN: &str = "tower_background_run_seconds";
+const QUEUE_WAITING: &str = "tower_background_queue_tasks_waiting";
+const QUEUE_RUNNING: &str = "tower_background_queue_tasks_running";
 
 /// The outcomes, in the order of [`TaskSeries::outcomes`].
 const OUTCOMES: [&str; 7] = [
@@ -80,6 +84,16 @@ fn describe() {
             "Background tasks waiting for their turn, a slot, or their next attempt"
         );
         metrics::describe_gauge!(RUNNING, Unit::Count, "Background tasks running");
+        metrics::describe_gauge!(
+            QUEUE_WAITING,
+            Unit::Count,
+            "Background tasks of a named queue waiting for one of its slots"
+        );
+        metrics::describe_gauge!(
+            QUEUE_RUNNING,
+            Unit::Count,
+            "Background tasks of a named queue running"
+        );
         metrics::describe_histogram!(
             QUEUE_WAIT,
             Unit::Seconds,
@@ -104,6 +118,24 @@ struct Stages {
     waiting: Gauge,
     queued: Gauge,
     running: Gauge,
+}
+
+/// The gauges of one named queue (one `queue` label).
+pub(crate) struct QueueGauges {
+    pub(crate) waiting: Gauge,
+    pub(crate) running: Gauge,
+}
+
+impl QueueGauges {
+    /// Registers the gauges of the queue `name` (a call into the recorder, user code:
+    /// never under a lock of ours).
+    pub(crate) fn register(name: &'static str) -> Self {
+        describe();
+        QueueGauges {
+            waiting: metrics::gauge!(QUEUE_WAITING, "queue" => name),
+            running: metrics::gauge!(QUEUE_RUNNING, "queue" => name),
+        }
+    }
 }
 
 /// The series of the tasks of one name (one `task` label).

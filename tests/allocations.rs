@@ -314,3 +314,85 @@ fn a_bounded_backlog_keeps_the_heap_bounded_under_sustained_overload() {
         "{stats}"
     );
 }
+
+/// What one task holds while it waits for a slot (issue 20): the live heap of 1,024
+/// one-task responses whose tasks cannot start (the only slot is held), per task, beside
+/// what a future `tokio::spawn`ed and not yet finished holds.
+#[test]
+fn heap_bytes_per_queued_task() {
+    const QUEUED: usize = 1_024;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let _entered = runtime.enter();
+    let layer = BackgroundLayer::new().queue("q", 1);
+    let background = layer.handle();
+    let next = std::rc::Rc::new(Cell::new(None::<Task>));
+    let mut svc = {
+        let next = next.clone();
+        layer.layer(service_fn(move |_req: Request<()>| {
+            let mut res = Response::new(Full::new(Bytes::from_static(b"ok")));
+            if let Some(task) = next.take() {
+                res.extensions_mut().insert(task.in_queue("q"));
+            }
+            std::future::ready(Ok::<_, Infallible>(res))
+        }))
+    };
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    next.set(Some(Task::new(async move {
+        let _ = released.await;
+    })));
+    one_request(&mut svc, Request::new(()));
+    let run_spawned = || runtime.block_on(async { tokio::task::yield_now().await });
+    run_spawned();
+    // Warm up: the first queued task sets up what every later one shares.
+    next.set(Some(Task::new(async {})));
+    one_request(&mut svc, Request::new(()));
+    runtime.block_on(async {
+        while background.queue_stats()[0].waiting < 1 {
+            tokio::task::yield_now().await;
+        }
+    });
+    let (_, _, ()) = measure(|| {
+        for _ in 0..QUEUED {
+            next.set(Some(Task::new(async {})));
+            one_request(&mut svc, Request::new(()));
+        }
+        // Every run polled until its task waits for the slot.
+        runtime.block_on(async {
+            while background.queue_stats()[0].waiting < QUEUED as u64 + 1 {
+                tokio::task::yield_now().await;
+            }
+        });
+    });
+    let queued = LIVE.with(Cell::get) as usize / QUEUED;
+
+    let (tx, rx) = tokio::sync::watch::channel(());
+    let (_, _, handles) = measure(|| {
+        let handles: Vec<_> = (0..QUEUED)
+            .map(|_| {
+                let mut rx = rx.clone();
+                tokio::spawn(async move {
+                    let _ = rx.changed().await;
+                })
+            })
+            .collect();
+        for _ in 0..QUEUED {
+            run_spawned();
+        }
+        handles
+    });
+    let handles_bytes = QUEUED * std::mem::size_of::<tokio::task::JoinHandle<()>>();
+    let spawned = (LIVE.with(Cell::get) as usize - handles_bytes) / QUEUED;
+    println!("a queued task holds {queued} B; a spawned future waiting, {spawned} B");
+    drop(release);
+    drop(tx);
+    runtime.block_on(async {
+        for handle in handles {
+            handle.await.unwrap();
+        }
+    });
+    run_spawned();
+    // What the design holds today (see docs/benchmarks.md): a regression fails here.
+    assert!(queued <= 960, "{queued} B");
+}

@@ -240,6 +240,37 @@ async fn the_stage_gauges_follow_a_task_from_waiting_to_running_to_done() {
 }
 
 #[tokio::test]
+async fn a_named_queue_has_gauges_of_its_own() {
+    let _turn = TURN.lock().await;
+    snapshotter();
+    let layer = BackgroundLayer::new().queue("m_queue", 1);
+    let background = layer.handle();
+    let next = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let addr = serve_next(layer, &next).await;
+    let (started, ran) = (Probe::new(), Probe::new());
+    let (release, task) = blocker(&started);
+    next.lock().unwrap().push(task.in_queue("m_queue"));
+    get(Proto::Http1, addr, "/").await;
+    assert_eq!(started.next().await, "blocker running");
+    next.lock()
+        .unwrap()
+        .push(reporting(&ran, "m_queued").in_queue("m_queue"));
+    get(Proto::Http1, addr, "/").await;
+    until("the second task waits for the queue's slot", || {
+        background.queue_stats()[0].waiting == 1
+    })
+    .await;
+    let gauges = |recorded: &Recorded| {
+        ["waiting", "running"].map(|g| recorded.gauge(&format!("tower_background_queue_tasks_{g}")))
+    };
+    assert_eq!(gauges(&recorded()), [1.0, 1.0], "one runs, one waits");
+    release.send(()).unwrap();
+    assert_eq!(ran.next().await, "m_queued");
+    assert!(within(background.shutdown(PATIENCE)).await.is_drained());
+    assert_eq!(gauges(&recorded()), [0.0, 0.0], "once both ended");
+}
+
+#[tokio::test]
 async fn the_task_label_takes_a_bounded_number_of_values_for_names_made_at_run_time() {
     let _turn = TURN.lock().await;
     snapshotter();

@@ -2,10 +2,10 @@
 //! the attempt holds meanwhile.
 
 use std::sync::atomic::{AtomicU8, Ordering::AcqRel, Ordering::Acquire};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
+use crate::backlog::Place;
+use crate::queue::Slot;
 use crate::tracker::Token;
 
 /// Whether a blocking task's thread has started it: decided once, by whichever comes first,
@@ -25,23 +25,12 @@ pub(crate) struct Gate {
 /// it runs.
 #[derive(Debug, Default)]
 pub(crate) struct Held {
-    /// Its slot under the layer's limit.
-    pub(crate) slot: Option<OwnedSemaphorePermit>,
+    /// Its slot in its queue.
+    pub(crate) slot: Option<Slot>,
     /// A token of the drain: its thread outlives a timeout.
     pub(crate) token: Option<Token>,
     /// Its place in the layer's bounded backlog: it waits until a thread starts it.
     pub(crate) place: Option<Place>,
-}
-
-/// One task's place in a bounded backlog, as a value: given back to the backlog's
-/// semaphore when dropped.
-#[derive(Debug)]
-pub(crate) struct Place(pub(crate) Arc<Semaphore>);
-
-impl Drop for Place {
-    fn drop(&mut self) {
-        self.0.add_permits(1);
-    }
 }
 
 impl Gate {

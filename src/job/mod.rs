@@ -32,6 +32,7 @@ use std::time::Duration;
 
 use crate::contain::{contain, discard, log_error};
 use crate::error::{BoxError, SkipReason, TaskErrorKind};
+use crate::queue::QueueName;
 use crate::retry::Retry;
 use crate::tracker::Token;
 
@@ -105,6 +106,8 @@ pub(crate) struct Job {
     pub(crate) attempts: u32,
     /// It holds a place in its layer's bounded backlog (queued, not started yet).
     pub(crate) in_backlog: bool,
+    /// The named queue it runs in ([`BackgroundLayer::queue`](crate::BackgroundLayer::queue)).
+    pub(crate) queue: Option<QueueName>,
     /// Its metrics series, resolved once, when it first needs them.
     #[cfg(feature = "metrics")]
     pub(crate) series: Option<Arc<crate::series::TaskSeries>>,
@@ -175,6 +178,7 @@ impl Job {
             gate: None,
             attempts: 0,
             in_backlog: false,
+            queue: None,
             #[cfg(feature = "metrics")]
             series: None,
             #[cfg(feature = "metrics")]

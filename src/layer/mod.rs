@@ -17,13 +17,13 @@ use std::sync::Arc;
 
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
 use tower_layer::Layer;
 
+use crate::backlog::Backlog;
 use crate::error::TaskError;
 use crate::policy::{OnEarlyDrop, Overload, TaskSpans};
+use crate::queue::Queue;
 use crate::retry::Retry;
-use crate::run::backlog::Backlog;
 use crate::run::config::Config;
 use crate::run::handle::BackgroundHandle;
 use crate::run::report::Reporter;
@@ -195,7 +195,8 @@ impl BackgroundLayer {
 
     /// Runs at most `limit` tasks at once, across all the responses of this layer; the
     /// others wait for a slot in the order they asked for one, and count as queued. No limit
-    /// by default.
+    /// by default. Tasks in a named [`queue`](Self::queue) are under their queue's limit
+    /// instead.
     ///
     /// A blocking task holds its slot until its thread is done, even past its timeout.
     ///
@@ -209,16 +210,43 @@ impl BackgroundLayer {
     /// let layer = BackgroundLayer::new().max_concurrent(64);
     /// ```
     pub fn max_concurrent(mut self, limit: usize) -> Self {
-        assert!(
-            limit > 0,
-            "BackgroundLayer::max_concurrent: the limit must be at least 1"
-        );
-        assert!(
-            limit <= Semaphore::MAX_PERMITS,
-            "BackgroundLayer::max_concurrent: the limit must be at most {}",
-            Semaphore::MAX_PERMITS
-        );
-        self.config_mut().limit = Some(Arc::new(Semaphore::new(limit)));
+        let queue = Queue::new(None, limit, "BackgroundLayer::max_concurrent");
+        self.config_mut().limit = Some(Arc::new(queue));
+        self
+    }
+
+    /// Defines the queue `name`: at most `max_concurrent` of the tasks put in it
+    /// ([`Task::in_queue`](crate::Task::in_queue)) run at once, with slots of its own, so
+    /// that a slow kind of work at its limit never holds a slot that another kind needs.
+    /// Its tasks are not under [`max_concurrent`](Self::max_concurrent), which is the
+    /// limit of the tasks that name no queue. Like those, they wait for a slot in the
+    /// order they asked, count in the layer's [`Stats`](crate::Stats) and its
+    /// [backlog](Self::max_backlog), and are drained alike; each queue also has gauges of
+    /// its own ([`BackgroundHandle::queue_stats`], and with the `metrics` feature
+    /// `tower_background_queue_tasks_waiting` / `_running` labelled `queue`).
+    ///
+    /// A task that names a queue the layer does not define runs as one that names none;
+    /// the first such task of each name is logged as an error. Defining a name again
+    /// replaces its limit. The queues belong to the layer and to its clones.
+    ///
+    /// # Panics
+    ///
+    /// If `max_concurrent` is 0 or larger than tokio's semaphore allows.
+    ///
+    /// ```
+    /// use tower_background::{BackgroundLayer, Task};
+    ///
+    /// // Two e-mails at a time, one report, and at most 32 other tasks.
+    /// let layer = BackgroundLayer::new()
+    ///     .queue("send_email", 2)
+    ///     .queue("report", 1)
+    ///     .max_concurrent(32);
+    ///
+    /// // In a handler:
+    /// let task = Task::new(async { /* talk to the SMTP server */ }).in_queue("send_email");
+    /// ```
+    pub fn queue(self, name: &'static str, max_concurrent: usize) -> Self {
+        self.config.shared.queues.define(name, max_concurrent);
         self
     }
 
@@ -289,22 +317,27 @@ impl BackgroundLayer {
     }
 
     /// Bounds the backlog: the tasks whose response is complete and that wait to start.
-    /// With [`max_concurrent`](Self::max_concurrent), that is every such task until it
-    /// starts (it may wait for a slot); without, the tasks that wait for their turn (in a
-    /// sequence, or behind an earlier set): a task that starts as soon as its run does
-    /// takes no place. A blocking task waits until a thread of tokio's pool starts it. A
-    /// sequence takes the places of all its waiting tasks at once, or none. Handlers still
-    /// computing and responses still streaming hold no place. Without a bound, a slow
-    /// kind of work under a steady load grows the backlog, and the process's memory,
-    /// without end. At the bound, the
-    /// [`Overload`] policy applies (see [`on_overload`](Self::on_overload)): by default the
-    /// service pushes back through `poll_ready`. No bound by default, as tower's own
-    /// limits are opt-in: size it from the memory a queued task holds
-    /// ([the operations guide](crate::guide::operations) says how).
+    /// A task under a limit ([`max_concurrent`](Self::max_concurrent), or its
+    /// [`queue`](Self::queue)'s) counts until it starts (it may wait for a slot); any other,
+    /// while it waits for its turn (in a sequence, or behind an earlier set): a task that
+    /// starts as soon as its run does takes no place. A blocking task waits until a thread
+    /// of tokio's pool starts it. A sequence takes the places of all its waiting tasks at
+    /// once, or none. Handlers still computing and responses still streaming hold no
+    /// place. At the bound, the [`Overload`] policy applies (see
+    /// [`on_overload`](Self::on_overload)): by default the service pushes back through
+    /// `poll_ready`, which drops nothing.
+    ///
+    /// The bound is 65,536 tasks unless set: a slow kind of work under a steady load
+    /// would otherwise grow the backlog, and the process's memory, without end (a queued
+    /// task holds about 900 bytes of the layer's own, so the default bound is some 60 MB).
+    /// Size it from that
+    /// figure and from how long a backlog you accept
+    /// ([the operations guide](crate::guide::operations) says how), or lift it with
+    /// [`unbounded_backlog`](Self::unbounded_backlog).
     ///
     /// # Panics
     ///
-    /// If `bound` is 0 or larger than tokio's semaphore allows.
+    /// If `bound` is 0.
     ///
     /// ```
     /// use tower_background::BackgroundLayer;
@@ -314,6 +347,21 @@ impl BackgroundLayer {
     /// ```
     pub fn max_backlog(mut self, bound: usize) -> Self {
         self.config_mut().backlog = Some(Arc::new(Backlog::new(bound)));
+        self
+    }
+
+    /// Lifts the bound on the backlog ([`max_backlog`](Self::max_backlog)): tasks that
+    /// wait to start are never refused, however many, and the service never pushes back.
+    /// Only for work whose arrivals you bound elsewhere: under a load the tasks cannot
+    /// keep up with, the backlog grows until the process runs out of memory.
+    ///
+    /// ```
+    /// use tower_background::BackgroundLayer;
+    ///
+    /// let layer = BackgroundLayer::new().unbounded_backlog();
+    /// ```
+    pub fn unbounded_backlog(mut self) -> Self {
+        self.config_mut().backlog = None;
         self
     }
 

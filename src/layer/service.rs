@@ -7,11 +7,11 @@ use http::{Method, Request, Response, Version};
 use http_body::Body;
 use tower_service::Service;
 
+use crate::backlog::Room;
 use crate::layer::body::BackgroundBody;
 use crate::layer::framing::RequestKind;
 use crate::layer::future::ResponseFuture;
 use crate::policy::Overload;
-use crate::run::backlog::Room;
 use crate::run::config::Config;
 use crate::task::set::Tasks;
 

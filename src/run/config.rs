@@ -6,26 +6,26 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
-
+use crate::backlog::Backlog;
 use crate::error::{SkipReason, TaskError, TaskErrorKind};
 use crate::job::host::Host;
 use crate::job::{Job, Progress};
 use crate::policy::{OnEarlyDrop, Overload, TaskSpans};
+use crate::queue::Queue;
 use crate::retry::Retry;
-use crate::run::backlog::Backlog;
 use crate::run::handle::Shared;
 use crate::run::report::Reporter;
 use crate::task::condition::Condition;
 use crate::tracker::Token;
 
 /// The layer's settings, shared by every response it serves.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub(crate) struct Config {
     pub(crate) on_early_drop: OnEarlyDrop,
     pub(crate) reporter: Reporter,
     pub(crate) task_timeout: Option<Duration>,
-    pub(crate) limit: Option<Arc<Semaphore>>,
+    /// The queue of the tasks that name none ([`max_concurrent`](crate::BackgroundLayer::max_concurrent)).
+    pub(crate) limit: Option<Arc<Queue>>,
     /// The bound on the tasks that wait to start, and what a full backlog does.
     pub(crate) backlog: Option<Arc<Backlog>>,
     /// What a full backlog does.
@@ -38,6 +38,29 @@ pub(crate) struct Config {
     pub(crate) task_spans: TaskSpans,
     /// The counters and trackers behind [`BackgroundHandle`](crate::BackgroundHandle): kept when settings change.
     pub(crate) shared: Arc<Shared>,
+}
+
+/// The bound on a layer's backlog unless its user sets another or asks for none: large
+/// enough that a steady load never meets it (nor a response with 10,000 tasks), small
+/// enough that a backlog at the bound holds tens of megabytes, not the whole memory.
+pub(crate) const DEFAULT_BACKLOG: usize = 65_536;
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            on_early_drop: OnEarlyDrop::default(),
+            reporter: Reporter::default(),
+            task_timeout: None,
+            limit: None,
+            backlog: Some(Arc::new(Backlog::new(DEFAULT_BACKLOG))),
+            overload: Overload::default(),
+            request_tasks: false,
+            retry: None,
+            run_if: None,
+            task_spans: TaskSpans::default(),
+            shared: Arc::default(),
+        }
+    }
 }
 
 impl Host for Config {

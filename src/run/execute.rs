@@ -11,35 +11,30 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use futures_util::future::Either;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::backlog::Place;
 use crate::contain::discard;
 use crate::error::{Stop, TaskErrorKind};
-use crate::job::gate::{Held, Place};
+use crate::job::gate::Held;
 use crate::job::{Attempt, Gate, TaskResult};
+use crate::queue::{Queue, Slot};
 use crate::run::handle::Shared;
 #[cfg(feature = "metrics")]
 use crate::series::StartMetrics;
 use crate::tracker::Token;
 
 /// Waits out `delay` if there is one (a retry's backoff, holding no slot), then for a
-/// slot under the layer's limit.
+/// slot in the task's queue, if it has one.
 pub(crate) async fn admit_after(
     delay: Option<Duration>,
-    limit: Option<Arc<Semaphore>>,
-) -> Option<OwnedSemaphorePermit> {
+    queue: Option<Arc<Queue>>,
+) -> Option<Slot> {
     if let Some(delay) = delay {
         // Boxed: a timer's state is large, and most tasks are never retried.
         Box::pin(tokio::time::sleep(delay)).await;
     }
-    admit(limit).await
-}
-
-/// Waits for a slot under the layer's limit, if it has one. Tokio's semaphore is fair, so
-/// tasks get their slots in the order they asked.
-async fn admit(limit: Option<Arc<Semaphore>>) -> Option<OwnedSemaphorePermit> {
-    // Boxed: the wait's state is large, and most layers have no limit.
-    Box::pin(limit?.acquire_owned()).await.ok()
+    // Boxed: the wait's state is large, and most tasks have no queue.
+    Box::pin(queue?.admit()).await
 }
 
 /// A task that has just started: what `execute` needs to run it.
@@ -81,10 +76,7 @@ pub(crate) enum Ended {
 /// Kept small on purpose (a plain `fn` building the future, not an `async fn`, which would
 /// store its arguments beside the future made of them): it lives inside every run's
 /// spawned task.
-pub(crate) fn execute(
-    started: Started,
-    permit: Option<OwnedSemaphorePermit>,
-) -> impl Future<Output = Ended> {
+pub(crate) fn execute(started: Started, permit: Option<Slot>) -> impl Future<Output = Ended> {
     let Started {
         work,
         timeout,
@@ -128,7 +120,7 @@ pub(crate) fn execute(
 /// Polls an async task to its end, or drops it at its timeout.
 fn run_async(
     future: Pin<Box<dyn Future<Output = TaskResult> + Send>>,
-    permit: Option<OwnedSemaphorePermit>,
+    permit: Option<Slot>,
     timeout: Option<Duration>,
 ) -> RunAsync {
     let run = AssertUnwindSafe(Guarded(Some(future))).catch_unwind();
@@ -144,8 +136,8 @@ fn run_async(
 /// keep its arguments beside its locals (48 bytes more in every run's spawned task).
 struct RunAsync {
     work: AsyncWork,
-    /// The task's slot under the layer's limit: released once its future is dropped.
-    permit: Option<OwnedSemaphorePermit>,
+    /// The task's slot in its queue: released once its future is dropped.
+    permit: Option<Slot>,
 }
 
 /// The task's future, caught if it panics, and its timeout if it has one.

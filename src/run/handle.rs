@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::{Either, select};
 
+use crate::queue::{QueueStats, Queues};
 use crate::run::cancel::Cancel;
 use crate::run::stats::{Counters, Stats};
 use crate::tracker::Tracker;
@@ -23,6 +24,8 @@ pub(crate) struct Shared {
     /// Cancelled when a drain reaches its deadline.
     pub(crate) cancel: Cancel,
     pub(crate) counters: Counters,
+    /// The named queues ([`BackgroundLayer::queue`](crate::BackgroundLayer::queue)).
+    pub(crate) queues: Queues,
 }
 
 /// A handle to the tasks of one [`BackgroundLayer`](crate::BackgroundLayer): their
@@ -67,6 +70,22 @@ impl BackgroundHandle {
     /// ```
     pub fn stats(&self) -> Stats {
         self.shared.counters.snapshot()
+    }
+
+    /// Each named queue now ([`BackgroundLayer::queue`](crate::BackgroundLayer::queue)),
+    /// in the order they were defined. Its tasks are counted in [`stats`](Self::stats)
+    /// too.
+    ///
+    /// ```
+    /// use tower_background::BackgroundLayer;
+    ///
+    /// let handle = BackgroundLayer::new().queue("report", 1).handle();
+    /// for queue in handle.queue_stats() {
+    ///     println!("{}: {} running, {} waiting", queue.name, queue.running, queue.waiting);
+    /// }
+    /// ```
+    pub fn queue_stats(&self) -> Vec<QueueStats> {
+        self.shared.queues.stats()
     }
 
     /// Waits until every task of this layer has run, or until `timeout` has passed. That

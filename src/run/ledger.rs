@@ -11,12 +11,12 @@ use std::time::Duration;
 use futures_util::future::{Either, select};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::runtime::Handle;
-use tokio::sync::OwnedSemaphorePermit;
 
+use crate::backlog::{Backlog, Place};
 use crate::error::{SkipReason, Stop, TaskError, TaskErrorKind};
 use crate::job::{Attempt, Gate, Job, Progress, Work};
 use crate::policy::{OnEarlyDrop, OnFailure, Overload};
-use crate::run::backlog::Backlog;
+use crate::queue::{Queue, Slot};
 use crate::run::config::Config;
 use crate::run::execute::{Ended, Started, admit_after, execute};
 use crate::run::jobs::Jobs;
@@ -171,67 +171,79 @@ impl Ledger {
         self.stop(0..self.jobs.len(), why);
     }
 
-    /// The tasks that will wait to start take their places in the layer's backlog: with a
-    /// limit (`max_concurrent`), every task still queued (each may wait for a slot);
-    /// without one, all but those that start as soon as the run does (a first group, or
-    /// the first task of a first sequence). A group's tasks take their places one by one;
-    /// a sequence takes all of its own at once or none, so that it is never cut with
-    /// holes. Tasks that find no place are kept under backpressure (their request was
-    /// admitted while the backlog had room) and dropped under shed, each reported
-    /// `Skipped(Overloaded)`.
+    /// The tasks that will wait to start take their places in the layer's backlog: every
+    /// task still queued, but those that start as soon as the run does (a first group's,
+    /// or the first task of a first sequence) unless a limit may hold them (their queue's,
+    /// or `max_concurrent`). A group's tasks take their places one by one; a sequence
+    /// takes all of its own at once or none, so that it is never cut with holes. Tasks
+    /// that find no place are kept under backpressure (their request was admitted while
+    /// the backlog had room) and dropped under shed, each reported `Skipped(Overloaded)`.
     #[cold]
     pub(crate) fn enter_backlog(&mut self) {
         let Some(backlog) = self.config.backlog.clone() else {
             return;
         };
-        let limited = self.config.limit.is_some();
-        // Without a limit, the first set with a task to run starts it (or all, a group's)
-        // at once.
-        let mut first = !limited;
+        let mut first = true;
         for index in 0..=self.more.len() {
             let Some((range, rules)) = self.set(index) else {
                 break;
             };
             let group = rules.group;
-            let mut waiting: Vec<usize> = range
-                .filter(|&position| self.jobs[position].progress == Progress::Queued)
-                .collect();
-            if waiting.is_empty() {
-                continue;
-            }
-            if std::mem::take(&mut first) {
+            // Places a sequence asks for, taken together below.
+            let mut asked = 0;
+            let mut any = false;
+            for position in range.clone() {
+                if self.jobs[position].progress != Progress::Queued {
+                    continue;
+                }
+                let at_once = first && (group || !any);
+                any = true;
+                if at_once && !self.limited(position) {
+                    continue;
+                }
+                self.jobs[position].in_backlog = true;
                 match group {
-                    true => continue,
-                    false => {
-                        waiting.remove(0);
-                    }
+                    true => self.take_places(&backlog, position..position + 1, 1),
+                    false => asked += 1,
                 }
             }
-            match group {
-                true => {
-                    for position in waiting {
-                        self.take_places(&backlog, &[position]);
-                    }
-                }
-                false => self.take_places(&backlog, &waiting),
+            first &= !any;
+            if asked > 0 {
+                self.take_places(&backlog, range, asked);
             }
         }
     }
 
-    /// The tasks at `positions` take their places in the backlog together, or none does:
-    /// then they are kept (backpressure) or each shed, reported `Skipped(Overloaded)`.
-    fn take_places(&mut self, backlog: &Backlog, positions: &[usize]) {
-        if positions.is_empty() {
+    /// The tasks in `range` marked `in_backlog` (`asked` of them) take their places in
+    /// the backlog together, or none does: then they are kept (backpressure) or each
+    /// shed, reported `Skipped(Overloaded)`.
+    fn take_places(&mut self, backlog: &Backlog, range: Range<usize>, asked: usize) {
+        if backlog.enter(asked) {
             return;
         }
-        if backlog.enter(positions.len()) {
-            for &position in positions {
-                self.jobs[position].in_backlog = true;
-            }
-        } else if self.config.overload == Overload::Shed {
-            for &position in positions {
+        let shed = self.config.overload == Overload::Shed;
+        for position in range {
+            if std::mem::take(&mut self.jobs[position].in_backlog) && shed {
                 let shed = TaskErrorKind::Skipped(SkipReason::Overloaded);
                 self.record(position, Err(shed));
+            }
+        }
+    }
+
+    /// Whether task `position` is under a limit, and may wait for a slot: its queue's
+    /// (or, if the layer has no such queue, `max_concurrent`'s), or `max_concurrent`.
+    #[inline]
+    fn limited(&self, position: usize) -> bool {
+        self.jobs[position].queue.is_some() || self.config.limit.is_some()
+    }
+
+    /// The queue whose slot task `position` waits for: the one it names, else that of the
+    /// tasks that name none (`max_concurrent`), if the layer has a limit.
+    fn queue_of(&self, position: usize) -> Option<Arc<Queue>> {
+        match self.jobs[position].queue {
+            None => self.config.limit.clone(),
+            Some(name) => {
+                (self.config.shared.queues.find(name)).or_else(|| self.config.limit.clone())
             }
         }
     }
@@ -302,9 +314,9 @@ impl Ledger {
                 let mut backoff = None;
                 let outcome = loop {
                     // Nothing to wait for without a limit or a backoff.
-                    let permit = match (backoff, &self.config.limit) {
-                        (None, None) => None,
-                        (delay, limit) => admit_after(delay, limit.clone()).await,
+                    let permit = match backoff.is_some() || self.limited(position) {
+                        false => None,
+                        true => admit_after(backoff, self.queue_of(position)).await,
                     };
                     if !self.may_start() {
                         return;
@@ -341,8 +353,9 @@ impl Ledger {
     async fn run_group(&mut self, range: Range<usize>, on_failure: OnFailure) -> bool {
         let mut steps = FuturesUnordered::new();
         for position in range.clone() {
-            if self.config.limit.is_some() {
-                steps.push(Either::Left(self.admit_after(position, None)));
+            if self.limited(position) {
+                let queue = self.queue_of(position);
+                steps.push(Either::Left(admit_step(position, None, queue)));
             } else if self.may_start() {
                 // Nothing to wait for: the task starts now, one step (one allocation in
                 // `FuturesUnordered`) instead of two.
@@ -364,7 +377,8 @@ impl Ledger {
                 Step::Finished(outcome) => {
                     let outcome = match self.retry(position, outcome) {
                         Ok(delay) => {
-                            steps.push(Either::Left(self.admit_after(position, Some(delay))));
+                            let queue = self.queue_of(position);
+                            steps.push(Either::Left(admit_step(position, Some(delay), queue)));
                             continue;
                         }
                         Err(outcome) => outcome,
@@ -398,16 +412,6 @@ impl Ledger {
     /// itself (a running task it cancelled).
     fn may_start(&self) -> bool {
         !self.config.shared.cancel.is_cancelled()
-    }
-
-    /// A group's step that waits out `delay`, if any, then for a slot for task `position`.
-    fn admit_after(
-        &self,
-        position: usize,
-        delay: Option<Duration>,
-    ) -> impl Future<Output = (usize, Step)> + use<> {
-        let limit = self.config.limit.clone();
-        async move { (position, Step::Admitted(admit_after(delay, limit).await)) }
     }
 
     /// Whether the attempt of task `position` that ended so is tried again: `Ok(backoff)`
@@ -456,7 +460,7 @@ impl Ledger {
             }
             (true, true) => {
                 job.in_backlog = false;
-                self.config.backlog.as_ref().map(|backlog| backlog.place())
+                self.config.backlog.clone().map(Place::taken_in)
             }
         };
         let job = &mut self.jobs[position];
@@ -615,12 +619,22 @@ impl Drop for Ledger {
     }
 }
 
+/// A group's step that waits out `delay`, if any, then for a slot of `queue` for task
+/// `position`.
+async fn admit_step(
+    position: usize,
+    delay: Option<Duration>,
+    queue: Option<Arc<Queue>>,
+) -> (usize, Step) {
+    (position, Step::Admitted(admit_after(delay, queue).await))
+}
+
 /// A group's step that runs task `position`, started, to its end.
 #[inline]
 fn finish(
     position: usize,
     started: Started,
-    permit: Option<OwnedSemaphorePermit>,
+    permit: Option<Slot>,
 ) -> impl Future<Output = (usize, Step)> {
     // Made before the `async` block, so that the block holds the execution, not also
     // what it is made of.
@@ -640,6 +654,6 @@ enum Next {
 
 /// One step of a group: a task got its slot under the limit, or finished.
 enum Step {
-    Admitted(Option<OwnedSemaphorePermit>),
+    Admitted(Option<Slot>),
     Finished(Ended),
 }

@@ -1,9 +1,10 @@
 //! How tasks run and are reported: the layer's settings ([`config`], which hosts the tasks
 //! handlers add), the [`ledger`] of one response's tasks (its [`jobs`]), the [`execute`]
-//! of one attempt, the bound on what waits to start ([`backlog`]), the [`handle`] with its
-//! counters ([`stats`]) and the drain's deadline ([`cancel`]), where reports go ([`report`]), and the tasks' spans ([`span`]).
+//! of one attempt, the [`handle`] with its counters ([`stats`]) and the drain's deadline
+//! ([`cancel`]), where reports go ([`report`]), and the tasks' spans ([`span`]). The limits
+//! they obey are on the ground floor: [`queue`](crate::queue) for what runs at once,
+//! [`backlog`](crate::backlog) for what waits.
 
-pub(crate) mod backlog;
 pub(crate) mod cancel;
 pub(crate) mod config;
 pub(crate) mod execute;

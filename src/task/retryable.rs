@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::error::SkipReason;
 use crate::job::{Attempt, Job, Plumbing, Work};
+use crate::queue::QueueName;
 use crate::retry::Retry;
 use crate::task::output::TaskOutput;
 use crate::task::single::Task;
@@ -168,6 +169,17 @@ impl Retryable {
     /// ```
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.job.timeout = Some(timeout);
+        self
+    }
+
+    /// Puts the task in the layer's queue `name`, as [`Task::in_queue`]: each of its
+    /// attempts waits for a slot of that queue.
+    ///
+    /// ```
+    /// let task = tower_background::Retryable::new(|| async {}).in_queue("send_email");
+    /// ```
+    pub fn in_queue(mut self, name: &'static str) -> Self {
+        self.job.queue = QueueName::of(name);
         self
     }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::contain::log_error;
 use crate::job::{Attempt, Job};
+use crate::queue::QueueName;
 use crate::task::output::TaskOutput;
 use crate::task::task_fn::TaskFn;
 
@@ -182,6 +183,23 @@ impl Task {
     pub fn timeout(self, timeout: Duration) -> Self {
         if let Some(job) = self.lock().as_mut() {
             job.timeout = Some(timeout);
+        }
+        self
+    }
+
+    /// Puts the task in the layer's queue `name`: it runs under that queue's own limit
+    /// ([`BackgroundLayer::queue`](crate::BackgroundLayer::queue)), not under
+    /// [`max_concurrent`](crate::BackgroundLayer::max_concurrent). A name the layer does
+    /// not define is logged, and the task runs as one that names no queue.
+    ///
+    /// ```
+    /// use tower_background::Task;
+    ///
+    /// let task = Task::new(async { /* talk to the SMTP server */ }).in_queue("send_email");
+    /// ```
+    pub fn in_queue(self, name: &'static str) -> Self {
+        if let Some(job) = self.lock().as_mut() {
+            job.queue = QueueName::of(name);
         }
         self
     }

@@ -28,7 +28,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tower::{Layer, service_fn};
-use tower_background::{BackgroundBody, BackgroundLayer, TaskError, Tasks};
+use tower_background::{BackgroundBody, BackgroundLayer, Task, TaskError, Tasks};
 
 /// How long a test waits for something that must happen before it fails instead of
 /// hanging. Never a speed assertion: the events waited for happen in microseconds.
@@ -388,4 +388,35 @@ pub fn free_the_pool_at_the_deadline(
         Poll::Ready(())
     }))
     .named("spinner")
+}
+
+/// A task that runs until the returned sender fires (or is dropped), reporting `started`.
+pub fn blocker(started: &Probe<&'static str>) -> (tokio::sync::oneshot::Sender<()>, Task) {
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let started = started.clone();
+    let task = Task::new(async move {
+        started.send("blocker running");
+        let _ = released.await;
+    })
+    .named("blocker");
+    (release, task)
+}
+
+/// A task that reports `name` to `ran` when it runs.
+pub fn reporting(ran: &Probe<&'static str>, name: &'static str) -> Task {
+    let ran = ran.clone();
+    Task::new(async move { ran.send(name) }).named(name)
+}
+
+/// A server whose responses carry the task the test put in `next` (or none).
+pub async fn serve_next(layer: BackgroundLayer, next: &Arc<Mutex<Vec<Task>>>) -> SocketAddr {
+    let next = next.clone();
+    serve(layer, move |_req| {
+        let mut res = Response::new(full("ok"));
+        if let Some(task) = next.lock().unwrap().pop() {
+            res.extensions_mut().insert(task);
+        }
+        async move { res }
+    })
+    .await
 }

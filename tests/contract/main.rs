@@ -27,6 +27,7 @@ mod merging;
 mod no_panic_in_drop;
 mod order_and_failure;
 mod overload;
+mod queues;
 mod retries;
 mod stack;
 mod timeouts;

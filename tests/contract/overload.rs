@@ -14,37 +14,6 @@ use http_body_util::BodyExt;
 use tokio::sync::oneshot;
 use tower_background::{BackgroundLayer, Overload, SkipReason, Task, TaskErrorKind, Tasks};
 
-/// A task that runs until the returned sender fires (or is dropped), reporting `started`.
-fn blocker(started: &Probe<&'static str>) -> (oneshot::Sender<()>, Task) {
-    let (release, released) = oneshot::channel::<()>();
-    let started = started.clone();
-    let task = Task::new(async move {
-        started.send("blocker running");
-        let _ = released.await;
-    })
-    .named("blocker");
-    (release, task)
-}
-
-/// A task that reports `name` to `ran` when it runs.
-fn reporting(ran: &Probe<&'static str>, name: &'static str) -> Task {
-    let ran = ran.clone();
-    Task::new(async move { ran.send(name) }).named(name)
-}
-
-/// A server whose responses carry the task the test put in `next` (or none).
-async fn serve_next(layer: BackgroundLayer, next: &Arc<Mutex<Vec<Task>>>) -> std::net::SocketAddr {
-    let next = next.clone();
-    serve(layer, move |_req| {
-        let mut res = Response::new(full("ok"));
-        if let Some(task) = next.lock().unwrap().pop() {
-            res.extensions_mut().insert(task);
-        }
-        async move { res }
-    })
-    .await
-}
-
 #[tokio::test]
 async fn a_full_backlog_sheds_the_new_tasks_and_reports_each() {
     let (layer, errors) = reporting_layer();
@@ -103,44 +72,114 @@ async fn a_full_backlog_sheds_the_new_tasks_and_reports_each() {
     );
 }
 
+/// An axum server behind tower's `load_shed` (with `HandleErrorLayer` answering 503)
+/// outside `layer`, whose handler reports to `handled` and answers with the tasks `tasks`
+/// makes.
+#[cfg(feature = "axum")]
+async fn serve_with_load_shed(
+    layer: BackgroundLayer,
+    handled: &Probe<&'static str>,
+    tasks: impl Fn() -> Tasks + Clone + Send + Sync + 'static,
+) -> std::net::SocketAddr {
+    use axum::error_handling::HandleErrorLayer;
+    use axum::routing::get as route;
+    use tower::ServiceBuilder;
+
+    let handled = handled.clone();
+    let app = axum::Router::new()
+        .route(
+            "/",
+            route(move || {
+                let tasks = tasks();
+                handled.send("handled");
+                async move { (StatusCode::OK, tasks, "ok") }
+            }),
+        )
+        .layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }))
+                .load_shed()
+                .layer(layer),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+/// The backlog is bounded unless the user asks for no bound: 65,536 waiting tasks fill
+/// it (a load_shed outside then answers 503); with `unbounded_backlog`, nothing pushes
+/// back.
+#[cfg(feature = "axum")]
+#[tokio::test]
+async fn the_backlog_is_bounded_by_default_and_unbounded_only_when_asked() {
+    const DEFAULT_BOUND: usize = 65_536;
+    for unbounded in [false, true] {
+        let layer = match unbounded {
+            false => BackgroundLayer::new(),
+            true => BackgroundLayer::new().unbounded_backlog(),
+        };
+        let background = layer.handle();
+        let (started, handled) = (Probe::new(), Probe::new());
+        let next = Arc::new(Mutex::new(Vec::<Tasks>::new()));
+        let addr = {
+            let next = next.clone();
+            serve_with_load_shed(layer, &handled, move || {
+                next.lock().unwrap().pop().unwrap_or_default()
+            })
+            .await
+        };
+        // A sequence whose first task runs until released: the others wait their turn,
+        // exactly as many as the default bound.
+        let (release, first) = blocker(&started);
+        let mut tasks = Tasks::new();
+        tasks.push(first);
+        for _ in 0..DEFAULT_BOUND {
+            tasks.push(Task::new(async {}));
+        }
+        next.lock().unwrap().push(tasks);
+        assert_eq!(get(Proto::Http1, addr, "/").await.0, StatusCode::OK);
+        assert_eq!(started.next().await, "blocker running");
+        handled.next().await;
+        let expected = match unbounded {
+            false => StatusCode::SERVICE_UNAVAILABLE,
+            true => StatusCode::OK,
+        };
+        assert_eq!(
+            get(Proto::Http1, addr, "/").await.0,
+            expected,
+            "unbounded: {unbounded}"
+        );
+        release.send(()).unwrap();
+        let report = within(background.shutdown(PATIENCE)).await;
+        assert!(report.is_drained(), "{report}");
+        assert_eq!(report.stats().succeeded, DEFAULT_BOUND as u64 + 1);
+        // Room again: served.
+        if !unbounded {
+            assert_eq!(get(Proto::Http1, addr, "/").await.0, StatusCode::OK);
+        }
+    }
+}
+
 /// Backpressure with tower's `load_shed` outside the layer (axum: `HandleErrorLayer` then
 /// `LoadShedLayer`): a request that finds the backlog full is answered 503 at once, before
 /// its handler runs; the accepted requests' tasks all run, none is lost.
 #[cfg(feature = "axum")]
 #[tokio::test]
 async fn a_full_backlog_pushes_back_and_load_shed_answers_503() {
-    use axum::error_handling::HandleErrorLayer;
-    use axum::routing::get as route;
-    use tower::ServiceBuilder;
-
     let layer = BackgroundLayer::new().max_concurrent(1).max_backlog(1);
     let background = layer.handle();
     let (started, ran, handled) = (Probe::new(), Probe::new(), Probe::new());
     let next = Arc::new(Mutex::new(Vec::<Task>::new()));
-    let app = {
-        let (next, handled) = (next.clone(), handled.clone());
-        axum::Router::new()
-            .route(
-                "/",
-                route(move || {
-                    let tasks: Tasks = next.lock().unwrap().pop().into_iter().collect();
-                    handled.send("handled");
-                    async move { (StatusCode::OK, tasks, "ok") }
-                }),
-            )
-            .layer(
-                ServiceBuilder::new()
-                    .layer(HandleErrorLayer::new(|_: tower::BoxError| async {
-                        StatusCode::SERVICE_UNAVAILABLE
-                    }))
-                    .load_shed()
-                    .layer(layer),
-            )
+    let addr = {
+        let next = next.clone();
+        serve_with_load_shed(layer, &handled, move || {
+            next.lock().unwrap().pop().into_iter().collect()
+        })
+        .await
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-
     let (release, task) = blocker(&started);
     next.lock().unwrap().push(task);
     assert_eq!(get(Proto::Http1, addr, "/").await.0, StatusCode::OK);
