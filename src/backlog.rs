@@ -7,7 +7,7 @@
 //! a slot under a limit, or for its turn in a sequence) takes a place when its response
 //! is complete and its run is built, and gives it back when it starts or settles. The
 //! count is one atomic add each way, counted by a flag in the task's record: no object
-//! per task; a place given back wakes one service waiting for room, if any.
+//! per task; a place given back wakes the services waiting for room, if any.
 
 use std::fmt;
 use std::future::Future;
@@ -25,7 +25,9 @@ use tokio::sync::futures::OwnedNotified;
 pub(crate) struct Backlog {
     bound: usize,
     taken: AtomicUsize,
-    /// Told when a place is given back while services wait for room: wakes one.
+    /// Told when a place is given back while services wait for room: wakes them all, since
+    /// nothing is reserved for any (a woken service may find the room taken, or a service
+    /// first in line may never be polled again).
     freed: Arc<Notify>,
     /// Services waiting for room: a place given back tells `freed` only if there are.
     waiters: AtomicUsize,
@@ -66,7 +68,7 @@ impl Backlog {
         // room: either the waiter sees this place free, or this sees the waiter.
         self.taken.fetch_sub(1, SeqCst);
         if self.waiters.load(SeqCst) > 0 {
-            self.freed.notify_one();
+            self.freed.notify_waiters();
         }
     }
 
@@ -125,9 +127,9 @@ impl Drop for Waiter {
 }
 
 impl Room {
-    /// `Ready` once the backlog has a free place (at once if it has one); a waiting caller
-    /// is woken when a task leaves it, callers in the order they began to wait. Nothing is
-    /// reserved: a caller woken finds the room or waits again.
+    /// `Ready` once the backlog has a free place (at once if it has one); every waiting
+    /// caller is woken when a task leaves it. Nothing is reserved: a caller woken finds the
+    /// room or waits again.
     pub(crate) fn poll_room(&mut self, backlog: &Arc<Backlog>, cx: &mut Context<'_>) -> Poll<()> {
         let waiting = self
             .waiting
@@ -142,7 +144,6 @@ impl Room {
             // after the look wakes this caller.
             waiter.woken.as_mut().enable();
             if backlog.has_room() {
-                // Dropped: a wake it had received passes on to the next caller waiting.
                 *waiting = None;
                 return Poll::Ready(());
             }

@@ -42,11 +42,16 @@ pub(crate) fn discard<T>(value: T, what: &str) {
     }
 }
 
+/// The `tracing` target of every event the crate logs, whatever module logs it: stable, and
+/// documented, so that a filter such as `tower_background=error` keeps working.
+#[cfg(feature = "tracing")]
+pub(crate) const TARGET: &str = "tower_background";
+
 /// Logs a line about background work that has no task report of its own. A `tracing`
 /// subscriber is user code too: a panic in it stays here.
 pub(crate) fn log_error(message: fmt::Arguments<'_>) {
     #[cfg(feature = "tracing")]
-    let _ = contain(|| tracing::error!("{message}"));
+    let _ = contain(|| tracing::error!(target: TARGET, "{message}"));
     #[cfg(not(feature = "tracing"))]
     {
         use std::io::Write;

@@ -241,6 +241,29 @@ impl TaskError {
     pub fn is_skipped(&self) -> bool {
         matches!(self.kind, TaskErrorKind::Skipped(_))
     }
+
+    /// `true` for an outcome the layer's own settings asked for, not a failure: the
+    /// response did not meet the tasks' [`Condition`](crate::Condition)
+    /// ([`Skipped(ConditionNotMet)`](SkipReason::ConditionNotMet): with
+    /// `run_if(Condition::success())`, every 4xx that had tasks). The default report logs
+    /// these at `debug` only; a callback should too, or count them. Everything else
+    /// (failures, panics, timeouts, cancellations, other skips) is worth a look.
+    ///
+    /// ```
+    /// use tower_background::BackgroundLayer;
+    ///
+    /// let layer = BackgroundLayer::new().on_error(|err| {
+    ///     if !err.is_expected() {
+    ///         eprintln!("{err}"); // or tracing::warn!("{err}")
+    ///     }
+    /// });
+    /// ```
+    pub fn is_expected(&self) -> bool {
+        matches!(
+            self.kind,
+            TaskErrorKind::Skipped(SkipReason::ConditionNotMet)
+        )
+    }
 }
 
 impl fmt::Display for TaskError {

@@ -5,16 +5,45 @@
 //! This is what Lilya, Starlette and FastAPI call *background tasks*: "register the user,
 //! answer 201 at once, send the confirmation e-mail after".
 //!
-//! - [`Task`]: one unit of work: a future, or a blocking closure that runs on tokio's
-//!   blocking pool.
-//! - [`Tasks`]: several of them, run one after another or all at once
-//!   ([`Tasks::group`]); [`Tasks::add_task`] takes an `async fn` or a plain `fn` with its
-//!   arguments and tells the two apart.
-//! - [`BackgroundLayer`]: the [`tower_layer::Layer`] that takes the tasks out of each
-//!   response's extensions and starts them once its body has been handed to the server
-//!   in full.
+//! # Quick start with axum
 //!
-//! # Example
+//! ```toml
+//! tower-background = { version = "0.1", features = ["axum"] }
+//! ```
+//!
+//! ```
+//! # #[cfg(feature = "axum")] mod example {
+//! use axum::{Router, http::StatusCode, routing::post};
+//! use tower_background::{BackgroundLayer, Tasks};
+//!
+//! async fn send_email(to: String, message: &'static str) { /* ... */ }
+//! fn write_in_file(to: String) { /* blocking I/O: runs on the blocking pool */ }
+//!
+//! // `Tasks` is extracted (request-scoped) and runs once the response is complete.
+//! async fn register(mut tasks: Tasks) -> (StatusCode, &'static str) {
+//!     tasks.add_task(send_email, ("a@example.com".to_owned(), "Welcome")); // async fn
+//!     tasks.add_task(write_in_file, ("a@example.com".to_owned(),));        // plain fn
+//!     (StatusCode::CREATED, "Created")
+//! }
+//!
+//! async fn serve() -> std::io::Result<()> {
+//!     let layer = BackgroundLayer::new().with_request_tasks();
+//!     let background = layer.handle(); // counters, and a drain at shutdown
+//!     let app = Router::new().route("/register", post(register)).layer(layer);
+//!     let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+//!     axum::serve(listener, app).await?;
+//!     background.shutdown(std::time::Duration::from_secs(30)).await;
+//!     Ok(())
+//! }
+//! # }
+//! ```
+//!
+//! A handler can also return its tasks as a response part: `(StatusCode::CREATED, tasks,
+//! body)`, or a single [`Task`].
+//!
+//! # hyper and tower
+//!
+//! Without a framework, put the tasks in the response's extensions:
 //!
 //! ```
 //! use std::convert::Infallible;
@@ -25,14 +54,12 @@
 //! use tower_background::{BackgroundLayer, Task, Tasks};
 //!
 //! async fn send_email(to: String, message: &'static str) { /* ... */ }
-//! fn write_in_file(to: String) { /* blocking I/O: runs on the blocking pool */ }
 //!
 //! async fn register(_req: Request<hyper::body::Incoming>)
 //!     -> Result<Response<Full<Bytes>>, Infallible>
 //! {
 //!     let mut tasks = Tasks::new(); // one after another
 //!     tasks.add_task(send_email, ("a@example.com".to_owned(), "Welcome"));
-//!     tasks.add_task(write_in_file, ("a@example.com".to_owned(),));
 //!     tasks.push(Task::new(async { /* any future */ }));
 //!     tasks.push(Task::blocking(|| { /* any blocking closure */ }));
 //!
@@ -44,6 +71,15 @@
 //!
 //! let svc = ServiceBuilder::new().layer(BackgroundLayer::new()).service_fn(register);
 //! ```
+//!
+//! - [`Task`]: one unit of work: a future, or a blocking closure that runs on tokio's
+//!   blocking pool.
+//! - [`Tasks`]: several of them, run one after another or all at once
+//!   ([`Tasks::group`]); [`Tasks::add_task`] takes an `async fn` or a plain `fn` with its
+//!   arguments and tells the two apart.
+//! - [`BackgroundLayer`]: the [`tower_layer::Layer`] that takes the tasks out of each
+//!   response's extensions and starts them once its body has been handed to the server
+//!   in full.
 //!
 //! # When tasks start, and what is guaranteed
 //!
@@ -69,20 +105,48 @@
 //!   request-scoped tasks with [`BackgroundLayer::with_request_tasks`]); each keeps its
 //!   own settings and none is dropped.
 //!
-//! The full contract, and where each promise stops, is in [`guide::semantics`];
-//! running it in production (drain, SIGTERM, limits, timeouts, counters) in
-//! [`guide::operations`]; the other guides are listed in [`guide`].
+//! # Testing handlers' tasks
+//!
+//! [`Tasks::names`] says what a handler queued; [`testing::run_response_tasks`] runs a
+//! response's tasks now and returns each outcome; against a whole server,
+//! [`BackgroundHandle::idle`] waits until every task so far has settled and been reported,
+//! without closing the layer. The [`testing`] module shows each.
+//!
+//! # Durable jobs
+//!
+//! Work that must survive a crash goes to a job queue, not a task in memory: with the
+//! `apalis` feature, a [`DurableJob`](crate::guide::durable) is pushed to an apalis
+//! storage once its response is complete, and a staged job (`apalis-sqlite`,
+//! `apalis-postgres`) is written before the response and released at completion. See
+//! [`guide::durable`].
+//!
+//! # Guides
+//!
+//! - [`guide::semantics`]: the full contract, and where each promise stops.
+//! - [`guide::operations`]: production: the drain at shutdown (SIGTERM, with hyper-util and
+//!   axum), limits and queues, the backlog under overload, timeouts, tracing, counters and
+//!   metrics.
+//! - [`guide::durable`]: durable jobs on apalis, plain and crash-safe.
+//! - [`guide::from_lilya`]: every example of Lilya's Tasks page in Rust, and FastAPI's
+//!   `BackgroundTasks`.
+//! - [`guide::benchmarks`]: what a task costs, measured.
 //!
 //! # Features
 //!
-//! - `tracing` (default): task errors are logged as `tracing` events; without it, as one
-//!   line on stderr. Each task runs in a span whose parent is its request's (or, with
-//!   [`TaskSpans::Linked`], in a trace of its own linked to it).
-//! - `metrics`: the counters, gauges and histograms of the tasks are published through
-//!   the `metrics` facade (names in [`guide::operations`]).
+//! Every feature is off but `tracing`; docs.rs shows the crate with all of them.
+//!
+//! - `tracing` (default): task errors are `tracing` events; without it, one line on
+//!   stderr. Each task runs in a `background_task` span (INFO, `otel.name` set to its name)
+//!   whose parent is its request's (or, with [`TaskSpans::Linked`], in a trace of its own
+//!   linked to it). Every span and event has the target `tower_background`.
 //! - `axum`: `Tasks` and `Task` are axum response parts (`(StatusCode::CREATED, tasks,
 //!   body)`), and `Tasks` is an extractor of the request-scoped tasks
-//!   ([`BackgroundLayer::with_request_tasks`]).
+//!   ([`BackgroundLayer::with_request_tasks`]). Depends on `axum-core` only.
+//! - `metrics`: the counters, gauges and histograms of the tasks, published through the
+//!   `metrics` facade (names in [`guide::operations`]).
+//! - `apalis`: durable jobs, pushed to any apalis storage once the response is complete.
+//! - `apalis-sqlite`: the crash-safe staged mode on apalis-sqlite (`SqliteStage`).
+//! - `apalis-postgres`: the crash-safe staged mode on apalis-postgres (`PostgresStage`).
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -107,6 +171,7 @@ mod run;
 #[cfg(feature = "metrics")]
 mod series;
 mod task;
+pub mod testing;
 mod tracker;
 
 #[cfg(feature = "axum")]

@@ -93,7 +93,8 @@ pub enum Overload {
     Backpressure,
     /// The service stays ready; the tasks of a response that find the backlog full are
     /// dropped and reported as [`Skipped(Overloaded)`](crate::SkipReason::Overloaded) (a
-    /// sequence whole, never with holes).
+    /// sequence whole, never with holes: its first task too, although it would have started
+    /// at once).
     Shed,
 }
 

@@ -220,41 +220,56 @@ impl Drop for Slot {
     }
 }
 
-/// The named queues of one layer (and of its clones): found by name when a task that
-/// names one is about to wait for a slot.
-#[derive(Debug, Default)]
+/// The named queues of one layer's settings: looked up by name, without a lock, when a
+/// task that names one is about to wait for a slot. A clone of a layer keeps its queues
+/// (the same slots) until it defines one again, as `max_concurrent`.
+#[derive(Debug, Clone, Default)]
 pub(crate) struct Queues {
-    named: RwLock<Vec<(QueueName, Arc<Queue>)>>,
-    /// The names tasks gave that no queue has, each logged once.
-    unknown: Mutex<HashSet<QueueName>>,
+    named: Arc<[(QueueName, Arc<Queue>)]>,
 }
 
 impl Queues {
-    /// Adds the queue `name`, or replaces its limit (the builder's last call wins).
+    /// Adds the queue `name`, or replaces it with one of `limit` slots (the builder's last
+    /// call wins; tasks already in the old queue keep to its limit).
     ///
     /// # Panics
     ///
     /// As [`Queue::new`]; and past 65,535 distinct queue names in the process.
-    pub(crate) fn define(&self, name: &'static str, limit: usize) {
+    pub(crate) fn define(&mut self, name: &'static str, limit: usize) {
         let what = "BackgroundLayer::queue";
         let queue = Arc::new(Queue::new(Some(name), limit, what));
         let id = QueueName::of(name)
             .unwrap_or_else(|| panic!("{what}: more than 65,535 distinct queue names"));
-        let mut named = self.named.write().unwrap_or_else(PoisonError::into_inner);
-        named.retain(|(known, _)| *known != id);
-        named.push((id, queue));
+        let others = self.named.iter().filter(|(known, _)| *known != id).cloned();
+        self.named = others.chain([(id, queue)]).collect();
     }
 
-    /// The queue named `name`; `None`, logged the first time, if the layer has none (the
-    /// task then runs as one that names no queue).
-    pub(crate) fn find(&self, name: QueueName) -> Option<Arc<Queue>> {
-        let named = self.named.read().unwrap_or_else(PoisonError::into_inner);
-        if let Some((_, queue)) = named.iter().find(|(known, _)| *known == name) {
-            return Some(queue.clone());
-        }
-        drop(named);
+    /// The queue named `name`, if the layer defines it.
+    pub(crate) fn find(&self, name: QueueName) -> Option<&Arc<Queue>> {
+        let found = self.named.iter().find(|(known, _)| *known == name);
+        found.map(|(_, queue)| queue)
+    }
+
+    /// A snapshot of every named queue, in the order they were defined.
+    pub(crate) fn stats(&self) -> Vec<QueueStats> {
+        self.named
+            .iter()
+            .filter_map(|(_, queue)| queue.stats())
+            .collect()
+    }
+}
+
+/// The names tasks gave that their layer does not define, each logged once.
+#[derive(Debug, Default)]
+pub(crate) struct Unknown(Mutex<HashSet<QueueName>>);
+
+impl Unknown {
+    /// A task names the queue `name`, which its layer does not define: logged the first
+    /// time (the task runs as one that names no queue).
+    #[cold]
+    pub(crate) fn seen(&self, name: QueueName) {
         let first = self
-            .unknown
+            .0
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(name);
@@ -266,15 +281,5 @@ impl Queues {
                 name.name()
             ));
         }
-        None
-    }
-
-    /// A snapshot of every named queue, in the order they were defined.
-    pub(crate) fn stats(&self) -> Vec<QueueStats> {
-        let named = self.named.read().unwrap_or_else(PoisonError::into_inner);
-        named
-            .iter()
-            .filter_map(|(_, queue)| queue.stats())
-            .collect()
     }
 }

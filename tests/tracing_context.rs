@@ -30,6 +30,8 @@ struct Capture {
     events: Mutex<Vec<(String, Option<u64>)>>,
     /// Each event's level and fields.
     levels: Mutex<Vec<(tracing::Level, String)>>,
+    /// Each event's target and fields.
+    targets: Mutex<Vec<(String, String)>>,
     /// `(span, follows)`: `span` follows from `follows`.
     follows: Mutex<Vec<(u64, u64)>>,
 }
@@ -111,6 +113,11 @@ impl Subscriber for Capturing {
         };
         let level = *event.metadata().level();
         self.levels.lock().unwrap().push((level, fields.0.clone()));
+        let target = event.metadata().target().to_owned();
+        self.targets
+            .lock()
+            .unwrap()
+            .push((target, fields.0.clone()));
         self.events.lock().unwrap().push((fields.0, span));
     }
 
@@ -374,4 +381,58 @@ async fn tasks_not_met_are_logged_at_debug_not_as_errors() {
         .collect();
     assert_eq!(about.len(), 1, "{about:?}");
     assert_eq!(about[0].0, tracing::Level::DEBUG, "{about:?}");
+}
+
+/// Every event and span the crate makes has the target `tower_background`, whatever
+/// module makes it: a report, a retried attempt's warning, a task's span (which also
+/// carries `otel.name`, the task's name, for tracing-opentelemetry). A filter such as
+/// `tower_background=error` then holds across versions.
+#[tokio::test]
+async fn the_crates_events_and_spans_have_one_stable_target() {
+    use tower_background::{Retry, Retryable};
+
+    let capture = capture();
+    let layer = BackgroundLayer::new().retry(Retry::attempts(2).backoff(std::time::Duration::ZERO));
+    let background = layer.handle();
+    let addr = serve(layer, |_req| {
+        let tries = Arc::new(AtomicU64::new(0));
+        let flaky = Retryable::new(move || {
+            let tries = tries.clone();
+            async move {
+                match tries.fetch_add(1, Ordering::SeqCst) {
+                    0 => Err("first try fails"),
+                    _ => Ok(()),
+                }
+            }
+        })
+        .named("target_retried_23");
+        let mut res = Response::new(full("ok"));
+        let mut tasks = tower_background::Tasks::new();
+        tasks.push(flaky);
+        tasks.push(Task::new(async { Err::<(), _>("fails") }).named("target_failed_23"));
+        res.extensions_mut().insert(tasks);
+        async move { res }
+    })
+    .await;
+    get(Proto::Http1, addr, "/").await;
+    assert!(background.shutdown(PATIENCE).await.is_drained());
+    let targets = capture.targets.lock().unwrap().clone();
+    for name in ["target_retried_23", "target_failed_23"] {
+        let about: Vec<_> = targets.iter().filter(|(_, f)| f.contains(name)).collect();
+        assert!(!about.is_empty(), "no event about {name}");
+        for (target, fields) in about {
+            assert_eq!(target, "tower_background", "{fields}");
+        }
+    }
+    let task_spans: Vec<SpanInfo> = (capture.spans.lock().unwrap().values())
+        .filter(|span| span.name == "background_task" && span.fields.contains("_23"))
+        .cloned()
+        .collect();
+    // One per attempt: the retried task has two.
+    assert_eq!(task_spans.len(), 3, "{task_spans:?}");
+    for span in task_spans {
+        assert_eq!(span.metadata.target(), "tower_background");
+        assert_eq!(*span.metadata.level(), tracing::Level::INFO);
+        assert!(span.fields.contains("otel.name="), "{}", span.fields);
+    }
 }

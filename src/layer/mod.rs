@@ -227,7 +227,9 @@ impl BackgroundLayer {
     ///
     /// A task that names a queue the layer does not define runs as one that names none;
     /// the first such task of each name is logged as an error. Defining a name again
-    /// replaces its limit. The queues belong to the layer and to its clones.
+    /// replaces the queue (tasks already in the old one keep to its limit). As with
+    /// `max_concurrent`, a clone of the layer shares its queues' slots until it defines a
+    /// queue of its own; take the [`handle`](Self::handle) once the queues are defined.
     ///
     /// # Panics
     ///
@@ -245,8 +247,8 @@ impl BackgroundLayer {
     /// // In a handler:
     /// let task = Task::new(async { /* talk to the SMTP server */ }).in_queue("send_email");
     /// ```
-    pub fn queue(self, name: &'static str, max_concurrent: usize) -> Self {
-        self.config.shared.queues.define(name, max_concurrent);
+    pub fn queue(mut self, name: &'static str, max_concurrent: usize) -> Self {
+        self.config_mut().queues.define(name, max_concurrent);
         self
     }
 
@@ -313,7 +315,7 @@ impl BackgroundLayer {
     /// assert_eq!(handle.stats().attached, 0);
     /// ```
     pub fn handle(&self) -> BackgroundHandle {
-        BackgroundHandle::new(self.config.shared.clone())
+        BackgroundHandle::new(self.config.shared.clone(), self.config.queues.clone())
     }
 
     /// Bounds the backlog: the tasks whose response is complete and that wait to start.

@@ -11,7 +11,7 @@ use crate::error::{SkipReason, TaskError, TaskErrorKind};
 use crate::job::host::Host;
 use crate::job::{Job, Progress};
 use crate::policy::{OnEarlyDrop, Overload, TaskSpans};
-use crate::queue::Queue;
+use crate::queue::{Queue, Queues};
 use crate::retry::Retry;
 use crate::run::handle::Shared;
 use crate::run::report::Reporter;
@@ -26,6 +26,8 @@ pub(crate) struct Config {
     pub(crate) task_timeout: Option<Duration>,
     /// The queue of the tasks that name none ([`max_concurrent`](crate::BackgroundLayer::max_concurrent)).
     pub(crate) limit: Option<Arc<Queue>>,
+    /// The named queues ([`BackgroundLayer::queue`](crate::BackgroundLayer::queue)).
+    pub(crate) queues: Queues,
     /// The bound on the tasks that wait to start, and what a full backlog does.
     pub(crate) backlog: Option<Arc<Backlog>>,
     /// What a full backlog does.
@@ -52,6 +54,7 @@ impl Default for Config {
             reporter: Reporter::default(),
             task_timeout: None,
             limit: None,
+            queues: Queues::default(),
             backlog: Some(Arc::new(Backlog::new(DEFAULT_BACKLOG))),
             overload: Overload::default(),
             request_tasks: false,
@@ -73,7 +76,8 @@ impl Host for Config {
     }
 
     fn not_run(&self, jobs: Vec<Job>, reason: SkipReason, counted: usize, to_callback: bool) {
-        self.leaked(&jobs, reason, counted);
+        let n = jobs.len();
+        self.count_not_run(&jobs, reason, counted);
         for (position, mut job) in jobs.into_iter().enumerate() {
             job.skipped(reason, || Some(self.token()));
             job.discard_work();
@@ -84,9 +88,18 @@ impl Host for Config {
                 self.reporter.log(error);
             }
         }
+        self.shared.idle.reported(n);
     }
 
     fn leaked(&self, jobs: &[Job], reason: SkipReason, counted: usize) {
+        self.count_not_run(jobs, reason, counted);
+        self.shared.idle.reported(jobs.len());
+    }
+}
+
+impl Config {
+    /// Counts `jobs` as attached (but the first `counted`) and settled as skipped.
+    fn count_not_run(&self, jobs: &[Job], reason: SkipReason, counted: usize) {
         let counters = &self.shared.counters;
         counters.attach(jobs.len().saturating_sub(counted));
         counters.response_done(jobs.len(), jobs.len());

@@ -3,11 +3,13 @@
 use std::fmt;
 use std::pin::pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use futures_util::future::{Either, select};
+use tokio::sync::Notify;
 
-use crate::queue::{QueueStats, Queues};
+use crate::queue::{QueueStats, Queues, Unknown};
 use crate::run::cancel::Cancel;
 use crate::run::stats::{Counters, Stats};
 use crate::tracker::Tracker;
@@ -24,8 +26,40 @@ pub(crate) struct Shared {
     /// Cancelled when a drain reaches its deadline.
     pub(crate) cancel: Cancel,
     pub(crate) counters: Counters,
-    /// The named queues ([`BackgroundLayer::queue`](crate::BackgroundLayer::queue)).
-    pub(crate) queues: Queues,
+    /// The queue names tasks gave that their layer does not define.
+    pub(crate) unknown_queues: Unknown,
+    /// Tasks settled and reported, for [`BackgroundHandle::idle`].
+    pub(crate) idle: Idle,
+}
+
+/// How many tasks have settled and been reported, and who waits for all of them to have.
+#[derive(Debug, Default)]
+pub(crate) struct Idle {
+    reported: AtomicU64,
+    /// [`BackgroundHandle::idle`] calls waiting: settling tells them only if there are.
+    waiters: AtomicUsize,
+    notify: Notify,
+}
+
+impl Idle {
+    /// `n` tasks settled, and their reports (if any) were made.
+    pub(crate) fn reported(&self, n: usize) {
+        // Sequentially consistent with `idle`'s count of waiters and look at the count:
+        // either the waiter sees these tasks reported, or this sees the waiter.
+        self.reported.fetch_add(n as u64, SeqCst);
+        if self.waiters.load(SeqCst) > 0 {
+            self.notify.notify_waiters();
+        }
+    }
+}
+
+/// One [`BackgroundHandle::idle`] call waiting.
+struct IdleWaiter<'a>(&'a Idle);
+
+impl Drop for IdleWaiter<'_> {
+    fn drop(&mut self) {
+        self.0.waiters.fetch_sub(1, SeqCst);
+    }
 }
 
 /// A handle to the tasks of one [`BackgroundLayer`](crate::BackgroundLayer): their
@@ -53,11 +87,13 @@ pub(crate) struct Shared {
 #[derive(Clone, Debug)]
 pub struct BackgroundHandle {
     shared: Arc<Shared>,
+    /// The named queues of the layer it was taken from.
+    queues: Queues,
 }
 
 impl BackgroundHandle {
-    pub(crate) fn new(shared: Arc<Shared>) -> Self {
-        BackgroundHandle { shared }
+    pub(crate) fn new(shared: Arc<Shared>, queues: Queues) -> Self {
+        BackgroundHandle { shared, queues }
     }
 
     /// The counters now.
@@ -72,9 +108,45 @@ impl BackgroundHandle {
         self.shared.counters.snapshot()
     }
 
-    /// Each named queue now ([`BackgroundLayer::queue`](crate::BackgroundLayer::queue)),
-    /// in the order they were defined. Its tasks are counted in [`stats`](Self::stats)
-    /// too.
+    /// Resolves once every task attached so far has settled and been reported (to
+    /// [`on_error`](crate::BackgroundLayer::on_error), or the log). Unlike
+    /// [`shutdown`](Self::shutdown) it changes nothing: no deadline, and the layer serves
+    /// on. Made for tests, as FastAPI's `TestClient` runs background tasks before it
+    /// returns: send a request, read its response, `idle().await`, then assert what the
+    /// tasks did. A task counts as attached once its response left the service (or, a
+    /// request-scoped one, once the handler added it); a response still streaming keeps
+    /// `idle` waiting for its tasks. Waits on notifications, not by polling.
+    ///
+    /// ```
+    /// use tower_background::BackgroundLayer;
+    ///
+    /// # #[tokio::main] async fn main() {
+    /// let handle = BackgroundLayer::new().handle();
+    /// // ... a request whose response carried tasks ...
+    /// handle.idle().await;
+    /// assert_eq!(handle.stats().pending(), 0);
+    /// # }
+    /// ```
+    pub async fn idle(&self) {
+        let idle = &self.shared.idle;
+        idle.waiters.fetch_add(1, SeqCst);
+        let _waiting = IdleWaiter(idle);
+        loop {
+            let mut woken = pin!(idle.notify.notified());
+            // Registered before the counts are read: a task reported after the look wakes
+            // this waiter.
+            woken.as_mut().enable();
+            let attached = self.shared.counters.attached();
+            if idle.reported.load(SeqCst) >= attached {
+                return;
+            }
+            woken.await;
+        }
+    }
+
+    /// Each named queue now ([`BackgroundLayer::queue`](crate::BackgroundLayer::queue)) of
+    /// the layer this handle was taken from, as it was defined then, in the order they were
+    /// defined. Its tasks are counted in [`stats`](Self::stats) too.
     ///
     /// ```
     /// use tower_background::BackgroundLayer;
@@ -85,7 +157,7 @@ impl BackgroundHandle {
     /// }
     /// ```
     pub fn queue_stats(&self) -> Vec<QueueStats> {
-        self.shared.queues.stats()
+        self.queues.stats()
     }
 
     /// Waits until every task of this layer has run, or until `timeout` has passed. That

@@ -215,35 +215,44 @@ impl Ledger {
     }
 
     /// The tasks in `range` marked `in_backlog` (`asked` of them) take their places in
-    /// the backlog together, or none does: then they are kept (backpressure) or each
-    /// shed, reported `Skipped(Overloaded)`.
+    /// the backlog together, or none does: then they are kept (backpressure) or shed,
+    /// each reported `Skipped(Overloaded)`, with every other task of `range` still queued:
+    /// a sequence is shed whole, its first task too (it would have started at once).
     fn take_places(&mut self, backlog: &Backlog, range: Range<usize>, asked: usize) {
         if backlog.enter(asked) {
             return;
         }
         let shed = self.config.overload == Overload::Shed;
         for position in range {
-            if std::mem::take(&mut self.jobs[position].in_backlog) && shed {
+            let job = &mut self.jobs[position];
+            let queued = std::mem::take(&mut job.in_backlog) || job.progress == Progress::Queued;
+            if shed && queued {
                 let shed = TaskErrorKind::Skipped(SkipReason::Overloaded);
                 self.record(position, Err(shed));
             }
         }
     }
 
-    /// Whether task `position` is under a limit, and may wait for a slot: its queue's
-    /// (or, if the layer has no such queue, `max_concurrent`'s), or `max_concurrent`.
+    /// Whether task `position` is under a limit, and may wait for a slot: its queue's, or
+    /// (if it names none the layer defines) `max_concurrent`'s.
     #[inline]
     fn limited(&self, position: usize) -> bool {
-        self.jobs[position].queue.is_some() || self.config.limit.is_some()
+        let queues = &self.config.queues;
+        self.config.limit.is_some()
+            || (self.jobs[position].queue).is_some_and(|name| queues.find(name).is_some())
     }
 
     /// The queue whose slot task `position` waits for: the one it names, else that of the
     /// tasks that name none (`max_concurrent`), if the layer has a limit.
     fn queue_of(&self, position: usize) -> Option<Arc<Queue>> {
-        match self.jobs[position].queue {
-            None => self.config.limit.clone(),
-            Some(name) => {
-                (self.config.shared.queues.find(name)).or_else(|| self.config.limit.clone())
+        let Some(name) = self.jobs[position].queue else {
+            return self.config.limit.clone();
+        };
+        match self.config.queues.find(name) {
+            Some(queue) => Some(queue.clone()),
+            None => {
+                self.config.shared.unknown_queues.seen(name);
+                self.config.limit.clone()
             }
         }
     }
@@ -577,6 +586,7 @@ impl Ledger {
             let error = TaskError::new(position, job.name.clone(), kind, standing.attempts);
             self.config.reporter.report(error);
         }
+        self.config.shared.idle.reported(1);
     }
 }
 

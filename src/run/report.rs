@@ -3,8 +3,10 @@
 use std::fmt;
 use std::sync::Arc;
 
+#[cfg(feature = "tracing")]
+use crate::contain::TARGET;
 use crate::contain::{as_callback, contain, log_error};
-use crate::error::{SkipReason, TaskError, TaskErrorKind};
+use crate::error::TaskError;
 
 type Callback = Arc<dyn Fn(TaskError) + Send + Sync>;
 
@@ -61,17 +63,17 @@ impl fmt::Debug for Reporter {
 /// The default report: a `tracing` event (feature `tracing`), else one line on stderr.
 fn log_task_error(error: &TaskError) {
     // An expected outcome, not an error.
-    if let TaskErrorKind::Skipped(SkipReason::ConditionNotMet) = error.kind() {
+    if error.is_expected() {
         #[cfg(feature = "tracing")]
-        tracing::debug!(task = error.name(), position = error.position(), "{error}");
+        tracing::debug!(target: TARGET, task = error.name(), position = error.position(), "{error}");
         return;
     }
     #[cfg(feature = "tracing")]
     {
         if error.is_skipped() {
-            tracing::warn!(task = error.name(), position = error.position(), "{error}");
+            tracing::warn!(target: TARGET, task = error.name(), position = error.position(), "{error}");
         } else {
-            tracing::error!(task = error.name(), position = error.position(), "{error}");
+            tracing::error!(target: TARGET, task = error.name(), position = error.position(), "{error}");
         }
     }
     #[cfg(not(feature = "tracing"))]
@@ -85,6 +87,7 @@ pub(crate) fn log_retry(error: TaskError, delay: std::time::Duration) {
     if contain(move || {
         #[cfg(feature = "tracing")]
         tracing::warn!(
+            target: TARGET,
             task = error.name(),
             position = error.position(),
             attempt = error.attempts(),

@@ -2,6 +2,8 @@
 //! `tracing`); an empty type without the feature.
 
 #[cfg(feature = "tracing")]
+use crate::contain::TARGET;
+#[cfg(feature = "tracing")]
 use crate::policy::TaskSpans;
 
 /// The span that was current when the response was produced. Each task runs in a child of
@@ -21,17 +23,18 @@ impl ParentSpan {
         }
     }
 
-    /// The span a task runs in: `background_task`, with the task's name and position; a
-    /// child of the request's span, or a root linked to it.
+    /// The span a task runs in: `background_task` (INFO, target `tower_background`), with
+    /// the task's name and position, and the name as `otel.name`, which
+    /// tracing-opentelemetry gives the exported span; a child of the request's span, or a
+    /// root linked to it.
     #[cfg(feature = "tracing")]
     pub(crate) fn task_span(&self, name: &str, position: usize, spans: TaskSpans) -> tracing::Span {
         match spans {
             TaskSpans::Child => {
-                tracing::info_span!(parent: &self.span, "background_task", task = name, position)
+                tracing::info_span!(target: TARGET, parent: &self.span, "background_task", task = name, position, otel.name = name)
             }
             TaskSpans::Linked => {
-                let span =
-                    tracing::info_span!(parent: None, "background_task", task = name, position);
+                let span = tracing::info_span!(target: TARGET, parent: None, "background_task", task = name, position, otel.name = name);
                 span.follows_from(&self.span);
                 span
             }

@@ -269,6 +269,11 @@ impl Counters {
         }
     }
 
+    /// Tasks attached so far.
+    pub(crate) fn attached(&self) -> u64 {
+        self.attached.load(Relaxed)
+    }
+
     pub(crate) fn snapshot(&self) -> Stats {
         // Later stages first, so that a task moving on while we read is not counted in two
         // places; the differences saturate rather than wrap if it is counted in none.

@@ -466,6 +466,30 @@ impl Tasks {
         self.with_tree(|tree, _| tree.sets.iter().map(|set| set.jobs.len()).sum())
     }
 
+    /// The names of the tasks waiting to run with these, in the order they would run
+    /// (their own and those of every `Tasks` merged with them; none once the layer has
+    /// taken them): what a test asserts a handler queued.
+    ///
+    /// ```
+    /// use tower_background::{Task, Tasks};
+    ///
+    /// async fn send_email(to: String) {}
+    ///
+    /// let mut tasks = Tasks::new();
+    /// tasks.add_task(send_email, ("a@example.com".to_owned(),));
+    /// tasks.push(Task::new(async {}).named("audit"));
+    /// let names = tasks.names();
+    /// assert!(names[0].ends_with("send_email"));
+    /// assert_eq!(names[1], "audit");
+    /// ```
+    pub fn names(&self) -> Vec<String> {
+        self.with_tree(|tree, _| {
+            (tree.sets.iter())
+                .flat_map(|set| set.jobs.iter().map(|job| job.name.clone().into_owned()))
+                .collect()
+        })
+    }
+
     /// `true` if there is no task waiting to run.
     ///
     /// ```

@@ -260,3 +260,28 @@ async fn a_lone_task_beside_a_tasks_follows_the_layers_condition() {
     assert!(is_not_met(&error) && error.name() == "commit", "{error}");
     assert_eq!(report.stats().not_met, 1);
 }
+
+/// `on_error` tells an expected outcome (a condition not met) from a failure in one call,
+/// so that a callback that warns does not warn on every 4xx that had tasks.
+#[tokio::test]
+async fn on_error_tells_a_condition_not_met_from_a_failure() {
+    let (layer, errors) = reporting_layer();
+    let layer = layer.run_if(Condition::success());
+    let addr = serve(layer, |req| {
+        let mut tasks = Tasks::new();
+        tasks.push(Task::new(async { Err::<(), _>("smtp down") }).named("send"));
+        let res = respond(&req, tasks);
+        async move { res }
+    })
+    .await;
+    get(Proto::Http1, addr, "/404").await;
+    let not_met = errors.next().await;
+    assert!(not_met.is_expected(), "{not_met}");
+    get(Proto::Http1, addr, "/200").await;
+    let failed = errors.next().await;
+    assert!(
+        matches!(failed.kind(), TaskErrorKind::Failed(_)),
+        "{failed}"
+    );
+    assert!(!failed.is_expected(), "{failed}");
+}

@@ -11,6 +11,7 @@ mod model;
 
 mod after_the_response;
 mod axum_parts;
+mod backpressure;
 mod blocking;
 mod body_model;
 mod concurrency;
@@ -30,4 +31,5 @@ mod overload;
 mod queues;
 mod retries;
 mod stack;
+mod testing;
 mod timeouts;

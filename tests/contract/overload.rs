@@ -401,13 +401,18 @@ fn a_blocking_task_keeps_its_place_until_a_thread_starts_it() {
             sets.put(sequence);
             get(Proto::Http1, addr, "/").await;
         }
-        // b1 and b2 wait for the pool's thread, each in its place; b3 finds none.
-        let shed = errors.next().await;
-        assert_eq!(shed.name(), "b3", "{shed}");
-        assert!(
-            matches!(shed.kind(), TaskErrorKind::Skipped(SkipReason::Overloaded)),
-            "{shed}"
-        );
+        // b1 and b2 wait for the pool's thread, each in its place; b3 finds none, and
+        // its sequence is shed whole.
+        let mut shed = errors.take(2).await;
+        shed.sort_by_key(|e| e.position());
+        let names: Vec<&str> = shed.iter().map(|e| e.name()).collect();
+        assert_eq!(names, ["async task", "b3"]);
+        for shed in &shed {
+            assert!(
+                matches!(shed.kind(), TaskErrorKind::Skipped(SkipReason::Overloaded)),
+                "{shed}"
+            );
+        }
         drop(free);
         within(holder).await.unwrap();
         let mut names = ran.take(2).await;
@@ -415,6 +420,48 @@ fn a_blocking_task_keeps_its_place_until_a_thread_starts_it() {
         assert_eq!(names, ["b1", "b2"]);
         let report = within(background.shutdown(PATIENCE)).await;
         assert!(report.is_drained(), "{report}");
-        assert_eq!(report.stats().shed, 1, "{report}");
+        assert_eq!(report.stats().shed, 2, "{report}");
     });
+}
+
+/// Under shed, a sequence that finds too few places is shed whole, its first task too,
+/// although that one would have started at once and needs no place itself.
+#[tokio::test]
+async fn a_first_sequence_is_shed_whole_even_its_first_task() {
+    let (layer, errors) = reporting_layer();
+    let layer = layer
+        .queue("q", 1)
+        .max_backlog(2)
+        .on_overload(Overload::Shed);
+    let background = layer.handle();
+    let (started, ran) = (Probe::new(), Probe::new());
+    let sets = Handoff::new();
+    let addr = serve_handed_tasks(layer, &sets).await;
+    // One place taken: a task waits behind a held slot of `q`.
+    let (release, holder) = blocker(&started);
+    sets.put(Tasks::from(vec![holder.in_queue("q")]));
+    get(Proto::Http1, addr, "/").await;
+    assert_eq!(started.next().await, "blocker running");
+    sets.put(Tasks::from(vec![reporting(&ran, "waiting").in_queue("q")]));
+    get(Proto::Http1, addr, "/").await;
+    // A sequence of three with no queue: its two followers need two places, one is left.
+    let names = ["s0", "s1", "s2"];
+    sets.put(names.iter().map(|name| reporting(&ran, name)).collect());
+    get(Proto::Http1, addr, "/").await;
+    let mut shed: Vec<String> = (errors.take(3).await.iter())
+        .map(|e| {
+            assert!(
+                matches!(e.kind(), TaskErrorKind::Skipped(SkipReason::Overloaded)),
+                "{e}"
+            );
+            e.name().to_owned()
+        })
+        .collect();
+    shed.sort();
+    assert_eq!(shed, names);
+    release.send(()).unwrap();
+    assert_eq!(ran.next().await, "waiting");
+    within(background.idle()).await;
+    ran.assert_quiet("a task of the shed sequence").await;
+    assert_eq!(background.stats().shed, 3);
 }

@@ -242,3 +242,55 @@ async fn a_queued_task_takes_a_place_in_the_backlog_even_first() {
     assert!(report.is_drained(), "{report}");
     assert_eq!(background.stats().shed, 1);
 }
+
+/// A task that names a queue the layer does not define is a task of no queue in the
+/// backlog too: alone on its response and with no `max_concurrent`, it starts at once and
+/// takes no place, so a full backlog does not shed it.
+#[tokio::test]
+async fn a_task_of_an_undefined_queue_needs_no_place_where_a_task_of_no_queue_needs_none() {
+    let (layer, errors) = reporting_layer();
+    let layer = layer
+        .queue("q", 1)
+        .max_backlog(1)
+        .on_overload(Overload::Shed);
+    let background = layer.handle();
+    let server = Server::new(layer).await;
+    let (started, ran) = (Probe::new(), Probe::new());
+    let (release, task) = blocker(&started);
+    server.send(task.in_queue("q")).await;
+    assert_eq!(started.next().await, "blocker running");
+    server.send(reporting(&ran, "waiting").in_queue("q")).await; // the one place
+    server
+        .send(reporting(&ran, "undefined").in_queue("no_such_queue"))
+        .await;
+    assert_eq!(ran.next().await, "undefined");
+    release.send(()).unwrap();
+    assert_eq!(ran.next().await, "waiting");
+    within(background.idle()).await;
+    assert_eq!(errors.drain_now().await.len(), 0);
+}
+
+/// A clone of the layer that defines a queue again gets a queue of its own: the tasks of
+/// the layer already serving keep to their queue's limit.
+#[tokio::test]
+async fn a_queue_defined_again_on_a_clone_leaves_the_first_layers_limit_alone() {
+    let layer = BackgroundLayer::new().queue("q", 1);
+    let background = layer.handle();
+    let server = Server::new(layer.clone()).await;
+    let (started, ran) = (Probe::new(), Probe::new());
+    let (release, task) = blocker(&started);
+    server.send(task.in_queue("q")).await;
+    assert_eq!(started.next().await, "blocker running");
+    let other = layer.clone().queue("q", 5);
+    server.send(reporting(&ran, "second").in_queue("q")).await;
+    until("the second task waits for the slot", || {
+        queue(&background, "q").waiting == 1
+    })
+    .await;
+    ran.assert_quiet("a second task of a queue of one").await;
+    assert_eq!(other.handle().queue_stats()[0].max_concurrent, 5);
+    assert_eq!(queue(&background, "q").max_concurrent, 1);
+    release.send(()).unwrap();
+    assert_eq!(ran.next().await, "second");
+    within(background.idle()).await;
+}
