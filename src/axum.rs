@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::fmt;
 
-use axum_core::extract::FromRequestParts;
+use axum_core::extract::{FromRequestParts, OptionalFromRequestParts};
 use axum_core::response::{IntoResponse, IntoResponseParts, Response, ResponseParts};
 use http::StatusCode;
 use http::request::Parts;
@@ -49,6 +49,20 @@ impl<S: Send + Sync> FromRequestParts<S> for Tasks {
             .get::<Tasks>()
             .cloned()
             .ok_or(MissingRequestTasks)
+    }
+}
+
+/// `Option<Tasks>`: the request's own `Tasks` if the route has a layer
+/// [`with_request_tasks`](crate::BackgroundLayer::with_request_tasks), else `None`, for a
+/// handler served both with and without one.
+impl<S: Send + Sync> OptionalFromRequestParts<S> for Tasks {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        _state: &S,
+    ) -> Result<Option<Self>, Self::Rejection> {
+        Ok(parts.extensions.get::<Tasks>().cloned())
     }
 }
 

@@ -24,7 +24,7 @@ use crate::error::TaskErrorKind;
 /// use tower_background::Retry;
 ///
 /// let retry = Retry::attempts(5)                      // the first try and 4 retries
-///     .backoff(Duration::from_millis(200))            // 200 ms, 400 ms, 800 ms, ...
+///     .backoff(Duration::from_millis(200))            // up to 200, 400, 800 ms... (jitter)
 ///     .max_delay(Duration::from_secs(10))
 ///     .timeouts(true);                                // retry timed-out attempts too
 /// assert_eq!(retry.max_attempts(), 5);

@@ -263,8 +263,10 @@ impl BackgroundLayer {
     /// carries, under the same contract: neither set is ever dropped in favour of the other.
     /// They run whatever the response's status: an error response (a 500 the handler
     /// chose, a 408 from a timeout layer *inside* this one) still runs them. FastAPI drops
-    /// injected tasks when the endpoint raises; here, a task that must not run after an
-    /// error should be added only once the handler knows it succeeded.
+    /// injected tasks when the endpoint raises; here, for "only if the handler succeeded",
+    /// add [`run_if(Condition::success())`](Self::run_if) to the layer: the tasks of a
+    /// response with an error status are then skipped, and reported as an expected outcome
+    /// ([`TaskError::is_expected`]).
     ///
     /// If there is no response to wait for (the inner service's future is dropped before it
     /// answers: the client went away, a timeout layer *outside* this one answered instead;

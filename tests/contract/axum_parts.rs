@@ -218,3 +218,38 @@ async fn extractor_without_request_tasks_answers_a_plain_500() {
     // The misconfiguration is the server's business (it is logged there), not the client's.
     assert!(body.is_empty(), "{body}");
 }
+
+/// `Option<Tasks>` extracts the request's own tasks where the layer gives them, and
+/// `None` where it does not: one handler for both kinds of route.
+#[tokio::test]
+async fn option_tasks_is_some_with_request_tasks_and_none_without() {
+    let ran = Probe::new();
+    let handler = {
+        let ran = ran.clone();
+        move |tasks: Option<Tasks>| async move {
+            match tasks {
+                Some(mut tasks) => {
+                    tasks.push(report(&ran, "request-scoped"));
+                    "some"
+                }
+                None => "none",
+            }
+        }
+    };
+    let app = Router::new()
+        .route(
+            "/with",
+            get(handler.clone()).layer(BackgroundLayer::new().with_request_tasks()),
+        )
+        .route("/without", get(handler).layer(BackgroundLayer::new()));
+    let addr = serve_router(app).await;
+    assert_eq!(
+        send(Proto::Http1, Method::GET, addr, "/with").await,
+        (StatusCode::OK, "some".to_owned())
+    );
+    assert_eq!(ran.next().await, "request-scoped");
+    assert_eq!(
+        send(Proto::Http1, Method::GET, addr, "/without").await,
+        (StatusCode::OK, "none".to_owned())
+    );
+}

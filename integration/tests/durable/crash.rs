@@ -334,6 +334,10 @@ async fn every_answered_request_has_its_job_run_across_kills_in_the_staged_mode(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(postgres_server),
+    ignore = "no PostgreSQL server: export TOWER_BACKGROUND_POSTGRES=$(.ci/postgres.sh)"
+)]
 async fn postgres_every_answered_request_has_its_job_run_across_kills_in_the_staged_mode() {
     let Some((db, url)) = Db::postgres().await else {
         return;

@@ -8,10 +8,10 @@
 //!
 //! ```text
 //! export TOWER_BACKGROUND_POSTGRES=$(.ci/postgres.sh)
-//! cargo test -p tower-background-integration --test durable_postgres
+//! cargo test -p tower-background-integration --test durable postgres
 //! ```
 //!
-//! Without `TOWER_BACKGROUND_POSTGRES` each test says so and passes, unless
+//! Without `TOWER_BACKGROUND_POSTGRES` each test is listed as ignored, unless
 //! `TOWER_BACKGROUND_REQUIRE_POSTGRES=1` (set by CI) makes the server required.
 
 use crate::{common, durable_common};
@@ -75,6 +75,10 @@ fn now() -> i64 {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(postgres_server),
+    ignore = "no PostgreSQL server: export TOWER_BACKGROUND_POSTGRES=$(.ci/postgres.sh)"
+)]
 async fn postgres_a_job_is_pushed_only_once_its_response_is_complete() {
     let Some(pool) = database().await else { return };
     let layer = BackgroundLayer::new();
@@ -113,6 +117,10 @@ async fn postgres_a_job_is_pushed_only_once_its_response_is_complete() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(postgres_server),
+    ignore = "no PostgreSQL server: export TOWER_BACKGROUND_POSTGRES=$(.ci/postgres.sh)"
+)]
 async fn postgres_a_second_push_of_the_same_job_is_refused_and_stores_nothing() {
     let Some(pool) = database().await else { return };
     let mut storage = PostgresStorage::<ProcessFile>::new(&pool);
@@ -135,6 +143,10 @@ async fn postgres_a_second_push_of_the_same_job_is_refused_and_stores_nothing() 
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(postgres_server),
+    ignore = "no PostgreSQL server: export TOWER_BACKGROUND_POSTGRES=$(.ci/postgres.sh)"
+)]
 async fn postgres_a_staged_job_is_released_when_its_response_completes() {
     let Some(pool) = database().await else { return };
     let layer = BackgroundLayer::new();
@@ -179,6 +191,10 @@ async fn postgres_a_staged_job_is_released_when_its_response_completes() {
 }
 
 #[tokio::test]
+#[cfg_attr(
+    not(postgres_server),
+    ignore = "no PostgreSQL server: export TOWER_BACKGROUND_POSTGRES=$(.ci/postgres.sh)"
+)]
 async fn postgres_a_staged_job_of_a_response_dropped_early_with_skip_is_withdrawn() {
     let Some(pool) = database().await else { return };
     let layer = BackgroundLayer::new()
@@ -222,6 +238,10 @@ async fn postgres_a_staged_job_of_a_response_dropped_early_with_skip_is_withdraw
 /// A `DurableJob` whose push is retried after the job was stored (the first answer lost)
 /// takes the storage's refusal as success: one job, and the task succeeds.
 #[tokio::test]
+#[cfg_attr(
+    not(postgres_server),
+    ignore = "no PostgreSQL server: export TOWER_BACKGROUND_POSTGRES=$(.ci/postgres.sh)"
+)]
 async fn postgres_a_retried_push_of_a_stored_job_succeeds_and_stores_it_once() {
     let Some(pool) = database().await else { return };
     let storage = PostgresStorage::<ProcessFile>::new(&pool);
@@ -289,6 +309,10 @@ async fn run_at_micros(pool: &PgPool, id: &TaskId) -> Option<i64> {
 /// staging + grace by the server's clock, and keeps the precision `timestamptz` has (not
 /// rounded up to a whole second).
 #[tokio::test]
+#[cfg_attr(
+    not(postgres_server),
+    ignore = "no PostgreSQL server: export TOWER_BACKGROUND_POSTGRES=$(.ci/postgres.sh)"
+)]
 async fn postgres_a_staged_job_is_never_runnable_before_its_grace() {
     let Some(pool) = database().await else { return };
     for millis in [1, 400, 999, 1_000, 1_200, 2_500] {
