@@ -16,8 +16,9 @@
 //!   `BackgroundTasks`, and where this crate differs on purpose.
 //! - [`benchmarks`]: what a task costs, measured side by side, and how to rerun it.
 //!
-//! The benchmark commands the guides give run in the project's source tree (`benches/`),
-//! not in the published crate.
+//! The files the guides name (`examples/`, `integration/examples/`, `tests/`, `benches/`)
+//! and the commands that run them are in the project's source tree, not in the published
+//! crate: each guide says what they show, so that it reads whole without them.
 
 // Snippets that use axum need the `axum` feature: without it their doc tests are left out
 // (the guides still render in full).

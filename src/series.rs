@@ -6,7 +6,7 @@
 //!
 //! | name | kind | labels | what |
 //! |---|---|---|---|
-//! | `tower_background_tasks_total` | counter | `outcome`, `task` | tasks settled, by outcome: `succeeded`, `failed`, `panicked`, `timed_out`, `skipped`, `cancelled`, `not_released` |
+//! | `tower_background_tasks_total` | counter | `outcome`, `reason` (skips and cancellations), `task` | tasks settled, by outcome: `succeeded`, `failed`, `panicked`, `timed_out`, `skipped`, `cancelled`, `not_released`; a skip's or a cancellation's `reason` is its [`SkipReason`] or [`CancelReason`] in snake case (`condition_not_met`, `overloaded`, `shutdown`, ...) |
 //! | `tower_background_retries_total` | counter | `task` | retries started |
 //! | `tower_background_tasks_waiting` | gauge | | tasks whose response has not completed |
 //! | `tower_background_tasks_queued` | gauge | | tasks waiting for their turn, a slot, or their next attempt |
@@ -23,9 +23,9 @@
 //! `other`.
 //! Name tasks after what they do (`send_email`), not after data.
 //!
-//! Each layer registers its series once, when it first needs them, and keeps the handles:
-//! a task then costs a few atomic operations and one lookup of its name (under a read
-//! lock), and no allocation. So install the recorder before the layer serves: a layer that served a task
+//! Each layer registers each series once, when it is first used (a task name whose tasks
+//! never fail registers no failure series), and keeps the handles: a task then costs a few
+//! atomic operations and one lookup of its name (under a read lock), and no allocation. So install the recorder before the layer serves: a layer that served a task
 //! with no recorder installed keeps the no-op handles it got.
 
 // Task names are taken as `&Cow<'static, str>`, not `&str`: a `'static` name becomes a
@@ -40,7 +40,7 @@ use std::time::{Duration, Instant};
 
 use metrics::{Counter, Gauge, Histogram, SharedString, Unit};
 
-use crate::error::TaskErrorKind;
+use crate::error::{CancelReason, SkipReason, TaskErrorKind};
 
 /// How many distinct task names made at run time the `task` label takes in a process
 /// before it says `other`.
@@ -56,16 +56,63 @@ const RUN: &str = "tower_background_run_seconds";
 const QUEUE_WAITING: &str = "tower_background_queue_tasks_waiting";
 const QUEUE_RUNNING: &str = "tower_background_queue_tasks_running";
 
-/// The outcomes, in the order of [`TaskSeries::outcomes`].
-const OUTCOMES: [&str; 7] = [
-    "succeeded",
-    "failed",
-    "panicked",
-    "timed_out",
-    "skipped",
-    "cancelled",
-    "not_released",
+/// The `outcome` and `reason` labels of each series of [`TASKS`], in the order of
+/// [`TaskSeries::outcomes`]: a skip or a cancellation says why.
+const OUTCOMES: [(&str, Option<&str>); 16] = [
+    ("succeeded", None),
+    ("failed", None),
+    ("panicked", None),
+    ("timed_out", None),
+    ("not_released", None),
+    ("skipped", Some("early_drop")),
+    ("skipped", Some("earlier_failure")),
+    ("skipped", Some("no_runtime")),
+    ("skipped", Some("shutdown")),
+    ("skipped", Some("no_response")),
+    ("skipped", Some("added_too_late")),
+    ("skipped", Some("condition_not_met")),
+    ("skipped", Some("overloaded")),
+    ("cancelled", Some("group_stopped")),
+    ("cancelled", Some("runtime_shutdown")),
+    ("cancelled", Some("shutdown")),
 ];
+
+/// Where `outcome` is counted in [`OUTCOMES`].
+fn outcome_index(outcome: Result<(), &TaskErrorKind>) -> usize {
+    match outcome {
+        Ok(()) => 0,
+        Err(TaskErrorKind::Failed(_)) => 1,
+        Err(TaskErrorKind::Panicked(_)) => 2,
+        Err(TaskErrorKind::TimedOut(_)) => 3,
+        Err(TaskErrorKind::NotReleased(_)) => 4,
+        Err(TaskErrorKind::Skipped(reason)) => match reason {
+            SkipReason::EarlyDrop => 5,
+            SkipReason::EarlierFailure => 6,
+            SkipReason::NoRuntime => 7,
+            SkipReason::Shutdown => 8,
+            SkipReason::NoResponse => 9,
+            SkipReason::AddedTooLate => 10,
+            SkipReason::ConditionNotMet => 11,
+            SkipReason::Overloaded => 12,
+        },
+        Err(TaskErrorKind::Cancelled(reason)) => match reason {
+            CancelReason::GroupStopped => 13,
+            CancelReason::RuntimeShutdown => 14,
+            CancelReason::Shutdown => 15,
+        },
+    }
+}
+
+/// The handle in `cell`, registered by `register` the first time: outside every lock,
+/// since registering calls the recorder (user code, which may come back here). Two threads
+/// that register at once get handles to the same series; the first stored is kept.
+fn lazily<T>(cell: &OnceLock<T>, register: impl FnOnce() -> T) -> &T {
+    if let Some(handle) = cell.get() {
+        return handle;
+    }
+    let _ = cell.set(register());
+    cell.get().expect("set just now, by this thread or another")
+}
 
 /// Describes the metrics to the recorder, once per process.
 fn describe() {
@@ -138,12 +185,14 @@ impl QueueGauges {
     }
 }
 
-/// The series of the tasks of one name (one `task` label).
+/// The series of the tasks of one name (one `task` label), each registered when first
+/// used: a name whose tasks never fail registers no failure series.
 pub(crate) struct TaskSeries {
-    outcomes: [Counter; 7],
-    pub(crate) retries: Counter,
-    pub(crate) queue_wait: Histogram,
-    pub(crate) run: Histogram,
+    task: SharedString,
+    outcomes: [OnceLock<Counter>; OUTCOMES.len()],
+    retries: OnceLock<Counter>,
+    queue_wait: OnceLock<Histogram>,
+    run: OnceLock<Histogram>,
 }
 
 #[derive(Default)]
@@ -239,37 +288,54 @@ impl TaskSeries {
     fn register(task: SharedString) -> Self {
         describe();
         TaskSeries {
-            outcomes: OUTCOMES.map(
-                |outcome| metrics::counter!(TASKS, "outcome" => outcome, "task" => task.clone()),
-            ),
-            retries: metrics::counter!(RETRIES, "task" => task.clone()),
-            queue_wait: metrics::histogram!(QUEUE_WAIT, "task" => task.clone()),
-            run: metrics::histogram!(RUN, "task" => task),
+            task,
+            outcomes: Default::default(),
+            retries: OnceLock::new(),
+            queue_wait: OnceLock::new(),
+            run: OnceLock::new(),
         }
     }
 
     /// A task of this name settled with `outcome`.
     pub(crate) fn settled(&self, outcome: Result<(), &TaskErrorKind>) {
-        let index = match outcome {
-            Ok(()) => 0,
-            Err(TaskErrorKind::Failed(_)) => 1,
-            Err(TaskErrorKind::Panicked(_)) => 2,
-            Err(TaskErrorKind::TimedOut(_)) => 3,
-            Err(TaskErrorKind::Skipped(_)) => 4,
-            Err(TaskErrorKind::Cancelled(_)) => 5,
-            Err(TaskErrorKind::NotReleased(_)) => 6,
-        };
-        self.outcomes[index].increment(1);
+        let index = outcome_index(outcome);
+        let counter = lazily(&self.outcomes[index], || {
+            let task = self.task.clone();
+            match OUTCOMES[index] {
+                (outcome, None) => metrics::counter!(TASKS, "outcome" => outcome, "task" => task),
+                (outcome, Some(reason)) => metrics::counter!(
+                    TASKS, "outcome" => outcome, "reason" => reason, "task" => task
+                ),
+            }
+        });
+        counter.increment(1);
+    }
+
+    /// A retry of a task of this name started.
+    fn retried(&self) {
+        let retries = lazily(
+            &self.retries,
+            || metrics::counter!(RETRIES, "task" => self.task.clone()),
+        );
+        retries.increment(1);
     }
 
     /// A task of this name started `waited` after its response completed.
     pub(crate) fn queue_wait(&self, waited: Duration) {
-        self.queue_wait.record(waited.as_secs_f64());
+        let histogram = lazily(
+            &self.queue_wait,
+            || metrics::histogram!(QUEUE_WAIT, "task" => self.task.clone()),
+        );
+        histogram.record(waited.as_secs_f64());
     }
 
     /// A task of this name ran for `ran`, from its start to its end.
     pub(crate) fn run_time(&self, ran: Duration) {
-        self.run.record(ran.as_secs_f64());
+        let histogram = lazily(
+            &self.run,
+            || metrics::histogram!(RUN, "task" => self.task.clone()),
+        );
+        histogram.record(ran.as_secs_f64());
     }
 }
 
@@ -289,7 +355,7 @@ impl StartMetrics {
     pub(crate) fn record(self) {
         match self.completed {
             Some(completed) => self.series.queue_wait(completed.elapsed()),
-            None => self.series.retries.increment(1),
+            None => self.series.retried(),
         }
     }
 }

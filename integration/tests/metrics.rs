@@ -35,6 +35,11 @@ impl Recorded {
         self.counters.get(&key(name, labels)).copied().unwrap_or(0)
     }
 
+    /// Whether the series was ever registered (its value may be 0).
+    fn registered(&self, name: &str, labels: &[(&str, &str)]) -> bool {
+        self.counters.contains_key(&key(name, labels))
+    }
+
     fn gauge(&self, name: &str) -> f64 {
         self.gauges.get(name).copied().unwrap_or(0.0)
     }
@@ -152,7 +157,6 @@ async fn outcomes_are_counted_by_kind_and_task_name_with_retries_and_histograms(
         ("failed", "m_fail"),
         ("panicked", "m_panic"),
         ("succeeded", "m_retry"),
-        ("skipped", "m_unmet"),
     ] {
         assert_eq!(
             recorded.counter(TASKS, &[("outcome", outcome), ("task", task)]),
@@ -160,6 +164,21 @@ async fn outcomes_are_counted_by_kind_and_task_name_with_retries_and_histograms(
             "{outcome} {task}"
         );
     }
+    // A skip says why: a routine 4xx is told from a shutdown or an early drop.
+    let unmet = [
+        ("outcome", "skipped"),
+        ("reason", "condition_not_met"),
+        ("task", "m_unmet"),
+    ];
+    assert_eq!(recorded.counter(TASKS, &unmet), 1);
+    // Series are registered when first used: a task that succeeded has no failure series.
+    for outcome in ["failed", "panicked", "timed_out", "not_released"] {
+        assert!(
+            !recorded.registered(TASKS, &[("outcome", outcome), ("task", "m_ok")]),
+            "{outcome} registered for a task that never had it"
+        );
+    }
+    assert!(!recorded.registered("tower_background_retries_total", &[("task", "m_ok")]));
     assert_eq!(
         recorded.counter(TASKS, &[("outcome", "failed"), ("task", "m_retry")]),
         0,
@@ -383,7 +402,11 @@ fn a_blocking_task_that_never_started_has_no_run_time_nor_queue_wait() {
     assert_eq!(
         recorded.counter(
             TASKS,
-            &[("outcome", "skipped"), ("task", "m_never_started")]
+            &[
+                ("outcome", "skipped"),
+                ("reason", "shutdown"),
+                ("task", "m_never_started")
+            ]
         ),
         1
     );
