@@ -107,6 +107,50 @@ async fn a_job_is_pushed_only_once_its_response_is_complete() {
     assert_eq!(report.stats().succeeded, 1);
 }
 
+/// apalis's task options given to `DurableJob::with_options` reach the stored job, read
+/// back with plain SQL from the SQLite file.
+#[tokio::test]
+async fn a_jobs_apalis_options_are_stored_with_it() {
+    let pool = database().await;
+    let layer = BackgroundLayer::new();
+    let background = layer.handle();
+    let ids = Probe::new();
+    let addr = {
+        let (ids, storage) = (ids.clone(), SqliteStorage::new(&pool));
+        serve(layer, move |_req| {
+            let args = ProcessFile {
+                path: "uploads/b.csv".into(),
+            };
+            let job = DurableJob::with_options(storage.clone(), args, |job| {
+                job.priority(7)
+                    .max_attempts(3)
+                    .run_after(std::time::Duration::from_secs(3_600))
+            });
+            ids.send(job.id().clone());
+            let mut res = Response::new(full("accepted"));
+            res.extensions_mut()
+                .insert(tower_background::Task::from(job));
+            async move { res }
+        })
+        .await
+    };
+    get(Proto::Http1, addr, "/").await;
+    let id = ids.next().await;
+    assert!(within(background.shutdown(PATIENCE)).await.is_drained());
+    let (priority, max_attempts, run_at): (i64, i64, i64) =
+        sqlx::query_as("SELECT priority, max_attempts, run_at FROM Jobs WHERE id = ?1")
+            .bind(id.to_string())
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((priority, max_attempts), (7, 3));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!(run_at > now + 3_000, "run_at {run_at}, now {now}");
+}
+
 #[tokio::test]
 async fn a_job_of_a_response_dropped_early_with_skip_is_never_pushed() {
     let pool = database().await;

@@ -79,12 +79,44 @@ impl DurableJob {
         Args: Clone + Send + 'static,
         Kind: 'static,
     {
+        DurableJob::with_options(sink, args, |job| job)
+    }
+
+    /// A job as [`new`](Self::new) makes it, with apalis's task options set by `options`
+    /// on its [`TaskBuilder`]: priority, attempts, a queue, a time to run. `options` runs for
+    /// each push attempt (a delay such as `run_after` counts from that attempt); the job's
+    /// id and idempotency key are this crate's, set after it.
+    ///
+    /// ```
+    /// # use apalis_core::backend::{Backend, TaskSink};
+    /// # fn handler<S, K>(storage: S)
+    /// # where
+    /// #     S: TaskSink<String, K> + Clone + Send + 'static,
+    /// #     <S as Backend>::Error: std::error::Error + Send + Sync + 'static,
+    /// #     K: 'static,
+    /// # {
+    /// use std::time::Duration;
+    /// use tower_background::DurableJob;
+    ///
+    /// let job = DurableJob::with_options(storage, "a.csv".to_owned(), |job| {
+    ///     job.priority(10).max_attempts(3).run_after(Duration::from_secs(60))
+    /// });
+    /// # }
+    /// ```
+    pub fn with_options<S, Args, Kind, F>(sink: S, args: Args, options: F) -> Self
+    where
+        S: TaskSink<Args, Kind> + Clone + Send + 'static,
+        <S as Backend>::Error: std::error::Error + Send + Sync + 'static,
+        Args: Clone + Send + 'static,
+        Kind: 'static,
+        F: Fn(TaskBuilder<Args>) -> TaskBuilder<Args> + Send + 'static,
+    {
         let id = TaskId::from_ulid(ulid::Ulid::generate());
         let key = id.to_string();
         let task_id = id.clone();
         let push = Retryable::new(move || {
             let mut sink = sink.clone();
-            let task = TaskBuilder::new(args.clone())
+            let task = options(TaskBuilder::new(args.clone()))
                 .task_id(task_id.clone())
                 .idempotency_key(&key)
                 .build();
