@@ -137,7 +137,7 @@
 //!
 //! - `tracing` (default): task errors are `tracing` events; without it, one line on
 //!   stderr. Each task runs in a `background_task` span (INFO, `otel.name` set to its name)
-//!   whose parent is its request's (or, with [`TaskSpans::Linked`], in a trace of its own
+//!   whose parent is its request's (or, with [`TaskSpans::Linked`], in a trace of its own,
 //!   linked to it). Every span and event has the target `tower_background`.
 //! - `axum`: `Tasks` and `Task` are axum response parts (`(StatusCode::CREATED, tasks,
 //!   body)`), and `Tasks` is an extractor of the request-scoped tasks

@@ -103,9 +103,11 @@ pub enum Overload {
 ///
 /// Tracing back ends that measure a request by its span tree (OpenTelemetry, Datadog) see
 /// a request as long as its longest child: with [`Child`](TaskSpans::Child) spans, a
-/// request whose e-mail task takes 3 s is a 3 s request. [`Linked`](TaskSpans::Linked)
-/// spans start a trace of their own, linked to the request's span (`follows_from`), so
-/// the request ends with its response and its tasks stay one click away.
+/// request whose e-mail task takes 3 s is a 3 s request. With [`Linked`](TaskSpans::Linked),
+/// a response's tasks start a trace of their own, linked to the request's span
+/// (`follows_from`), and the request's span is let go once the response is complete: the
+/// request ends with its response (an exporter receives it then), and its tasks stay one
+/// click away.
 ///
 /// ```
 /// use tower_background::{BackgroundLayer, TaskSpans};
@@ -118,7 +120,8 @@ pub enum TaskSpans {
     /// the request's trace.
     #[default]
     Child,
-    /// Each task's span is a root, the start of its own trace, with a `follows_from` link
-    /// to the request's span.
+    /// The tasks of one response run in the children of a root span `background_tasks`,
+    /// made when the response is complete: the start of a trace of their own, with a
+    /// `follows_from` link to the request's span, which is let go then.
     Linked,
 }

@@ -34,6 +34,9 @@ struct Capture {
     targets: Mutex<Vec<(String, String)>>,
     /// `(span, follows)`: `span` follows from `follows`.
     follows: Mutex<Vec<(u64, u64)>>,
+    /// The handles each span has (made, cloned, not yet closed), and the spans closed.
+    handles: Mutex<HashMap<u64, usize>>,
+    closed: Mutex<Vec<u64>>,
 }
 
 #[derive(Debug, Clone)]
@@ -95,6 +98,27 @@ impl Subscriber for Capturing {
     }
 
     fn record(&self, _: &Id, _: &Record<'_>) {}
+
+    fn clone_span(&self, id: &Id) -> Id {
+        *self
+            .handles
+            .lock()
+            .unwrap()
+            .entry(id.into_u64())
+            .or_insert(1) += 1;
+        id.clone()
+    }
+
+    fn try_close(&self, id: Id) -> bool {
+        let mut handles = self.handles.lock().unwrap();
+        let left = handles.entry(id.into_u64()).or_insert(1);
+        *left -= 1;
+        let closed = *left == 0;
+        if closed {
+            self.closed.lock().unwrap().push(id.into_u64());
+        }
+        closed
+    }
 
     fn record_follows_from(&self, span: &Id, follows: &Id) {
         self.follows
@@ -304,11 +328,11 @@ async fn serve_traced(layer: BackgroundLayer, id: &'static str, message: &'stati
     done.next().await;
 }
 
-/// With `TaskSpans::Linked`, a task's span starts a trace of its own (no parent), linked
-/// to its request's span: a tracing back end no longer sees the request last as long as
-/// its tasks.
+/// With `TaskSpans::Linked`, a response's tasks start a trace of their own: their spans
+/// are children of a root `background_tasks` span linked to the request's span, so a
+/// tracing back end no longer sees the request last as long as its tasks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_linked_task_span_is_a_root_that_follows_from_its_requests_span() {
+async fn linked_task_spans_share_a_root_that_follows_from_the_requests_span() {
     let capture = capture();
     let layer = BackgroundLayer::new().task_spans(TaskSpans::Linked);
     serve_traced(layer, "linked-7", "a linked task runs").await;
@@ -319,8 +343,12 @@ async fn a_linked_task_span_is_a_root_that_follows_from_its_requests_span() {
         .unwrap_or_else(|| panic!("no event in {events:?}"));
     let chain = capture.ancestry(*span);
     let names: Vec<&str> = chain.iter().map(|s| s.name).collect();
-    assert_eq!(names, ["background_task"], "not a root: {chain:?}");
-    let task_span = span.unwrap();
+    assert_eq!(names, ["background_task", "background_tasks"], "{chain:?}");
+    assert_eq!(chain[1].metadata.target(), "tower_background");
+    let roots: Vec<u64> = (capture.spans.lock().unwrap().iter())
+        .filter(|(_, info)| info.name == "background_tasks")
+        .map(|(id, _)| *id)
+        .collect();
     let request_span = {
         let spans = capture.spans.lock().unwrap();
         let found = spans
@@ -330,9 +358,56 @@ async fn a_linked_task_span_is_a_root_that_follows_from_its_requests_span() {
     };
     let follows = capture.follows.lock().unwrap().clone();
     assert!(
-        follows.contains(&(task_span, request_span)),
-        "no link from {task_span} to {request_span} in {follows:?}"
+        follows
+            .iter()
+            .any(|(span, to)| roots.contains(span) && *to == request_span),
+        "no link from a background_tasks root to {request_span} in {follows:?}"
     );
+}
+
+/// With `TaskSpans::Linked`, the request's span ends with its response: the layer lets it
+/// go when the response is complete, while its task still runs (an OpenTelemetry exporter
+/// receives the request then, not after the task).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_linked_requests_span_closes_with_its_response_while_its_task_runs() {
+    let capture = capture();
+    let layer = BackgroundLayer::new().task_spans(TaskSpans::Linked);
+    let (started, release) = (Probe::new(), Probe::<()>::new());
+    let app = {
+        let (started, release) = (started.clone(), release.clone());
+        layer.layer(service_fn(move |_req: http::Request<Incoming>| {
+            let (started, release) = (started.clone(), release.clone());
+            async move {
+                let task = Task::new(async move {
+                    started.send(());
+                    release.next().await;
+                });
+                let mut res = Response::new(full("ok"));
+                res.extensions_mut().insert(task);
+                Ok::<_, Infallible>(res)
+            }
+        }))
+    };
+    let traced = service_fn(move |req: http::Request<Incoming>| {
+        app.clone()
+            .oneshot(req)
+            .instrument(tracing::info_span!("request", id = "closing-9"))
+    });
+    let addr = serve_service(traced).await;
+    get(Proto::Http1, addr, "/").await;
+    started.next().await;
+    let request_span = {
+        let spans = capture.spans.lock().unwrap();
+        let found = spans
+            .iter()
+            .find(|(_, info)| info.name == "request" && info.fields.contains("closing-9"));
+        *found.expect("the request span").0
+    };
+    until("the request's span is closed while its task runs", || {
+        capture.closed.lock().unwrap().contains(&request_span)
+    })
+    .await;
+    release.send(());
 }
 
 /// The default, `TaskSpans::Child`, makes no link: the task's span is the request's child.

@@ -71,6 +71,10 @@ impl Ledger {
     }
 
     fn of(jobs: Jobs, first: Placed, config: Arc<Config>, parent: ParentSpan) -> Self {
+        #[cfg(feature = "tracing")]
+        let mut parent = parent;
+        #[cfg(feature = "tracing")]
+        parent.at_completion(config.task_spans);
         Ledger {
             jobs,
             first,
@@ -511,9 +515,7 @@ impl Ledger {
             #[cfg(feature = "metrics")]
             start_metrics,
             #[cfg(feature = "tracing")]
-            span: self
-                .parent
-                .task_span(&job.name, position, self.config.task_spans),
+            span: self.parent.task_span(&job.name, position),
         })
     }
 

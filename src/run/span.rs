@@ -23,21 +23,32 @@ impl ParentSpan {
         }
     }
 
+    /// At the response's completion: with [`TaskSpans::Linked`], the request's span is
+    /// let go, so that it ends with its response (an exporter receives it then, not once
+    /// the tasks end), and the tasks' parent becomes a root span `background_tasks` of a
+    /// trace of their own, linked to it (`follows_from`).
+    #[cfg(feature = "tracing")]
+    pub(crate) fn at_completion(&mut self, spans: TaskSpans) {
+        if spans == TaskSpans::Linked {
+            let root = tracing::info_span!(target: TARGET, parent: None, "background_tasks");
+            root.follows_from(&self.span);
+            self.span = root;
+        }
+    }
+
     /// The span a task runs in: `background_task` (INFO, target `tower_background`), with
     /// the task's name and position, and the name as `otel.name`, which
-    /// tracing-opentelemetry gives the exported span; a child of the request's span, or a
-    /// root linked to it.
+    /// tracing-opentelemetry gives the exported span; a child of the request's span, or
+    /// (linked) of the response's `background_tasks` root.
     #[cfg(feature = "tracing")]
-    pub(crate) fn task_span(&self, name: &str, position: usize, spans: TaskSpans) -> tracing::Span {
-        match spans {
-            TaskSpans::Child => {
-                tracing::info_span!(target: TARGET, parent: &self.span, "background_task", task = name, position, otel.name = name)
-            }
-            TaskSpans::Linked => {
-                let span = tracing::info_span!(target: TARGET, parent: None, "background_task", task = name, position, otel.name = name);
-                span.follows_from(&self.span);
-                span
-            }
-        }
+    pub(crate) fn task_span(&self, name: &str, position: usize) -> tracing::Span {
+        tracing::info_span!(
+            target: TARGET,
+            parent: &self.span,
+            "background_task",
+            task = name,
+            position,
+            otel.name = name
+        )
     }
 }
