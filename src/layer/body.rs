@@ -152,8 +152,13 @@ fn observe<D: Buf, E>(slot: &mut Option<Box<Completion>>, frame: &Option<Result<
         Some(Err(_)) => completion.on_error(),
         Some(Ok(frame)) => match frame.data_ref() {
             Some(data) => completion.on_data(data.remaining()),
-            None if frame.is_trailers() => completion.on_end(),
-            None => Next::Wait,
+            None => match frame.trailers_ref() {
+                Some(trailers) => {
+                    completion.saw_trailers(trailers);
+                    completion.on_end()
+                }
+                None => Next::Wait,
+            },
         },
     };
     if let Next::Fire { early } = next {

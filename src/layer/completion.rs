@@ -20,6 +20,7 @@ use crate::layer::framing::{Framing, Plan, ResponseShape};
 use crate::run::config::Config;
 use crate::run::ledger::Ledger;
 use crate::run::span::ParentSpan;
+use crate::task::condition::Condition;
 use crate::task::set::{Claimed, TakenSet, Tasks};
 use crate::task::single::Task;
 use crate::tracker::Token;
@@ -43,9 +44,18 @@ pub(crate) struct Attached {
     /// service, so that a long stream that may never get any (server-sent events with
     /// request-scoped tasks on) does not hold every drain to its deadline.
     token: Option<Token>,
-    /// Whether the response met the layer's condition (`true` without one): for the
-    /// tasks without a condition of their own.
-    met: bool,
+    /// Conditions the response's head could not decide wait for its trailers (a gRPC
+    /// call's status): boxed, so that no other response pays for it.
+    awaiting: Option<Box<Awaiting>>,
+}
+
+/// What a response whose conditions wait for its trailers keeps.
+#[derive(Default)]
+struct Awaiting {
+    /// The layer's condition, if it is one of them.
+    layer: Option<Condition>,
+    /// The trailers, once the body yielded them.
+    trailers: Option<HeaderMap>,
 }
 
 impl Attached {
@@ -89,19 +99,32 @@ impl Attached {
             config: config.clone(),
             parent: ParentSpan::current(),
             token: (expected > 0).then(|| config.shared.tracker.token()),
-            met: true,
+            awaiting: None,
         })
     }
 
     /// Tests the response's head against the layer's condition and the claimed sets' own,
-    /// once, as the response leaves the service.
-    pub(crate) fn judge(&mut self, status: StatusCode, headers: &HeaderMap) {
+    /// once, as the response leaves the service: whether it met the layer's condition
+    /// (`true` without one, or if only the trailers can say), for the tasks without a
+    /// condition of their own. Kept by the [`Completion`], beside its other flags.
+    pub(crate) fn judge(&mut self, status: StatusCode, headers: &HeaderMap) -> bool {
+        let mut met = true;
         if let Some(condition) = &self.config.run_if {
-            self.met = condition.allows(status, headers);
+            match condition.verdict(status, headers) {
+                Some(verdict) => met = verdict,
+                None => {
+                    let awaiting = self.awaiting.get_or_insert_with(Box::default);
+                    awaiting.layer = Some(condition.clone());
+                }
+            }
         }
         for claimed in self.tasks.iter_mut().flatten() {
             claimed.judge(status, headers);
+            if claimed.at_trailers() {
+                self.awaiting.get_or_insert_with(Box::default);
+            }
         }
+        met
     }
 
     /// The request-scoped tasks of a request that got no response (its future was dropped,
@@ -112,7 +135,7 @@ impl Attached {
         };
         let mut jobs = Vec::new();
         let counted = claimed.counted;
-        let (since, _token) = claimed.take(|set| jobs.extend(set.jobs));
+        let (since, _token) = claimed.take(None, |set| jobs.extend(set.jobs));
         let layer = downgrade(config);
         report_not_run(jobs, Some(&layer), SkipReason::NoResponse, counted + since);
     }
@@ -146,6 +169,8 @@ pub(crate) struct Completion {
     /// Whether dropping now counts as completion: the body has been sent in full, or the
     /// response carries none (hyper then drops it without polling it).
     may_drop: bool,
+    /// Whether the response met the layer's condition ([`Attached::judge`]).
+    met: bool,
 }
 
 /// The framing of a response's body, before and after it is decided.
@@ -190,11 +215,13 @@ pub(crate) enum Next {
 }
 
 impl Completion {
+    /// `met`: what the response's head said of the layer's condition ([`Attached::judge`]).
     /// `own`: what the body said of itself when wrapped (`is_end_stream()`, its exact size
     /// hint), which counts only if no one asks the wrapper before the body is first
     /// polled or dropped.
     pub(crate) fn new(
         attached: Attached,
+        met: bool,
         shape: ResponseShape<'_>,
         own: (bool, Option<u64>),
     ) -> Self {
@@ -209,12 +236,13 @@ impl Completion {
             http2: shape.request.http2,
             sent: 0,
             may_drop: false,
+            met,
         }
     }
 
     /// Settles `attached` as if its response had been dropped before it was complete: it
     /// never left the layer.
-    pub(crate) fn dropped_early(attached: Attached) {
+    pub(crate) fn dropped_early(attached: Attached, met: bool) {
         Box::new(Completion {
             phase: Phase::Attached(attached),
             framing: Decision::Decided(Framing::Refused),
@@ -222,8 +250,21 @@ impl Completion {
             http2: false,
             sent: 0,
             may_drop: false,
+            met,
         })
         .dropped();
+    }
+
+    /// The body yielded its trailers: kept if a condition waits for them (a gRPC call's
+    /// status), to decide it when the tasks fire.
+    pub(crate) fn saw_trailers(&mut self, trailers: &HeaderMap) {
+        if let Phase::Attached(Attached {
+            awaiting: Some(awaiting),
+            ..
+        }) = &mut self.phase
+        {
+            awaiting.trailers = Some(trailers.clone());
+        }
     }
 
     /// The body wrapper answered `is_end_stream()` with `end`.
@@ -330,7 +371,7 @@ impl Completion {
         let Phase::Attached(attached) = std::mem::replace(&mut self.phase, Phase::Done) else {
             return;
         };
-        let (ledger, runtime, token) = attached.into_ledger(early);
+        let (ledger, runtime, token) = attached.into_ledger(early, self.met);
         self.phase = Phase::Running(ledger);
         Ledger::start(Fired(self), runtime.as_ref(), token);
     }
@@ -339,7 +380,7 @@ impl Completion {
 impl Attached {
     /// The ledger of the tasks, counted and judged, ready to start; with the runtime to
     /// start it on and the response's token of the drain.
-    fn into_ledger(self, early: bool) -> (Ledger, Option<Handle>, Option<Token>) {
+    fn into_ledger(self, early: bool, met: bool) -> (Ledger, Option<Handle>, Option<Token>) {
         let Attached {
             tasks,
             single,
@@ -348,8 +389,14 @@ impl Attached {
             config,
             parent,
             token,
-            met,
+            awaiting,
         } = self;
+        // Conditions the head left open are decided by the trailers of a response that
+        // completed; one that did not, or sent none, did not succeed.
+        let Awaiting { layer, trailers } = awaiting.map(|awaiting| *awaiting).unwrap_or_default();
+        let trailers = trailers.filter(|_| !early);
+        let trailers = trailers.as_ref();
+        let met = layer.map_or(met, |condition| condition.at_trailers(trailers));
         // The span moves into the ledger: cloning it would call into the subscriber.
         let mut parent = Some(parent);
         let mut ledger: Option<Ledger> = None;
@@ -358,7 +405,7 @@ impl Attached {
         // held none: the run carries it on.
         let (mut counted_since, mut token) = (0, token);
         for claimed in tasks.into_iter().flatten() {
-            let (since, added) = claimed.take(|set| match (&mut ledger, parent.take()) {
+            let (since, added) = claimed.take(trailers, |set| match (&mut ledger, parent.take()) {
                 (Some(ledger), _) => ledger.add_set(set),
                 (None, parent) => {
                     let parent = parent.unwrap_or_else(ParentSpan::current);
@@ -415,7 +462,7 @@ impl Drop for Completion {
     /// ever dropped unaccounted for. Its ledger then goes into a box of its own.
     fn drop(&mut self) {
         if let Phase::Attached(attached) = std::mem::replace(&mut self.phase, Phase::Done) {
-            let (ledger, runtime, token) = attached.into_ledger(!self.may_drop);
+            let (ledger, runtime, token) = attached.into_ledger(!self.may_drop, self.met);
             Ledger::start(Box::new(ledger), runtime.as_ref(), token);
         }
     }

@@ -134,7 +134,7 @@ fn with_tasks<B: Body>(
     else {
         return res.map(BackgroundBody::passthrough);
     };
-    attached.judge(res.status(), res.headers());
+    let met = attached.judge(res.status(), res.headers());
     // What the body says of itself now counts only if no one asks the wrapper before the
     // body is first polled or dropped (not hyper, which always asks: its answers decide).
     // The body's own methods are user code: if one panics, the response never leaves,
@@ -146,7 +146,7 @@ fn with_tasks<B: Body>(
     let (body_at_end, exact_size) = match asked {
         Ok(answers) => answers,
         Err(panic) => {
-            Completion::dropped_early(attached);
+            Completion::dropped_early(attached, met);
             resume_unwind(panic)
         }
     };
@@ -156,6 +156,7 @@ fn with_tasks<B: Body>(
         headers: res.headers(),
         version: res.version(),
     };
-    let completion = Box::new(Completion::new(attached, shape, (body_at_end, exact_size)));
+    let own = (body_at_end, exact_size);
+    let completion = Box::new(Completion::new(attached, met, shape, own));
     res.map(|body| BackgroundBody::new(body, Some(completion)))
 }

@@ -1,5 +1,6 @@
 //! [`Condition`]: run a response's tasks only when its head says so (its status, its
-//! headers), decided when the response leaves the service.
+//! headers), decided when the response leaves the service; or, for a gRPC call whose head
+//! does not carry its status, when its trailers are sent.
 
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -41,6 +42,9 @@ pub struct Condition {
     test: Test,
 }
 
+/// The header or trailer a gRPC server sends its call's status in.
+const GRPC_STATUS: &str = "grpc-status";
+
 /// A user's test of a response head.
 type HeadTest = dyn Fn(StatusCode, &HeaderMap) -> bool + Send + Sync;
 
@@ -48,6 +52,8 @@ type HeadTest = dyn Fn(StatusCode, &HeaderMap) -> bool + Send + Sync;
 enum Test {
     Always,
     Success,
+    /// The gRPC call succeeded: `grpc-status: 0`, in the head or in the trailers.
+    GrpcOk,
     Custom(Arc<HeadTest>),
 }
 
@@ -60,6 +66,24 @@ impl Condition {
     /// ```
     pub fn always() -> Self {
         Condition { test: Test::Always }
+    }
+
+    /// Run only if the gRPC call succeeded: a `200` whose `grpc-status` is `0`. gRPC sends
+    /// every error as an HTTP `200` with a `grpc-status` that is not `0`, in the head (an
+    /// error before any message) or in the trailers (an error after some, or in the middle
+    /// of a stream): [`success`](Self::success) sees neither. Decided from the head when it
+    /// carries the status, else from the trailers, once they are sent, before any task
+    /// starts; a response that ends without them, or that is dropped before it is
+    /// complete, did not succeed.
+    ///
+    /// ```
+    /// use tower_background::{BackgroundLayer, Condition};
+    ///
+    /// // For a tonic server: `Server::builder().layer(layer)`.
+    /// let layer = BackgroundLayer::new().run_if(Condition::grpc_ok());
+    /// ```
+    pub fn grpc_ok() -> Self {
+        Condition { test: Test::GrpcOk }
     }
 
     /// Run only after a `2xx` response.
@@ -92,10 +116,28 @@ impl Condition {
 
     /// Whether a response with this head runs the tasks. User code: a panic is caught,
     /// logged, and counts as not met.
-    pub(crate) fn allows(&self, status: StatusCode, headers: &HeaderMap) -> bool {
+    /// What the response's head says: `Some(allowed)`, or `None` if only its trailers can
+    /// say ([`grpc_ok`](Self::grpc_ok), with no status in the head).
+    pub(crate) fn verdict(&self, status: StatusCode, headers: &HeaderMap) -> Option<bool> {
+        match &self.test {
+            Test::GrpcOk if status != StatusCode::OK => Some(false),
+            Test::GrpcOk => headers.get(GRPC_STATUS).map(|value| value == "0"),
+            _ => Some(self.allows(status, headers)),
+        }
+    }
+
+    /// What a response's trailers say, for a condition its head left open (`None` if it
+    /// sent none, or never completed).
+    pub(crate) fn at_trailers(&self, trailers: Option<&HeaderMap>) -> bool {
+        let status = trailers.and_then(|trailers| trailers.get(GRPC_STATUS));
+        matches!(&self.test, Test::GrpcOk) && status.is_some_and(|value| value == "0")
+    }
+
+    fn allows(&self, status: StatusCode, headers: &HeaderMap) -> bool {
         match &self.test {
             Test::Always => true,
             Test::Success => status.is_success(),
+            Test::GrpcOk => self.verdict(status, headers).unwrap_or(false),
             Test::Custom(test) => match catch_unwind(AssertUnwindSafe(|| test(status, headers))) {
                 Ok(allowed) => allowed,
                 Err(panic) => {
@@ -112,7 +154,9 @@ impl Condition {
     /// The same condition (the same closure, not an equal one).
     pub(crate) fn same(&self, other: &Condition) -> bool {
         match (&self.test, &other.test) {
-            (Test::Always, Test::Always) | (Test::Success, Test::Success) => true,
+            (Test::Always, Test::Always)
+            | (Test::Success, Test::Success)
+            | (Test::GrpcOk, Test::GrpcOk) => true,
             (Test::Custom(a), Test::Custom(b)) => Arc::ptr_eq(a, b),
             _ => false,
         }
@@ -124,6 +168,7 @@ impl fmt::Debug for Condition {
         f.write_str(match self.test {
             Test::Always => "Condition::always()",
             Test::Success => "Condition::success()",
+            Test::GrpcOk => "Condition::grpc_ok()",
             Test::Custom(_) => "Condition::new(..)",
         })
     }

@@ -154,7 +154,8 @@ pub(crate) struct Claimed {
     /// How many of those were counted as attached when they were added.
     pub(crate) counted: usize,
     /// The conditions of its sets, to ask about the response (outside the lock: they are
-    /// user code). Empty, and unallocated, without any.
+    /// user code). Empty, and unallocated, without any. Once asked, those the head could
+    /// not decide: the response's trailers will.
     conditions: Vec<Condition>,
 }
 
@@ -651,10 +652,10 @@ impl Claimed {
         if self.conditions.is_empty() {
             return;
         }
-        let verdicts: Vec<(Condition, bool)> = std::mem::take(&mut self.conditions)
+        let verdicts: Vec<(Condition, Option<bool>)> = std::mem::take(&mut self.conditions)
             .into_iter()
             .map(|condition| {
-                let verdict = condition.allows(status, headers);
+                let verdict = condition.verdict(status, headers);
                 (condition, verdict)
             })
             .collect();
@@ -664,11 +665,19 @@ impl Claimed {
                     .run_if
                     .as_ref()
                     .and_then(|own| verdicts.iter().find(|(condition, _)| condition.same(own)));
-                if let Some((_, verdict)) = asked {
+                if let Some((_, Some(verdict))) = asked {
                     set.verdict = Some(*verdict);
                 }
             }
         });
+        self.conditions = (verdicts.into_iter())
+            .filter_map(|(condition, verdict)| verdict.is_none().then_some(condition))
+            .collect();
+    }
+
+    /// Whether a condition of its sets waits for the response's trailers.
+    pub(crate) fn at_trailers(&self) -> bool {
+        !self.conditions.is_empty()
     }
 
     /// Takes every set of the claimed tree out to run, in order, handing each to `each`;
@@ -676,10 +685,27 @@ impl Claimed {
     /// them as not run. Only the response that claimed them calls this, once. Returns how
     /// many tasks were added (or merged in) since the claim, each counted as attached when
     /// added, and the tree's token of the drain, if they gave it one: the run carries it on.
-    pub(crate) fn take(self, mut each: impl FnMut(TakenSet)) -> (usize, Option<Token>) {
+    ///
+    /// A set whose condition waits for the response's trailers is decided now, from
+    /// `trailers` (what the response sent, if it completed).
+    pub(crate) fn take(
+        self,
+        trailers: Option<&HeaderMap>,
+        mut each: impl FnMut(TakenSet),
+    ) -> (usize, Option<Token>) {
+        let pending = &self.conditions;
         self.tasks.with_tree(|tree, _| {
             tree.taken = true;
             for set in &mut tree.sets {
+                let waiting = (set
+                    .verdict
+                    .is_none()
+                    .then_some(set.run_if.as_ref())
+                    .flatten())
+                .filter(|own| pending.iter().any(|condition| condition.same(own)));
+                if let Some(condition) = waiting {
+                    set.verdict = Some(condition.at_trailers(trailers));
+                }
                 each(set.take());
             }
             (tree.counted - self.count, tree.token.take())

@@ -285,3 +285,82 @@ async fn on_error_tells_a_condition_not_met_from_a_failure() {
     );
     assert!(!failed.is_expected(), "{failed}");
 }
+
+/// `Condition::grpc_ok()`: a gRPC error is an HTTP 200 with a `grpc-status` that is not 0,
+/// in the head or in the trailers (after messages); the condition is decided from the
+/// head when it carries the status, else from the trailers hyper sends, before any task
+/// starts. A response that ends without them, or is dropped early, did not succeed.
+/// Over HTTP/2, as gRPC is, on a real hyper server.
+#[tokio::test]
+async fn grpc_ok_is_decided_by_the_grpc_status_in_the_head_or_the_trailers() {
+    use http::HeaderMap;
+
+    fn trailers(status: &'static str) -> Result<http_body::Frame<bytes::Bytes>, std::io::Error> {
+        let mut map = HeaderMap::new();
+        map.insert("grpc-status", HeaderValue::from_static(status));
+        Ok(http_body::Frame::trailers(map))
+    }
+
+    for on_the_layer in [true, false] {
+        let (layer, errors) = reporting_layer();
+        let layer = match on_the_layer {
+            true => layer.run_if(Condition::grpc_ok()),
+            false => layer,
+        };
+        let ran = Probe::new();
+        let addr = {
+            let ran = ran.clone();
+            serve(layer, move |req| {
+                let case = req.uri().path()[1..].to_owned();
+                let (tx, body) = channel_body();
+                let mut res = Response::new(body);
+                match case.as_str() {
+                    "ok" | "failed_in_trailers" | "no_trailers" | "dropped" => {
+                        tx.send(data("message")).unwrap();
+                        match case.as_str() {
+                            "ok" => tx.send(trailers("0")).unwrap(),
+                            "failed_in_trailers" => tx.send(trailers("13")).unwrap(),
+                            "no_trailers" => {}
+                            _ => std::mem::forget(tx.clone()), // the stream never ends
+                        }
+                    }
+                    // Trailers-only: the status in the head, no body.
+                    _ => {
+                        res.headers_mut()
+                            .insert("grpc-status", HeaderValue::from_static("5"));
+                    }
+                }
+                drop(tx);
+                let mut tasks = Tasks::new();
+                if !on_the_layer {
+                    tasks = tasks.run_if(Condition::grpc_ok());
+                }
+                let ran = ran.clone();
+                tasks.push(Task::new(async move { ran.send(case) }).named("after_call"));
+                res.extensions_mut().insert(tasks);
+                async move { res }
+            })
+            .await
+        };
+        for case in ["ok", "failed_in_trailers", "no_trailers", "failed_in_head"] {
+            get(Proto::Http2, addr, &format!("/{case}")).await;
+        }
+        // The client leaves a call whose stream never ends.
+        let client = client(Proto::Http2);
+        let res = within(client.request(request(http::Method::GET, addr, "/dropped")))
+            .await
+            .unwrap();
+        drop((res, client));
+        let mut unmet: Vec<String> = (errors.take(4).await.into_iter())
+            .map(|e| {
+                assert!(e.is_expected(), "{e}");
+                e.to_string()
+            })
+            .collect();
+        unmet.sort();
+        assert_eq!(unmet.len(), 4, "{unmet:?}");
+        assert_eq!(ran.next().await, "ok", "on the layer: {on_the_layer}");
+        ran.assert_quiet("a task of a call that did not succeed")
+            .await;
+    }
+}
