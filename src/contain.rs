@@ -51,13 +51,29 @@ pub(crate) const TARGET: &str = "tower_background";
 /// subscriber is user code too: a panic in it stays here.
 pub(crate) fn log_error(message: fmt::Arguments<'_>) {
     #[cfg(feature = "tracing")]
-    let _ = contain(|| tracing::error!(target: TARGET, "{message}"));
-    #[cfg(not(feature = "tracing"))]
-    {
-        use std::io::Write;
-        // Never panic here: this runs in `Drop` impls, and stderr may be closed.
-        let _ = writeln!(std::io::stderr(), "tower-background: {message}");
+    if !to_stderr() {
+        let _ = contain(|| tracing::error!(target: TARGET, "{message}"));
+        return;
     }
+    write_stderr(message);
+}
+
+/// One line on stderr. Never panics: this runs in `Drop` impls, and stderr may be closed.
+pub(crate) fn write_stderr(message: fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "tower-background: {message}");
+}
+
+/// Whether the crate's reports go to stderr: without the `tracing` feature, or with it
+/// but no subscriber to receive them (an application that installed none would otherwise
+/// never see a failure).
+pub(crate) fn to_stderr() -> bool {
+    #[cfg(feature = "tracing")]
+    return tracing::dispatcher::get_default(|dispatch| {
+        dispatch.is::<tracing::subscriber::NoSubscriber>()
+    });
+    #[cfg(not(feature = "tracing"))]
+    true
 }
 
 thread_local! {

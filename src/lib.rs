@@ -31,8 +31,13 @@
 //!     let background = layer.handle(); // counters, and a drain at shutdown
 //!     let app = Router::new().route("/register", post(register)).layer(layer);
 //!     let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
-//!     axum::serve(listener, app).await?;
-//!     background.shutdown(std::time::Duration::from_secs(30)).await;
+//!     axum::serve(listener, app)
+//!         .with_graceful_shutdown(async { let _ = tokio::signal::ctrl_c().await; })
+//!         .await?;
+//!     // The server has stopped: wait for the tasks, 30 s at most (SIGTERM too: see
+//!     // `guide::operations`).
+//!     let report = background.shutdown(std::time::Duration::from_secs(30)).await;
+//!     println!("background tasks: {report}");
 //!     Ok(())
 //! }
 //! # }
@@ -135,10 +140,11 @@
 //!
 //! Every feature is off but `tracing`; docs.rs shows the crate with all of them.
 //!
-//! - `tracing` (default): task errors are `tracing` events; without it, one line on
-//!   stderr. Each task runs in a `background_task` span (INFO, `otel.name` set to its name)
-//!   whose parent is its request's (or, with [`TaskSpans::Linked`], in a trace of its own,
-//!   linked to it). Every span and event has the target `tower_background`.
+//! - `tracing` (default): task errors are `tracing` events, made in their request's span;
+//!   without the feature, or with no subscriber installed, one line on stderr each. Each
+//!   task runs in a `background_task` span (INFO, `otel.name` set to its name) whose
+//!   parent is its request's (or, with [`TaskSpans::Linked`], in a trace of its own, linked
+//!   to it). Every span and event has the target `tower_background`.
 //! - `axum`: `Tasks` and `Task` are axum response parts (`(StatusCode::CREATED, tasks,
 //!   body)`), and `Tasks` is an extractor of the request-scoped tasks
 //!   ([`BackgroundLayer::with_request_tasks`]). Depends on `axum-core` only.

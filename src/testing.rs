@@ -6,9 +6,12 @@
 //! - **What a handler queued**: [`Tasks::names`], [`Task::name`]: call the handler, look
 //!   at the names its response (or its request-scoped `Tasks`) carries, run nothing.
 //! - **What the tasks do**: [`run_response_tasks`] (or [`run_tasks`] for a `Tasks` the test
-//!   kept) runs them through a real [`BackgroundLayer`] and returns each outcome, in the
-//!   order they ran: FastAPI's `TestClient` runs background tasks before it returns, this is
-//!   the same step made explicit.
+//!   kept) runs them through a real [`BackgroundLayer`] and returns each outcome, in
+//!   position order (the order of the tasks on the response, whenever each ended):
+//!   FastAPI's `TestClient` runs background tasks before it returns, this is the same step
+//!   made explicit. An axum handler's answer is an `impl IntoResponse`:
+//!   `handler(..).await.into_response()` is the `http::Response` to give it (axum
+//!   re-exports `http` as `axum::http`).
 //! - **A whole server**: send requests to it, then
 //!   [`BackgroundHandle::idle`](crate::BackgroundHandle::idle) waits until every task
 //!   attached so far has settled and been reported, without closing the layer.

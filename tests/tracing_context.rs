@@ -511,3 +511,88 @@ async fn the_crates_events_and_spans_have_one_stable_target() {
         assert!(span.fields.contains("otel.name="), "{}", span.fields);
     }
 }
+
+/// The crate's report of a task that failed, and its warning of a retry, are made in the
+/// request's span (the trace the task ran in), with the task's name and position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tasks_failure_is_reported_in_its_requests_span() {
+    use tower_background::{Retry, Retryable};
+
+    let capture = capture();
+    let layer = BackgroundLayer::new().retry(Retry::attempts(2).backoff(std::time::Duration::ZERO));
+    let background = layer.handle();
+    let app = layer.layer(service_fn(
+        move |_req: http::Request<Incoming>| async move {
+            let flaky = Retryable::new(|| async { Err::<(), _>("down") }).named("in_span_31");
+            let mut res = Response::new(full("ok"));
+            res.extensions_mut()
+                .insert(tower_background::Task::from(flaky));
+            Ok::<_, Infallible>(res)
+        },
+    ));
+    let traced = service_fn(move |req: http::Request<Incoming>| {
+        app.clone()
+            .oneshot(req)
+            .instrument(tracing::info_span!("request", id = "report-31"))
+    });
+    let addr = serve_service(traced).await;
+    get(Proto::Http1, addr, "/").await;
+    background.idle().await;
+    let events = capture.events.lock().unwrap().clone();
+    let about: Vec<_> = events
+        .iter()
+        .filter(|(fields, _)| fields.contains("in_span_31"))
+        .collect();
+    assert_eq!(
+        about.len(),
+        2,
+        "a retry's warning and the report: {about:?}"
+    );
+    for (fields, span) in about {
+        let chain = capture.ancestry(*span);
+        let names: Vec<&str> = chain.iter().map(|s| s.name).collect();
+        assert_eq!(names, ["request"], "{fields}");
+        assert!(chain[0].fields.contains("report-31"), "{chain:?}");
+    }
+}
+
+/// With linked spans, a response none of whose tasks is left to run (all skipped: a
+/// condition not met) makes no `background_tasks` root: nothing links to its request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_linked_response_with_no_task_to_run_makes_no_root() {
+    let capture = capture();
+    let layer = BackgroundLayer::new()
+        .task_spans(TaskSpans::Linked)
+        .run_if(Condition::success());
+    let background = layer.handle();
+    let app = layer.layer(service_fn(
+        move |_req: http::Request<Incoming>| async move {
+            let mut res = Response::new(full("no"));
+            *res.status_mut() = http::StatusCode::BAD_REQUEST;
+            res.extensions_mut()
+                .insert(Task::new(async {}).named("unmet_41"));
+            Ok::<_, Infallible>(res)
+        },
+    ));
+    let traced = service_fn(move |req: http::Request<Incoming>| {
+        app.clone()
+            .oneshot(req)
+            .instrument(tracing::info_span!("request", id = "unmet-41"))
+    });
+    let addr = serve_service(traced).await;
+    get(Proto::Http1, addr, "/").await;
+    background.idle().await;
+    assert_eq!(background.stats().not_met, 1);
+    let request_span = {
+        let spans = capture.spans.lock().unwrap();
+        let found = spans
+            .iter()
+            .find(|(_, info)| info.name == "request" && info.fields.contains("unmet-41"));
+        *found.expect("the request span").0
+    };
+    let follows = capture.follows.lock().unwrap().clone();
+    assert!(
+        follows.iter().all(|(_, to)| *to != request_span),
+        "a root links to a request with no task to run: {follows:?}"
+    );
+}

@@ -452,6 +452,8 @@ impl Attached {
         if ledger.config().backlog.is_some() {
             ledger.enter_backlog();
         }
+        #[cfg(feature = "tracing")]
+        ledger.let_go_of_the_request();
         (ledger, runtime, token)
     }
 }

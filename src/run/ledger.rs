@@ -71,10 +71,6 @@ impl Ledger {
     }
 
     fn of(jobs: Jobs, first: Placed, config: Arc<Config>, parent: ParentSpan) -> Self {
-        #[cfg(feature = "tracing")]
-        let mut parent = parent;
-        #[cfg(feature = "tracing")]
-        parent.at_completion(config.task_spans);
         Ledger {
             jobs,
             first,
@@ -94,6 +90,18 @@ impl Ledger {
         };
         self.jobs.extend(set.jobs);
         self.more.push(placed);
+    }
+
+    /// The response is complete and its tasks judged: with linked spans, the request's span
+    /// is let go for a root of the tasks' own (none if no task is left to run).
+    #[cfg(feature = "tracing")]
+    pub(crate) fn let_go_of_the_request(&mut self) {
+        if self.config.task_spans == crate::policy::TaskSpans::Linked {
+            match self.all_settled() {
+                true => self.parent = ParentSpan::none(),
+                false => self.parent.at_completion(self.config.task_spans),
+            }
+        }
     }
 
     /// Whether every task has been settled: nothing left to run or to report.
@@ -447,7 +455,7 @@ impl Ledger {
         job.gate = None;
         self.config.shared.counters.backed_off();
         let error = TaskError::new(position, job.name.clone(), kind, job.attempts);
-        log_retry(error, delay);
+        self.parent.in_scope(|| log_retry(error, delay));
         Ok(delay)
     }
 
@@ -586,7 +594,8 @@ impl Ledger {
         }
         if let Err(kind) = outcome {
             let error = TaskError::new(position, job.name.clone(), kind, standing.attempts);
-            self.config.reporter.report(error);
+            let reporter = &self.config.reporter;
+            self.parent.in_scope(|| reporter.report(error));
         }
         self.config.shared.idle.reported(1);
     }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 #[cfg(feature = "tracing")]
 use crate::contain::TARGET;
-use crate::contain::{as_callback, contain, log_error};
+use crate::contain::{as_callback, contain, log_error, to_stderr, write_stderr};
 use crate::error::TaskError;
 
 type Callback = Arc<dyn Fn(TaskError) + Send + Sync>;
@@ -60,24 +60,26 @@ impl fmt::Debug for Reporter {
     }
 }
 
-/// The default report: a `tracing` event (feature `tracing`), else one line on stderr.
+/// The default report: a `tracing` event (feature `tracing`, with a subscriber), else one
+/// line on stderr; an expected outcome only as a `debug` event.
 fn log_task_error(error: &TaskError) {
-    // An expected outcome, not an error.
-    if error.is_expected() {
+    if to_stderr() {
+        if !error.is_expected() {
+            write_stderr(format_args!("{error}"));
+        }
+    } else {
         #[cfg(feature = "tracing")]
-        tracing::debug!(target: TARGET, task = error.name(), position = error.position(), "{error}");
-        return;
-    }
-    #[cfg(feature = "tracing")]
-    {
-        if error.is_skipped() {
-            tracing::warn!(target: TARGET, task = error.name(), position = error.position(), "{error}");
-        } else {
-            tracing::error!(target: TARGET, task = error.name(), position = error.position(), "{error}");
+        {
+            let (task, position) = (error.name(), error.position());
+            if error.is_expected() {
+                tracing::debug!(target: TARGET, task, position, "{error}");
+            } else if error.is_skipped() {
+                tracing::warn!(target: TARGET, task, position, "{error}");
+            } else {
+                tracing::error!(target: TARGET, task, position, "{error}");
+            }
         }
     }
-    #[cfg(not(feature = "tracing"))]
-    log_error(format_args!("{error}"));
 }
 
 /// Logs an attempt that failed and will be tried again after `delay`: not a report (the
@@ -85,16 +87,18 @@ fn log_task_error(error: &TaskError) {
 /// `catch_unwind` like every report.
 pub(crate) fn log_retry(error: TaskError, delay: std::time::Duration) {
     if contain(move || {
-        #[cfg(feature = "tracing")]
-        tracing::warn!(
-            target: TARGET,
-            task = error.name(),
-            position = error.position(),
-            attempt = error.attempts(),
-            "{error}; retrying in {delay:?}"
-        );
-        #[cfg(not(feature = "tracing"))]
-        log_error(format_args!("{error}; retrying in {delay:?}"));
+        if to_stderr() {
+            write_stderr(format_args!("{error}; retrying in {delay:?}"));
+        } else {
+            #[cfg(feature = "tracing")]
+            tracing::warn!(
+                target: TARGET,
+                task = error.name(),
+                position = error.position(),
+                attempt = error.attempts(),
+                "{error}; retrying in {delay:?}"
+            );
+        }
         drop(error);
     }) {
         log_error(format_args!(

@@ -23,6 +23,24 @@ impl ParentSpan {
         }
     }
 
+    /// No span: for a ledger with nothing left to run.
+    #[cfg(feature = "tracing")]
+    pub(crate) fn none() -> Self {
+        ParentSpan {
+            span: tracing::Span::none(),
+        }
+    }
+
+    /// Runs `f` in this span: the reports of the response's tasks are made there (its
+    /// request's span, or the `background_tasks` root of linked spans), so that they join
+    /// the trace their tasks ran in.
+    pub(crate) fn in_scope<R>(&self, f: impl FnOnce() -> R) -> R {
+        #[cfg(feature = "tracing")]
+        return self.span.in_scope(f);
+        #[cfg(not(feature = "tracing"))]
+        f()
+    }
+
     /// At the response's completion: with [`TaskSpans::Linked`], the request's span is
     /// let go, so that it ends with its response (an exporter receives it then, not once
     /// the tasks end), and the tasks' parent becomes a root span `background_tasks` of a

@@ -120,6 +120,13 @@ impl fmt::Display for Stats {
             self.cancelled,
             self.pending()
         )?;
+        if self.not_met > 0 || self.shed > 0 {
+            write!(
+                f,
+                ", of the skipped {} not met and {} shed",
+                self.not_met, self.shed
+            )?;
+        }
         if self.not_released > 0 {
             write!(f, ", {} staged jobs not released", self.not_released)?;
         }

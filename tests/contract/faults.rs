@@ -704,3 +704,46 @@ fn background_settled(background: &tower_background::BackgroundHandle, attached:
     let stats = background.stats();
     stats.attached == attached && stats.attached == stats.settled()
 }
+
+/// With the `tracing` feature but no subscriber installed (an application's first try), a
+/// failure and a retry's warning still reach stderr: they would otherwise go nowhere.
+/// Checked in a child process of this test binary, whose stderr the test reads.
+#[test]
+fn without_a_tracing_subscriber_failures_are_written_on_stderr() {
+    const CHILD: &str = "TOWER_BACKGROUND_NO_SUBSCRIBER_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            use tower_background::{Retry, Retryable};
+            let layer = tower_background::BackgroundLayer::new()
+                .retry(Retry::attempts(2).backoff(std::time::Duration::ZERO));
+            let background = layer.handle();
+            let addr = common::serve(layer, |_req| {
+                let flaky = Retryable::new(|| async { Err::<(), _>("smtp down") });
+                let mut res = http::Response::new(common::full("ok"));
+                res.extensions_mut()
+                    .insert(tower_background::Task::from(flaky.named("on_stderr")));
+                async move { res }
+            })
+            .await;
+            common::get(common::Proto::Http1, addr, "/").await;
+            background.idle().await;
+        });
+        return;
+    }
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "faults::without_a_tracing_subscriber_failures_are_written_on_stderr",
+            "--nocapture",
+        ])
+        .env(CHILD, "1")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("on_stderr")).collect();
+    assert_eq!(lines.len(), 2, "{stderr}");
+    assert!(lines[0].contains("retrying"), "{stderr}");
+    assert!(lines[1].contains("smtp down"), "{stderr}");
+}
