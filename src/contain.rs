@@ -59,9 +59,16 @@ pub(crate) fn log_error(message: fmt::Arguments<'_>) {
 }
 
 /// One line on stderr. Never panics: this runs in `Drop` impls, and stderr may be closed.
+/// Written with `eprintln!` (caught if it panics on a closed stderr), so that a test
+/// harness captures it with the test's own output; while a thread unwinds, where a second
+/// panic would abort, straight to stderr.
 pub(crate) fn write_stderr(message: fmt::Arguments<'_>) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "tower-background: {message}");
+    if std::thread::panicking() {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "tower-background: {message}");
+    } else {
+        let _ = contain(|| eprintln!("tower-background: {message}"));
+    }
 }
 
 /// Whether the crate's reports go to stderr: without the `tracing` feature, or with it

@@ -57,6 +57,10 @@ use crate::{BackgroundLayer, TaskError, Tasks};
 /// would report. The tasks are taken out of the response; the rest of it is untouched.
 /// Needs a tokio runtime; waits for retries' backoffs as a layer does.
 ///
+/// # Panics
+///
+/// As [`run_tasks`], if the response carries request-scoped tasks of another layer.
+///
 /// ```
 /// use http::Response;
 /// use tower_background::{Task, testing};
@@ -72,15 +76,16 @@ pub async fn run_response_tasks<B>(response: &mut Response<B>) -> Vec<Result<Str
     let extensions = response.extensions_mut();
     let mut carried = Response::new(String::new());
     let mut names = Vec::new();
-    if let Some(tasks) = extensions.remove::<Tasks>() {
+    let tasks = extensions.remove::<Tasks>();
+    if let Some(tasks) = &tasks {
         names.extend(tasks.names());
-        carried.extensions_mut().insert(tasks);
+        carried.extensions_mut().insert(tasks.clone());
     }
     if let Some(task) = extensions.remove::<crate::Task>() {
         names.extend(task.name());
         carried.extensions_mut().insert(task);
     }
-    run(carried, names).await
+    run(carried, names, tasks).await
 }
 
 /// Runs `tasks` now, as [`run_response_tasks`] does: for the request-scoped `Tasks` a test
@@ -102,16 +107,28 @@ pub async fn run_response_tasks<B>(response: &mut Response<B>) -> Vec<Result<Str
 /// assert!(matches!(&outcomes[..], [Ok(name)] if name == "audit"));
 /// # }
 /// ```
+///
+/// # Panics
+///
+/// If `tasks` are the request-scoped tasks a [`BackgroundLayer`] gave a request
+/// ([`with_request_tasks`](crate::BackgroundLayer::with_request_tasks)): they belong to that
+/// layer and run only with its responses. In a test, give the handler a `Tasks::new()`.
 pub async fn run_tasks(tasks: Tasks) -> Vec<Result<String, TaskError>> {
     let names = tasks.names();
     let mut carried = Response::new(String::new());
-    carried.extensions_mut().insert(tasks);
-    run(carried, names).await
+    carried.extensions_mut().insert(tasks.clone());
+    run(carried, names, Some(tasks)).await
 }
 
 /// Serves `carried` (an empty body: complete once dropped) through a layer of its own,
-/// waits until its tasks are reported, and pairs the reports with `names`.
-async fn run(carried: Response<String>, names: Vec<String>) -> Vec<Result<String, TaskError>> {
+/// waits until its tasks are reported, and pairs the reports with `names`. `tasks`, a
+/// handle on the `Tasks` it carries, must be empty then: tasks another layer owns would
+/// not have run.
+async fn run(
+    carried: Response<String>,
+    names: Vec<String>,
+    tasks: Option<Tasks>,
+) -> Vec<Result<String, TaskError>> {
     let reports = Arc::new(Mutex::new(Vec::new()));
     let layer = {
         let reports = reports.clone();
@@ -132,6 +149,12 @@ async fn run(carried: Response<String>, names: Vec<String>) -> Vec<Result<String
     };
     drop(response);
     handle.idle().await;
+    assert!(
+        tasks.is_none_or(|tasks| tasks.is_empty()),
+        "tower_background::testing: these tasks belong to the BackgroundLayer that gave them to \
+         a request (with_request_tasks) and run only with its responses; in a test, give the \
+         handler a Tasks::new()"
+    );
     let mut reports = std::mem::take(&mut *reports.lock().unwrap_or_else(PoisonError::into_inner));
     reports.sort_by_key(TaskError::position);
     let mut reports = reports.into_iter().peekable();

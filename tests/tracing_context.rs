@@ -299,31 +299,56 @@ fn assert_logged_as_never_run(capture: &Capture, name: &str) {
     );
 }
 
-/// Serves one response with one task (which logs `message`) through `layer`, inside a
-/// `request` span with `id`, as tower-http's TraceLayer would; returns when the task ran.
-async fn serve_traced(layer: BackgroundLayer, id: &'static str, message: &'static str) {
-    let done = Probe::new();
-    let app = {
-        let done = done.clone();
-        layer.layer(service_fn(move |_req: http::Request<Incoming>| {
-            let done = done.clone();
-            async move {
-                let task = Task::new(async move {
-                    tracing::info!("{message}");
-                    done.send(());
-                });
-                let mut res = Response::new(full("ok"));
-                res.extensions_mut().insert(task);
-                Ok::<_, Infallible>(res)
-            }
-        }))
-    };
+/// Serves `layer` around a handler that answers with `respond()`, each request inside a
+/// `request` span with `id`, made outside the layer as tower-http's TraceLayer makes it.
+async fn serve_in_span(
+    layer: BackgroundLayer,
+    id: &'static str,
+    respond: impl Fn() -> Response<BoxedBody> + Clone + Send + Sync + 'static,
+) -> std::net::SocketAddr {
+    let app = layer.layer(service_fn(move |_req: http::Request<Incoming>| {
+        let res = respond();
+        async move { Ok::<_, Infallible>(res) }
+    }));
     let traced = service_fn(move |req: http::Request<Incoming>| {
         app.clone()
             .oneshot(req)
             .instrument(tracing::info_span!("request", id))
     });
-    let addr = serve_service(traced).await;
+    serve_service(traced).await
+}
+
+/// A response carrying `task`.
+fn with_task(task: Task) -> Response<BoxedBody> {
+    let mut res = Response::new(full("ok"));
+    res.extensions_mut().insert(task);
+    res
+}
+
+/// The id of the `request` span with `id`.
+fn request_span(capture: &Capture, id: &str) -> u64 {
+    let spans = capture.spans.lock().unwrap();
+    let found = spans
+        .iter()
+        .find(|(_, info)| info.name == "request" && info.fields.contains(id));
+    *found.expect("the request span").0
+}
+
+/// Serves one response with one task (which logs `message`) through `layer`, inside a
+/// `request` span with `id`; returns when the task ran.
+async fn serve_traced(layer: BackgroundLayer, id: &'static str, message: &'static str) {
+    let done = Probe::new();
+    let addr = {
+        let done = done.clone();
+        serve_in_span(layer, id, move || {
+            let done = done.clone();
+            with_task(Task::new(async move {
+                tracing::info!("{message}");
+                done.send(());
+            }))
+        })
+        .await
+    };
     get(Proto::Http2, addr, "/").await;
     done.next().await;
 }
@@ -349,13 +374,7 @@ async fn linked_task_spans_share_a_root_that_follows_from_the_requests_span() {
         .filter(|(_, info)| info.name == "background_tasks")
         .map(|(id, _)| *id)
         .collect();
-    let request_span = {
-        let spans = capture.spans.lock().unwrap();
-        let found = spans
-            .iter()
-            .find(|(_, info)| info.name == "request" && info.fields.contains("linked-7"));
-        *found.expect("the request span").0
-    };
+    let request_span = request_span(&capture, "linked-7");
     let follows = capture.follows.lock().unwrap().clone();
     assert!(
         follows
@@ -373,36 +392,20 @@ async fn a_linked_requests_span_closes_with_its_response_while_its_task_runs() {
     let capture = capture();
     let layer = BackgroundLayer::new().task_spans(TaskSpans::Linked);
     let (started, release) = (Probe::new(), Probe::<()>::new());
-    let app = {
+    let addr = {
         let (started, release) = (started.clone(), release.clone());
-        layer.layer(service_fn(move |_req: http::Request<Incoming>| {
+        serve_in_span(layer, "closing-9", move || {
             let (started, release) = (started.clone(), release.clone());
-            async move {
-                let task = Task::new(async move {
-                    started.send(());
-                    release.next().await;
-                });
-                let mut res = Response::new(full("ok"));
-                res.extensions_mut().insert(task);
-                Ok::<_, Infallible>(res)
-            }
-        }))
+            with_task(Task::new(async move {
+                started.send(());
+                release.next().await;
+            }))
+        })
+        .await
     };
-    let traced = service_fn(move |req: http::Request<Incoming>| {
-        app.clone()
-            .oneshot(req)
-            .instrument(tracing::info_span!("request", id = "closing-9"))
-    });
-    let addr = serve_service(traced).await;
     get(Proto::Http1, addr, "/").await;
     started.next().await;
-    let request_span = {
-        let spans = capture.spans.lock().unwrap();
-        let found = spans
-            .iter()
-            .find(|(_, info)| info.name == "request" && info.fields.contains("closing-9"));
-        *found.expect("the request span").0
-    };
+    let request_span = request_span(&capture, "closing-9");
     until("the request's span is closed while its task runs", || {
         capture.closed.lock().unwrap().contains(&request_span)
     })
@@ -521,21 +524,11 @@ async fn a_tasks_failure_is_reported_in_its_requests_span() {
     let capture = capture();
     let layer = BackgroundLayer::new().retry(Retry::attempts(2).backoff(std::time::Duration::ZERO));
     let background = layer.handle();
-    let app = layer.layer(service_fn(
-        move |_req: http::Request<Incoming>| async move {
-            let flaky = Retryable::new(|| async { Err::<(), _>("down") }).named("in_span_31");
-            let mut res = Response::new(full("ok"));
-            res.extensions_mut()
-                .insert(tower_background::Task::from(flaky));
-            Ok::<_, Infallible>(res)
-        },
-    ));
-    let traced = service_fn(move |req: http::Request<Incoming>| {
-        app.clone()
-            .oneshot(req)
-            .instrument(tracing::info_span!("request", id = "report-31"))
-    });
-    let addr = serve_service(traced).await;
+    let addr = serve_in_span(layer, "report-31", || {
+        let flaky = Retryable::new(|| async { Err::<(), _>("down") }).named("in_span_31");
+        with_task(flaky.into())
+    })
+    .await;
     get(Proto::Http1, addr, "/").await;
     background.idle().await;
     let events = capture.events.lock().unwrap().clone();
@@ -565,31 +558,16 @@ async fn a_linked_response_with_no_task_to_run_makes_no_root() {
         .task_spans(TaskSpans::Linked)
         .run_if(Condition::success());
     let background = layer.handle();
-    let app = layer.layer(service_fn(
-        move |_req: http::Request<Incoming>| async move {
-            let mut res = Response::new(full("no"));
-            *res.status_mut() = http::StatusCode::BAD_REQUEST;
-            res.extensions_mut()
-                .insert(Task::new(async {}).named("unmet_41"));
-            Ok::<_, Infallible>(res)
-        },
-    ));
-    let traced = service_fn(move |req: http::Request<Incoming>| {
-        app.clone()
-            .oneshot(req)
-            .instrument(tracing::info_span!("request", id = "unmet-41"))
-    });
-    let addr = serve_service(traced).await;
+    let addr = serve_in_span(layer, "unmet-41", || {
+        let mut res = with_task(Task::new(async {}).named("unmet_41"));
+        *res.status_mut() = http::StatusCode::BAD_REQUEST;
+        res
+    })
+    .await;
     get(Proto::Http1, addr, "/").await;
     background.idle().await;
     assert_eq!(background.stats().not_met, 1);
-    let request_span = {
-        let spans = capture.spans.lock().unwrap();
-        let found = spans
-            .iter()
-            .find(|(_, info)| info.name == "request" && info.fields.contains("unmet-41"));
-        *found.expect("the request span").0
-    };
+    let request_span = request_span(&capture, "unmet-41");
     let follows = capture.follows.lock().unwrap().clone();
     assert!(
         follows.iter().all(|(_, to)| *to != request_span),

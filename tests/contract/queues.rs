@@ -40,6 +40,20 @@ impl Server {
         self.next.lock().unwrap().push(task);
         get(Proto::Http1, self.addr, "/").await;
     }
+
+    /// Sends a task that holds a slot (of `queue`, or of the tasks of no queue) until the
+    /// returned sender fires, and waits until it runs.
+    async fn hold(&self, queue: Option<&'static str>) -> tokio::sync::oneshot::Sender<()> {
+        let started = Probe::new();
+        let (release, task) = blocker(&started);
+        self.send(match queue {
+            Some(queue) => task.in_queue(queue),
+            None => task,
+        })
+        .await;
+        assert_eq!(started.next().await, "blocker running");
+        release
+    }
 }
 
 #[tokio::test]
@@ -50,11 +64,9 @@ async fn a_slow_queue_at_its_limit_never_delays_another_queue() {
         .max_concurrent(1);
     let background = layer.handle();
     let server = Server::new(layer).await;
-    let (started, ran) = (Probe::new(), Probe::new());
+    let ran = Probe::new();
     // The slow queue's slot is held, and a second slow task waits for it.
-    let (release, task) = blocker(&started);
-    server.send(task.in_queue("slow")).await;
-    assert_eq!(started.next().await, "blocker running");
+    let release = server.hold(Some("slow")).await;
     server
         .send(reporting(&ran, "slow 2").in_queue("slow"))
         .await;
@@ -88,11 +100,9 @@ async fn a_queues_tasks_are_not_under_max_concurrent() {
     let layer = BackgroundLayer::new().max_concurrent(1).queue("email", 1);
     let background = layer.handle();
     let server = Server::new(layer).await;
-    let (started, ran) = (Probe::new(), Probe::new());
+    let ran = Probe::new();
     // Every slot of the tasks of no queue is held.
-    let (release, task) = blocker(&started);
-    server.send(task).await;
-    assert_eq!(started.next().await, "blocker running");
+    let release = server.hold(None).await;
     server
         .send(reporting(&ran, "email").in_queue("email"))
         .await;
@@ -146,10 +156,8 @@ async fn a_task_in_an_unknown_queue_runs_as_one_of_no_queue() {
     let layer = BackgroundLayer::new().max_concurrent(1).queue("email", 1);
     let background = layer.handle();
     let server = Server::new(layer).await;
-    let (started, ran) = (Probe::new(), Probe::new());
-    let (release, task) = blocker(&started);
-    server.send(task).await;
-    assert_eq!(started.next().await, "blocker running");
+    let ran = Probe::new();
+    let release = server.hold(None).await;
     // A misspelt queue: under `max_concurrent`, so it waits for the held slot.
     server.send(reporting(&ran, "typo").in_queue("emial")).await;
     until("the task waits for a slot", || {
@@ -171,10 +179,8 @@ async fn a_drain_treats_the_tasks_of_every_queue_alike() {
     let layer = layer.queue("slow", 1);
     let background = layer.handle();
     let server = Server::new(layer).await;
-    let (started, ran) = (Probe::new(), Probe::new());
-    let (_release, task) = blocker(&started);
-    server.send(task.in_queue("slow")).await;
-    assert_eq!(started.next().await, "blocker running");
+    let ran = Probe::new();
+    let _release = server.hold(Some("slow")).await;
     server
         .send(reporting(&ran, "waiting").in_queue("slow"))
         .await;
@@ -219,10 +225,8 @@ async fn a_queued_task_takes_a_place_in_the_backlog_even_first() {
         .on_overload(Overload::Shed);
     let background = layer.handle();
     let server = Server::new(layer).await;
-    let (started, ran) = (Probe::new(), Probe::new());
-    let (release, task) = blocker(&started);
-    server.send(task.in_queue("report")).await;
-    assert_eq!(started.next().await, "blocker running");
+    let ran = Probe::new();
+    let release = server.hold(Some("report")).await;
     // The first task of its response, but its queue is full: it waits, in the one place.
     server
         .send(reporting(&ran, "second").in_queue("report"))
@@ -255,10 +259,8 @@ async fn a_task_of_an_undefined_queue_needs_no_place_where_a_task_of_no_queue_ne
         .on_overload(Overload::Shed);
     let background = layer.handle();
     let server = Server::new(layer).await;
-    let (started, ran) = (Probe::new(), Probe::new());
-    let (release, task) = blocker(&started);
-    server.send(task.in_queue("q")).await;
-    assert_eq!(started.next().await, "blocker running");
+    let ran = Probe::new();
+    let release = server.hold(Some("q")).await;
     server.send(reporting(&ran, "waiting").in_queue("q")).await; // the one place
     server
         .send(reporting(&ran, "undefined").in_queue("no_such_queue"))
@@ -277,10 +279,8 @@ async fn a_queue_defined_again_on_a_clone_leaves_the_first_layers_limit_alone() 
     let layer = BackgroundLayer::new().queue("q", 1);
     let background = layer.handle();
     let server = Server::new(layer.clone()).await;
-    let (started, ran) = (Probe::new(), Probe::new());
-    let (release, task) = blocker(&started);
-    server.send(task.in_queue("q")).await;
-    assert_eq!(started.next().await, "blocker running");
+    let ran = Probe::new();
+    let release = server.hold(Some("q")).await;
     let other = layer.clone().queue("q", 5);
     server.send(reporting(&ran, "second").in_queue("q")).await;
     until("the second task waits for the slot", || {

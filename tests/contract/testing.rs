@@ -227,3 +227,29 @@ async fn run_response_tasks_of_a_response_without_tasks_is_empty() {
     );
     let _ = BackgroundLayer::new(); // the crate's layer is untouched
 }
+
+/// The request-scoped tasks a layer gave a request belong to it and run only with its
+/// responses: `run_tasks` says so rather than answer that they ran.
+#[tokio::test]
+#[should_panic(expected = "belong to the BackgroundLayer")]
+async fn run_tasks_refuses_the_request_scoped_tasks_of_another_layer() {
+    let (handed, release) = (Probe::<Tasks>::new(), Probe::<()>::new());
+    let addr = {
+        let (handed, release) = (handed.clone(), release.clone());
+        serve(BackgroundLayer::new().with_request_tasks(), move |req| {
+            let mut tasks = req.extensions().get::<Tasks>().cloned().unwrap();
+            tasks.push(Task::new(async {}).named("scoped"));
+            handed.send(tasks);
+            let release = release.clone();
+            async move {
+                // The handler is still computing: its tasks wait for its response.
+                release.next().await;
+                Response::new(full("ok"))
+            }
+        })
+        .await
+    };
+    let _request = tokio::spawn(get(Proto::Http1, addr, "/"));
+    let tasks = handed.next().await;
+    let _ = testing::run_tasks(tasks).await;
+}
