@@ -49,7 +49,7 @@ use tower_service::Service;
 
 #[cfg(doc)]
 use crate::Task;
-use crate::{BackgroundLayer, TaskError, Tasks};
+use crate::{BackgroundLayer, SkipReason, TaskError, TaskErrorKind, Tasks};
 
 /// Runs the tasks `response` carries (a [`Tasks`], a lone [`Task`], or both, as a layer
 /// finds them), now, through a [`BackgroundLayer`] of default settings, and returns each
@@ -155,16 +155,25 @@ async fn run(
          a request (with_request_tasks) and run only with its responses; in a test, give the \
          handler a Tasks::new()"
     );
-    let mut reports = std::mem::take(&mut *reports.lock().unwrap_or_else(PoisonError::into_inner));
+    let reports = std::mem::take(&mut *reports.lock().unwrap_or_else(PoisonError::into_inner));
+    // Tasks added while the others ran, too late to run with them, are not among `names`,
+    // and their reports are numbered apart: they follow the others.
+    let (late, mut reports): (Vec<_>, Vec<_>) = reports.into_iter().partition(|report| {
+        matches!(
+            report.kind(),
+            TaskErrorKind::Skipped(SkipReason::AddedTooLate)
+        )
+    });
     reports.sort_by_key(TaskError::position);
     let mut reports = reports.into_iter().peekable();
-    let mut outcomes = Vec::with_capacity(names.len());
+    let mut outcomes = Vec::with_capacity(names.len() + late.len());
     for (position, name) in names.into_iter().enumerate() {
         match reports.next_if(|report| report.position() == position) {
             Some(report) => outcomes.push(Err(report)),
             None => outcomes.push(Ok(name)),
         }
     }
+    outcomes.extend(late.into_iter().map(Err));
     outcomes
 }
 

@@ -256,8 +256,13 @@ impl Completion {
     }
 
     /// The body yielded its trailers: kept if a condition waits for them (a gRPC call's
-    /// status), to decide it when the tasks fire.
+    /// status), to decide it when the tasks fire. Over HTTP/2 only: hyper's HTTP/1 server
+    /// sends trailers only to a client that asked for them (`TE: trailers`), and drops them
+    /// otherwise, so there they never count as sent.
     pub(crate) fn saw_trailers(&mut self, trailers: &HeaderMap) {
+        if !self.http2 {
+            return;
+        }
         if let Phase::Attached(Attached {
             awaiting: Some(awaiting),
             ..

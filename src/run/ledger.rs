@@ -332,6 +332,11 @@ impl Ledger {
             let end = range.end;
             let mut position = range.start;
             while position < end {
+                // Settled already (its condition not met, shed): nothing to wait a slot for.
+                if self.jobs[position].progress == Progress::Settled {
+                    position += 1;
+                    continue;
+                }
                 let mut backoff = None;
                 let outcome = loop {
                     // Nothing to wait for without a limit or a backoff.
@@ -374,6 +379,9 @@ impl Ledger {
     async fn run_group(&mut self, range: Range<usize>, on_failure: OnFailure) -> bool {
         let mut steps = FuturesUnordered::new();
         for position in range.clone() {
+            if self.jobs[position].progress == Progress::Settled {
+                continue;
+            }
             if self.limited(position) {
                 let queue = self.queue_of(position);
                 steps.push(Either::Left(admit_step(position, None, queue)));

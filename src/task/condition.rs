@@ -74,7 +74,8 @@ impl Condition {
     /// of a stream): [`success`](Self::success) sees neither. Decided from the head when it
     /// carries the status, else from the trailers, once they are sent, before any task
     /// starts; a response that ends without them, or that is dropped before it is
-    /// complete, did not succeed.
+    /// complete, did not succeed. gRPC runs over HTTP/2; over HTTP/1.1, where hyper sends
+    /// trailers only to a client that asked for them, only a status in the head counts.
     ///
     /// ```
     /// use tower_background::{BackgroundLayer, Condition};

@@ -364,3 +364,42 @@ async fn grpc_ok_is_decided_by_the_grpc_status_in_the_head_or_the_trailers() {
             .await;
     }
 }
+
+/// Over HTTP/1.1 hyper sends trailers only to a client that asked for them (`TE:
+/// trailers`), and drops them otherwise: trailers never decide `grpc_ok` there, only a
+/// status in the head.
+#[tokio::test]
+async fn grpc_ok_over_http1_never_trusts_trailers_hyper_may_not_send() {
+    let (layer, errors) = reporting_layer();
+    let layer = layer.run_if(Condition::grpc_ok());
+    let ran = Probe::new();
+    let addr = {
+        let ran = ran.clone();
+        serve(layer, move |_req| {
+            let (tx, body) = channel_body();
+            tx.send(data("message")).unwrap();
+            let mut map = http::HeaderMap::new();
+            map.insert("grpc-status", HeaderValue::from_static("0"));
+            tx.send(Ok(http_body::Frame::trailers(map))).unwrap();
+            drop(tx);
+            let mut res = Response::new(body);
+            let ran = ran.clone();
+            res.extensions_mut()
+                .insert(Task::new(async move { ran.send("ran") }).named("after_call"));
+            async move { res }
+        })
+        .await
+    };
+    let client = client(Proto::Http1);
+    let res = within(client.request(request(http::Method::GET, addr, "/")))
+        .await
+        .unwrap();
+    let collected = http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .unwrap();
+    assert!(collected.trailers().is_none(), "the client got no trailers");
+    let unmet = errors.next().await;
+    assert!(unmet.is_expected(), "{unmet}");
+    ran.assert_quiet("a task of a call whose status never reached the client")
+        .await;
+}

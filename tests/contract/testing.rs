@@ -253,3 +253,41 @@ async fn run_tasks_refuses_the_request_scoped_tasks_of_another_layer() {
     let tasks = handed.next().await;
     let _ = testing::run_tasks(tasks).await;
 }
+
+/// A task that adds a task to its own `Tasks` while it runs (too late to run): each
+/// outcome stays with its own task, and the late one follows, reported `AddedTooLate`.
+#[tokio::test]
+async fn run_tasks_keeps_each_outcome_with_its_task_when_one_adds_a_task_too_late() {
+    let tasks = Tasks::new().on_failure(tower_background::OnFailure::Continue);
+    let (mut handle, mut adding) = (tasks.clone(), tasks.clone());
+    adding.push(
+        Task::new(async move {
+            handle.push(Task::new(async {}).named("late"));
+            Ok::<(), &str>(())
+        })
+        .named("first"),
+    );
+    adding.push(Task::new(async { Err::<(), _>("second failed") }).named("second"));
+    let outcomes = within(testing::run_tasks(tasks)).await;
+    let summary: Vec<String> = outcomes
+        .iter()
+        .map(|outcome| match outcome {
+            Ok(name) => format!("{name}: ok"),
+            Err(report) => format!("{}: {:?}", report.name(), report.kind()),
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            "first: ok".to_owned(),
+            format!(
+                "second: {:?}",
+                TaskErrorKind::Failed("second failed".into())
+            ),
+            format!(
+                "late: {:?}",
+                TaskErrorKind::Skipped(SkipReason::AddedTooLate)
+            ),
+        ]
+    );
+}
