@@ -99,7 +99,7 @@ impl Ledger {
         if self.config.task_spans == crate::policy::TaskSpans::Linked {
             match self.all_settled() {
                 true => self.parent = ParentSpan::none(),
-                false => self.parent.at_completion(self.config.task_spans),
+                false => self.parent.link_instead(),
             }
         }
     }

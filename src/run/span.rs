@@ -3,8 +3,6 @@
 
 #[cfg(feature = "tracing")]
 use crate::contain::TARGET;
-#[cfg(feature = "tracing")]
-use crate::policy::TaskSpans;
 
 /// The span that was current when the response was produced. Each task runs in a child of
 /// it, so that a task's events join its request's trace.
@@ -41,17 +39,15 @@ impl ParentSpan {
         f()
     }
 
-    /// At the response's completion: with [`TaskSpans::Linked`], the request's span is
-    /// let go, so that it ends with its response (an exporter receives it then, not once
-    /// the tasks end), and the tasks' parent becomes a root span `background_tasks` of a
-    /// trace of their own, linked to it (`follows_from`).
+    /// At the response's completion, with [`TaskSpans::Linked`](crate::TaskSpans::Linked):
+    /// the request's span is let go, so that it ends with its response (an exporter
+    /// receives it then, not once the tasks end), and the tasks' parent becomes a root span
+    /// `background_tasks` of a trace of their own, linked to it (`follows_from`).
     #[cfg(feature = "tracing")]
-    pub(crate) fn at_completion(&mut self, spans: TaskSpans) {
-        if spans == TaskSpans::Linked {
-            let root = tracing::info_span!(target: TARGET, parent: None, "background_tasks");
-            root.follows_from(&self.span);
-            self.span = root;
-        }
+    pub(crate) fn link_instead(&mut self) {
+        let root = tracing::info_span!(target: TARGET, parent: None, "background_tasks");
+        root.follows_from(&self.span);
+        self.span = root;
     }
 
     /// The span a task runs in: `background_task` (INFO, target `tower_background`), with

@@ -121,9 +121,20 @@ impl Condition {
     /// say ([`grpc_ok`](Self::grpc_ok), with no status in the head).
     pub(crate) fn verdict(&self, status: StatusCode, headers: &HeaderMap) -> Option<bool> {
         match &self.test {
+            Test::Always => Some(true),
+            Test::Success => Some(status.is_success()),
             Test::GrpcOk if status != StatusCode::OK => Some(false),
             Test::GrpcOk => headers.get(GRPC_STATUS).map(|value| value == "0"),
-            _ => Some(self.allows(status, headers)),
+            Test::Custom(test) => match catch_unwind(AssertUnwindSafe(|| test(status, headers))) {
+                Ok(allowed) => Some(allowed),
+                Err(panic) => {
+                    drop_payload(panic);
+                    log_error(format_args!(
+                        "a background task condition panicked: its tasks do not run"
+                    ));
+                    Some(false)
+                }
+            },
         }
     }
 
@@ -132,24 +143,6 @@ impl Condition {
     pub(crate) fn at_trailers(&self, trailers: Option<&HeaderMap>) -> bool {
         let status = trailers.and_then(|trailers| trailers.get(GRPC_STATUS));
         matches!(&self.test, Test::GrpcOk) && status.is_some_and(|value| value == "0")
-    }
-
-    fn allows(&self, status: StatusCode, headers: &HeaderMap) -> bool {
-        match &self.test {
-            Test::Always => true,
-            Test::Success => status.is_success(),
-            Test::GrpcOk => self.verdict(status, headers).unwrap_or(false),
-            Test::Custom(test) => match catch_unwind(AssertUnwindSafe(|| test(status, headers))) {
-                Ok(allowed) => allowed,
-                Err(panic) => {
-                    drop_payload(panic);
-                    log_error(format_args!(
-                        "a background task condition panicked: its tasks do not run"
-                    ));
-                    false
-                }
-            },
-        }
     }
 
     /// The same condition (the same closure, not an equal one).

@@ -35,7 +35,8 @@ async fn idle_waits_for_every_task_and_its_report_without_closing_the_layer() {
         let background = background.clone();
         async move { background.idle().await }
     });
-    started.assert_quiet("(nothing)").await;
+    // A pause in which a wrong idle would return; none may start meanwhile.
+    started.assert_quiet("a second task start").await;
     assert!(!idle.is_finished(), "idle while a task runs");
     release.send(()).unwrap();
     within(idle).await.unwrap();

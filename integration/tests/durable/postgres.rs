@@ -142,6 +142,30 @@ async fn postgres_a_second_push_of_the_same_job_is_refused_and_stores_nothing() 
     assert!(outcomes[1].is_err(), "{outcomes:?}");
 }
 
+/// Serves `202 Accepted` responses whose handler stages a job for `path` (runnable in an
+/// hour unless released) and attaches it, with a body the test releases.
+async fn serve_staged(
+    pool: &PgPool,
+    layer: BackgroundLayer,
+    path: &'static str,
+) -> (std::net::SocketAddr, Probe<TaskId>, Handoff<Chunks>) {
+    let (storage, stage) = (
+        PostgresStorage::<ProcessFile>::new(pool),
+        PostgresStage::new(pool),
+    );
+    serve_jobs(layer, http::StatusCode::ACCEPTED, move || {
+        let (storage, stage) = (storage.clone(), stage.clone());
+        async move {
+            let args = ProcessFile { path: path.into() };
+            let job = StagedJob::stage(storage, stage, args, Duration::from_secs(3600))
+                .await
+                .unwrap();
+            (job.id().clone(), Task::from(job))
+        }
+    })
+    .await
+}
+
 #[tokio::test]
 #[cfg_attr(
     not(postgres_server),
@@ -151,23 +175,7 @@ async fn postgres_a_staged_job_is_released_when_its_response_completes() {
     let Some(pool) = database().await else { return };
     let layer = BackgroundLayer::new();
     let background = layer.handle();
-    let (storage, stage) = (
-        PostgresStorage::<ProcessFile>::new(&pool),
-        PostgresStage::new(&pool),
-    );
-    let (addr, ids, chunks) = serve_jobs(layer, http::StatusCode::ACCEPTED, move || {
-        let (storage, stage) = (storage.clone(), stage.clone());
-        async move {
-            let args = ProcessFile {
-                path: "pg-staged.csv".into(),
-            };
-            let job = StagedJob::stage(storage, stage, args, Duration::from_secs(3600))
-                .await
-                .unwrap();
-            (job.id().clone(), Task::from(job))
-        }
-    })
-    .await;
+    let (addr, ids, chunks) = serve_staged(&pool, layer, "pg-staged.csv").await;
     let res = within(client(Proto::Http1).request(request(http::Method::POST, addr, "/")))
         .await
         .unwrap();
@@ -201,23 +209,7 @@ async fn postgres_a_staged_job_of_a_response_dropped_early_with_skip_is_withdraw
         .on_early_drop(OnEarlyDrop::Skip)
         .on_error(|_| {});
     let background = layer.handle();
-    let (storage, stage) = (
-        PostgresStorage::<ProcessFile>::new(&pool),
-        PostgresStage::new(&pool),
-    );
-    let (addr, ids, chunks) = serve_jobs(layer, http::StatusCode::ACCEPTED, move || {
-        let (storage, stage) = (storage.clone(), stage.clone());
-        async move {
-            let args = ProcessFile {
-                path: "pg-withdrawn.csv".into(),
-            };
-            let job = StagedJob::stage(storage, stage, args, Duration::from_secs(3600))
-                .await
-                .unwrap();
-            (job.id().clone(), Task::from(job))
-        }
-    })
-    .await;
+    let (addr, ids, chunks) = serve_staged(&pool, layer, "pg-withdrawn.csv").await;
     let res = within(client(Proto::Http1).request(request(http::Method::POST, addr, "/")))
         .await
         .unwrap();
